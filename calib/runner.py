@@ -1,0 +1,217 @@
+"""The sequential block runner.
+
+Embed once, then block by block: load the block -> statistics forward (hooks feed each pass)
+-> decide -> apply -> propagation forward, so the next block sees the compressed model's
+activations -> hand the block's tensors to the export spill -> release it. Only one block's
+weights and the calibration activations are in memory at a time.
+
+Each block's call arguments (attention masks, rotary embeddings; they differ between layers of
+models such as Gemma 2/3) are recorded once, in a single forward of the model whose blocks are
+replaced by pass-through recorders.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from squeeze.adapters import Adapter, Block
+from squeeze.calib.packing import Calibration
+from squeeze.errors import SqueezeError
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for block ``index``: records its call arguments and passes the hidden state on."""
+
+    def __init__(self, index: int, last: bool, store: list):
+        super().__init__()
+        self.index, self.last, self.store = index, last, store
+
+    def forward(self, *args, **kwargs):
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        self.store.append((self.index, hidden, rest, kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden
+
+
+@dataclass
+class Batch:
+    hidden: torch.Tensor  # (B, T, C)
+    calls: list  # per block: (extra positional args, kwargs)
+
+
+@dataclass
+class RunResult:
+    linears: dict = field(default_factory=dict)  # per-linear report
+    seconds: dict = field(default_factory=dict)
+    forwards_per_block: int = 0
+
+
+def _outputs(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class BlockRunner:
+    def __init__(self, model: nn.Module, adapter: Adapter, weights, passes: list, calib: Calibration | None,
+                 dtype: torch.dtype = torch.float32, keep: bool = True, spill=None, on_block=None,
+                 batch_tokens: int = 8192):
+        self.model, self.adapter, self.weights, self.passes = model, adapter, weights, passes
+        self.calib, self.dtype, self.keep, self.spill, self.on_block = calib, dtype, keep, spill, on_block
+        self.batch_tokens = batch_tokens
+        self.result = RunResult()
+
+    # -- stages ----------------------------------------------------------------------------
+    def _stages(self) -> list[list]:
+        """Group passes that can share one statistics forward."""
+        stages: list[list] = []
+        for p in self.passes:
+            if not stages or p.fresh_statistics:
+                stages.append([])
+            stages[-1].append(p)
+        return stages
+
+    # -- calibration activations -----------------------------------------------------------
+    def _batches(self) -> list[torch.Tensor]:
+        by_len: dict[int, list[torch.Tensor]] = {}
+        for s in self.calib.samples:
+            by_len.setdefault(int(s.numel()), []).append(s)
+        out = []
+        for length, group in by_len.items():
+            per = max(1, self.batch_tokens // length)
+            for i in range(0, len(group), per):
+                out.append(torch.stack(group[i:i + per]))
+        return out
+
+    def _capture(self) -> list[Batch]:
+        blocks = self.adapter.blocks
+        originals = list(blocks)
+        store: list = []
+        for i in range(len(blocks)):
+            blocks[i] = _Recorder(i, i == len(blocks) - 1, store)
+        kw = {"use_cache": False} if "use_cache" in inspect.signature(self.model.forward).parameters else {}
+        batches = []
+        try:
+            for ids in self._batches():
+                store.clear()
+                try:
+                    self.model(input_ids=ids, **kw)
+                except _StopForward:
+                    pass
+                if len(store) != len(blocks):
+                    raise SqueezeError(f"{type(self.model).__name__}: blocks were not called in order; "
+                                       "this architecture is not supported by the sequential runner")
+                calls = [(rest, kwargs) for _, _, rest, kwargs in store]
+                batches.append(Batch(store[0][1].to(self.dtype), calls))
+        finally:
+            for i, b in enumerate(originals):
+                blocks[i] = b
+        return batches
+
+    # -- the sweep -------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self) -> RunResult:
+        t0 = time.perf_counter()
+        for name in self.adapter.non_block_modules():
+            self.weights.materialize(self.model, name, self.dtype)
+        for p in self.passes:
+            p.setup(self)
+        batches = self._capture() if self.calib is not None else []
+        self.result.seconds["capture"] = time.perf_counter() - t0
+        stages = self._stages()
+        n = len(self.adapter)
+        for i in range(n):
+            block_t0 = time.perf_counter()
+            self.weights.materialize(self.model, f"{self.adapter.blocks_path}.{i}", self.dtype)
+            block = self.adapter.block(i)
+            forwards = 0
+            for stage in stages:
+                work = [(p, p.targets(block)) for p in stage]
+                if not any(t for _, t in work):
+                    continue
+                if any(p.observed(block) or p.wants_block_io for p in stage):
+                    if self.calib is None:
+                        raise SqueezeError(f"{stage[0].name} needs calibration data (--calib)")
+                    self._stats_forward(block, batches, stage)
+                    forwards += 1
+                for p, targets in work:
+                    for lin in targets:
+                        p.apply(block, lin, p.decide(block, lin))
+                    p.end_block(block)
+            if batches and i < n - 1:
+                for b in batches:
+                    rest, kwargs = b.calls[i]
+                    b.hidden = _outputs(block.module(b.hidden, *rest, **kwargs))
+                    if not torch.isfinite(b.hidden).all():
+                        raise SqueezeError(
+                            f"non-finite activations after block {i} during calibration; the model or the "
+                            "compression diverged (check the checkpoint, or prune less)")
+                forwards += 1
+            self.result.forwards_per_block = max(self.result.forwards_per_block, forwards)
+            self._record(block)
+            if self.spill is not None:
+                self.spill(block)
+            if not self.keep:
+                self.weights.release(block.module)
+            if self.on_block:
+                self.on_block(i, n, time.perf_counter() - block_t0)
+        for p in self.passes:
+            p.finish(self)
+        self.result.seconds["total"] = time.perf_counter() - t0
+        return self.result
+
+    def _stats_forward(self, block: Block, batches: list[Batch], stage: list) -> None:
+        wanted: dict[str, list] = {}
+        for p in stage:
+            for lin in p.observed(block):
+                wanted.setdefault(lin.name, []).append(p)
+        handles = []
+        for name, ps in wanted.items():
+            lin = block.linears[name]
+
+            def hook(module, inputs, output, lin=lin, ps=ps):
+                x = lin.inputs_2d(inputs[0]).float()
+                y = output.reshape(-1, output.shape[-1]).float()
+                for p in ps:
+                    p.observe(block, lin, x, y)
+
+            handles.append(lin.module.register_forward_hook(hook))
+        try:
+            for b in batches:
+                rest, kwargs = b.calls[block.index]
+                out = _outputs(block.module(b.hidden, *rest, **kwargs))
+                for p in stage:
+                    if p.wants_block_io:
+                        p.observe_block(block, b.hidden, out)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _record(self, block: Block) -> None:
+        from squeeze.sparsity import fraction_zero, parse_pattern, satisfies_nm
+
+        for p in self.passes:
+            promise = p.promise()
+            if not promise:
+                continue
+            for lin in p.targets(block):
+                w = lin.weight
+                rec = {"role": lin.role, "shape": list(w.shape), "sparsity": round(fraction_zero(w), 6),
+                       "pass": p.name, **promise}
+                if "pattern" in promise:
+                    n, m = parse_pattern(promise["pattern"])
+                    rec["pattern_ok"] = satisfies_nm(w, n, m)
+                    if w.shape[1] % m:
+                        rec["dense_tail_columns"] = w.shape[1] % m
+                self.result.linears[lin.name] = rec

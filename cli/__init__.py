@@ -1,0 +1,1 @@
+"""squeeze.cli: click commands over the Python API."""

@@ -1,0 +1,114 @@
+"""Rendering of reports and progress for the CLI (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=False)
+
+
+def run_with_progress(model_dir, out, kwargs):
+    from squeeze.compress import compress
+
+    with Progress(TextColumn("[bold]compressing[/]"), BarColumn(), TextColumn("block {task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("blocks", total=None)
+
+        def on_block(i, n, secs):
+            bar.update(task, total=n, completed=i + 1)
+
+        return compress(model_dir, out, on_block=on_block, **kwargs)
+
+
+def verify_export(result, model_dir) -> dict:
+    """Reload the export with squeeze.load, check it reproduces the in-memory model, and score it
+    against the source on held-out data (the embedded corpus' eval sentences when the model has a
+    tokenizer)."""
+    import torch
+
+    from squeeze.compress import load_tokenizer
+    from squeeze.evaluate import evaluate
+    from squeeze.load import load
+
+    source = result.report["model"].split(" (")[-1].rstrip(")") if model_dir is None else model_dir
+    reloaded = load(result.out)
+    out = {}
+    if result.model is not None:
+        cal = result.report.get("calibration") or {}
+        ids = torch.arange(2, 2 + min(32, cal.get("seqlen", 32)))[None] % reloaded.config.vocab_size
+        with torch.no_grad():
+            a, b = reloaded(input_ids=ids), result.model.float()(input_ids=ids)
+        key = "logits" if hasattr(a, "logits") and a.logits is not None else "last_hidden_state"
+        out["reload_max_abs_diff"] = float((getattr(a, key).float() - getattr(b, key).float()).abs().max())
+    if load_tokenizer(result.out) is not None:
+        r = evaluate(reloaded, "builtin-eval", reference=load(source))
+        out.update({k: r[k] for k in ("data", "rows", "kl", "ppl", "cosine_mean", "cosine_min") if k in r})
+    return out
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def print_kv(title: str, report: dict) -> None:
+    t = Table(title=title, show_header=False)
+    for k, v in report.items():
+        if not isinstance(v, (dict, list)):
+            t.add_row(k, _fmt(v))
+    console.print(t)
+
+
+def print_compress_report(r: dict) -> None:
+    t = Table(title=f"squeeze compress -> {r['out']}")
+    t.add_column("linear")
+    t.add_column("role")
+    t.add_column("shape")
+    t.add_column("sparsity", justify="right")
+    t.add_column("pattern")
+    for name, rec in r["linears"].items():
+        pat = rec.get("pattern") or f"{rec.get('sparsity_target', rec.get('sparsity')):.0%}"
+        ok = {True: " ok", False: " VIOLATED"}.get(rec.get("pattern_ok"), "")
+        tail = f" (last {rec['dense_tail_columns']} cols dense)" if rec.get("dense_tail_columns") else ""
+        t.add_row(name, rec["role"], "x".join(map(str, rec["shape"])), f"{rec['sparsity']:.3f}", pat + ok + tail)
+    console.print(t)
+    s = r["summary"]
+    cal = r.get("calibration") or {}
+    lines = [
+        f"passes: {', '.join(p['pass'] for p in r['passes'])}",
+        f"calibration: {cal.get('source')} ({cal.get('nsamples')} x {cal.get('seqlen')} tokens, {cal.get('packing')})"
+        if cal else "calibration: none",
+        f"targeted linears: {s.get('targeted_linears')}, overall sparsity {s.get('sparsity', 0):.3f}"
+        + (f", pattern valid on all: {s['pattern_ok']}" if "pattern_ok" in s else ""),
+        f"size: source {r['size_bytes']['source'] / 1e6:.2f} MB, export {r['size_bytes']['export'] / 1e6:.2f} MB",
+        f"time: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
+    ]
+    v = r.get("verify")
+    if v:
+        if "reload_max_abs_diff" in v:
+            lines.append(f"reload: max |diff| vs in-memory model {v['reload_max_abs_diff']:.2e}")
+        if "cosine_mean" in v:
+            lines.append(f"embedding cosine vs dense on {v['rows']} held-out sentences: mean {v['cosine_mean']:.4f}, "
+                         f"min {v['cosine_min']:.4f}")
+        if "kl" in v:
+            lines.append(f"KL(dense||compressed) on {v['rows']} held-out rows: {v['kl']:.4f} nats/token")
+    for ln in lines:
+        console.print(ln)
+
+
+def print_info(r: dict) -> None:
+    t = Table(title=f"squeeze info {r['path']}")
+    for c in ("linear", "role", "shape", "sparsity", "2:4", "promised", "ok"):
+        t.add_column(c)
+    for name, rec in r["linears"].items():
+        t.add_row(name, rec["role"], "x".join(map(str, rec["shape"])), f"{rec['sparsity']:.3f}",
+                  "yes" if rec["fits_2_4"] else "no", str(rec.get("promised") or "-"),
+                  {True: "yes", False: "NO", None: "-"}[rec.get("promise_ok")])
+    console.print(t)
+    for k in ("model_type", "architecture", "parameters", "linear_parameters", "zero_fraction_linears",
+              "file_bytes", "squeeze"):
+        if k in r:
+            console.print(f"{k}: {r[k]}")

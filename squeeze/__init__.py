@@ -1,0 +1,37 @@
+"""squeeze: make transformer checkpoints smaller and faster.
+
+Python API::
+
+    import squeeze
+    result = squeeze.compress("path/to/model", out="pruned", method="wanda", pattern="2:4")
+    report = squeeze.evaluate("pruned", data="builtin", reference="path/to/model")
+    model = squeeze.load("pruned")
+"""
+
+__version__ = "0.1.0"
+
+from squeeze.errors import SqueezeError  # noqa: E402
+
+
+def __getattr__(name):
+    # Lazy so `import squeeze` stays cheap (the CLI imports torch only when a command runs).
+    if name == "compress":
+        from squeeze.compress import compress
+
+        return compress
+    if name == "evaluate":
+        from squeeze.evaluate import evaluate
+
+        return evaluate
+    if name == "load":
+        from squeeze.load import load
+
+        return load
+    if name == "info":
+        from squeeze.info import info
+
+        return info
+    raise AttributeError(f"module 'squeeze' has no attribute {name!r}")
+
+
+__all__ = ["SqueezeError", "compress", "evaluate", "load", "info", "__version__"]

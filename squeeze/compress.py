@@ -1,0 +1,166 @@
+"""``squeeze.compress``: checkpoint -> calibration sweep -> atomic export -> report."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from squeeze.adapters import Adapter
+from squeeze.checkpoint import Checkpoint
+from squeeze.errors import SqueezeError
+from squeeze.export import Spill, check_output_dir, commit, staging_dir, write_checkpoint
+from squeeze.modeling import WeightMap, build_skeleton, load_config
+from squeeze.recipe import build_passes, flags_recipe, read_recipe
+
+DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class CompressResult:
+    out: Path
+    report: dict
+    model: torch.nn.Module | None = None  # the compressed model in memory, when it was kept
+    extra: dict = field(default_factory=dict)
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise SqueezeError(f"bad --dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    ckpt_has = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json"))
+    if not ckpt_has:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise SqueezeError(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0][:120]})") from None
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def calibration_for(ckpt: Checkpoint, config, calib: str, nsamples: int, seqlen: int, seed: int, packing: str,
+                    trust_remote_code: bool = False):
+    from squeeze.calib import load_rows, pack
+
+    max_pos = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                      "max_position_embeddings", None)
+    if max_pos and seqlen > max_pos:
+        raise SqueezeError(f"--seqlen {seqlen} exceeds the model's context of {max_pos} tokens; lower --seqlen")
+    rows = load_rows(calib)
+    tok = load_tokenizer(ckpt.path, trust_remote_code) if rows.ids is None else None
+    vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+    return pack(rows, tok, nsamples, seqlen, seed, packing, vocab_size=vocab)
+
+
+def compress(model: str | Path | None = None, out: str | Path | None = None, *, method: str | None = None,
+             pattern: str | None = None, sparsity: float | None = None, recipe: str | Path | list | None = None,
+             calib: str = "builtin", nsamples: int | None = None, seqlen: int | None = None, seed: int = 0,
+             packing: str = "auto", targets: str | None = None, ignore: str | None = None, dtype: str = "auto",
+             strict: bool = False, overwrite: bool = False, json_path: str | Path | None = None,
+             keep_in_memory: bool | None = None, trust_remote_code: bool = False, on_block=None,
+             **pass_settings) -> CompressResult:
+    """Compress a checkpoint folder and export it to ``out``.
+
+    Either ``method`` (+ ``pattern`` or ``sparsity``) or ``recipe`` (a YAML/JSON file or a list
+    of ``{"pass": NAME, ...}``). ``model=None`` compresses the embedded default
+    (all-MiniLM-L6-v2). Returns the report (also written to ``json_path``) and, when the model
+    is small enough to keep, the compressed model in memory.
+    """
+    t_start = time.perf_counter()
+    from squeeze import defaults
+
+    is_default = model is None
+    if is_default:
+        model = defaults.default_model_path()
+        nsamples = nsamples or defaults.DEFAULT_NSAMPLES
+        seqlen = seqlen or defaults.DEFAULT_SEQLEN
+        if method is None and recipe is None:
+            method, pattern = "wanda", pattern or (None if sparsity else "2:4")
+    nsamples, seqlen = nsamples or 128, seqlen or 512
+    ckpt = Checkpoint(model)
+    if out is None:
+        raise SqueezeError("no output folder: give --out DIR")
+    out = Path(out)
+    check_output_dir(out, ckpt.path, overwrite)
+    export_dtype = parse_dtype(dtype)
+
+    entries = (read_recipe(recipe) if isinstance(recipe, (str, Path)) else list(recipe)) if recipe is not None \
+        else flags_recipe(method, pattern, sparsity, **pass_settings)
+    passes = build_passes(entries, defaults={"targets": targets, "ignore": ignore, "strict": strict or None})
+
+    config = load_config(ckpt, trust_remote_code)
+    skeleton = build_skeleton(config, trust_remote_code, attn_implementation="sdpa")
+    adapter = Adapter(skeleton)
+    weights = WeightMap(skeleton, ckpt)
+    calibration = None
+    if any(p.needs_calibration for p in passes):
+        calibration = calibration_for(ckpt, config, calib, nsamples, seqlen, seed, packing, trust_remote_code)
+    if keep_in_memory is None:
+        import psutil
+
+        fp32_bytes = sum(p.numel() for p in skeleton.parameters()) * 4
+        keep_in_memory = fp32_bytes < 0.25 * psutil.virtual_memory().available
+
+    from squeeze.calib.runner import BlockRunner
+
+    with staging_dir(out) as tmp:
+        spill = Spill(tmp / ".spill", weights, export_dtype)
+        runner = BlockRunner(skeleton, adapter, weights, passes, calibration, keep=keep_in_memory, spill=spill,
+                             on_block=on_block)
+        result = runner.run()
+        report = {
+            "model": str(ckpt.path) if not is_default else f"{defaults.DEFAULT_NAME} ({ckpt.path})",
+            "out": str(out.resolve()),
+            "adapter": adapter.describe(),
+            "passes": [p.describe() for p in passes],
+            "calibration": calibration.describe() if calibration else None,
+            "linears": result.linears,
+            "summary": _summary(result.linears),
+            "forwards_per_block": result.forwards_per_block,
+        }
+        record = {k: report[k] for k in ("passes", "calibration", "linears", "summary", "adapter")}
+        record["source"] = {"path": str(ckpt.path), "model_type": config.model_type}
+        updates = {"torch_dtype": str(export_dtype).removeprefix("torch.")} if export_dtype else {}
+        sizes = write_checkpoint(ckpt, tmp, spill, updates, record)
+        import shutil
+
+        shutil.rmtree(tmp / ".spill", ignore_errors=True)
+        commit(tmp, out)
+    report["files"] = sizes
+    report["size_bytes"] = {"source": ckpt.weight_bytes(), "export": sum(sizes.values())}
+    report["seconds"] = round(time.perf_counter() - t_start, 3)
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    for p in passes:
+        report.setdefault("pass_reports", {}).update(getattr(p, "report", {}) or {})
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if keep_in_memory:
+        skeleton.tie_weights() if hasattr(skeleton, "tie_weights") else None
+    return CompressResult(out, report, skeleton if keep_in_memory else None)
+
+
+def _summary(linears: dict) -> dict:
+    if not linears:
+        return {"targeted_linears": 0}
+    total = sum(r["shape"][0] * r["shape"][1] for r in linears.values())
+    zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in linears.values())
+    out = {"targeted_linears": len(linears), "targeted_params": total, "sparsity": round(zeros / total, 6)}
+    checked = [r for r in linears.values() if "pattern_ok" in r]
+    if checked:
+        out["pattern_ok"] = all(r["pattern_ok"] for r in checked)
+    return out

@@ -1,0 +1,56 @@
+"""``squeeze info``: what is in a checkpoint folder, measured from its weights (read one tensor
+at a time), checked against what ``squeeze.json`` promised."""
+
+from __future__ import annotations
+
+from squeeze.adapters import Adapter
+from squeeze.checkpoint import Checkpoint
+from squeeze.load import read_record
+from squeeze.modeling import WeightMap, build_skeleton, load_config
+from squeeze.sparsity import fraction_zero, parse_pattern, satisfies_nm
+
+
+def info(path, trust_remote_code: bool = False) -> dict:
+    ckpt = Checkpoint(path)
+    config = load_config(ckpt, trust_remote_code)
+    skeleton = build_skeleton(config, trust_remote_code)
+    adapter = Adapter(skeleton)
+    weights = WeightMap(skeleton, ckpt)
+    record = read_record(ckpt.path)
+    promised = record.get("linears", {})
+    linears = {}
+    lin_params = lin_zeros = 0
+    for i in range(len(adapter)):
+        for name, lin in adapter.block(i).linears.items():
+            w = weights.ckpt.get(weights.to_ckpt[f"{name}.weight"])
+            w = w.t() if lin.transposed else w
+            rec = {"role": lin.role, "shape": list(w.shape), "sparsity": round(fraction_zero(w), 6),
+                   "fits_2_4": satisfies_nm(w, 2, 4), "dtype": str(w.dtype).removeprefix("torch.")}
+            p = promised.get(name, {})
+            if "pattern" in p:
+                n, m = parse_pattern(p["pattern"])
+                rec["promised"] = p["pattern"]
+                rec["promise_ok"] = satisfies_nm(w, n, m)
+                if w.shape[1] % m:
+                    rec["dense_tail_columns"] = w.shape[1] % m
+            elif "sparsity" in p and p.get("pass"):
+                rec["promised"] = f"{p['sparsity']:.0%}" if isinstance(p["sparsity"], float) else p["sparsity"]
+                target = p.get("sparsity_target", p["sparsity"])
+                # unstructured: floor(s * in) zeros per row, so measured >= target - 1/in
+                rec["promise_ok"] = rec["sparsity"] >= float(target) - 1.0 / w.shape[1] - 1e-9
+            linears[name] = rec
+            lin_params += w.numel()
+            lin_zeros += rec["sparsity"] * w.numel()
+    n_params = sum(p.numel() for _, p in skeleton.named_parameters())
+    return {
+        "path": str(ckpt.path),
+        "model_type": config.model_type,
+        "architecture": type(skeleton).__name__,
+        "parameters": n_params,
+        "linear_parameters": lin_params,
+        "zero_fraction_linears": round(lin_zeros / max(lin_params, 1), 6),
+        "file_bytes": {s: (ckpt.path / s).stat().st_size for s in ckpt.shards},
+        "linears": linears,
+        "squeeze": {"passes": record.get("passes"), "calibration": record.get("calibration"),
+                    "version": record.get("squeeze_version")} if record else None,
+    }

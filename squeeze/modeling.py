@@ -1,0 +1,171 @@
+"""Build a transformers model skeleton without weights, and fill it from a checkpoint piece by piece.
+
+The skeleton's parameters live on the ``meta`` device (no memory); buffers are real, because
+some (rotary ``inv_freq``) are computed at construction and are not stored in checkpoints.
+Parameters are then materialised per module from the lazily-read safetensors, so only the
+part being worked on occupies memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from torch import nn
+
+from squeeze.checkpoint import Checkpoint
+from squeeze.errors import SqueezeError
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt", "gpt2",
+                   "bert")
+
+
+@contextlib.contextmanager
+def params_on_meta():
+    """Create modules with parameters on the meta device (buffers stay real)."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def load_config(ckpt: Checkpoint, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    model_type = ckpt.config_dict.get("model_type")
+    try:
+        return AutoConfig.from_pretrained(str(ckpt.path), trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as e:
+        raise SqueezeError(
+            f"unsupported architecture: model_type {model_type!r} is not known to transformers "
+            f"({str(e).splitlines()[0][:120]}); squeeze supports {', '.join(SUPPORTED_TYPES)} and others "
+            "transformers knows"
+        ) from None
+
+
+def model_class(config, trust_remote_code: bool = False):
+    """The transformers class named by ``config.architectures`` (built-in classes only unless
+    remote code is trusted), else the causal-LM auto class, else the base auto class."""
+    import transformers
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            return cls
+    for auto in (AutoModelForCausalLM, AutoModel):
+        if type(config) in auto._model_mapping:
+            return auto._model_mapping[type(config)]
+    if trust_remote_code and getattr(config, "auto_map", None):
+        return None  # resolved through the auto class with remote code
+    raise SqueezeError(
+        f"unsupported architecture {getattr(config, 'architectures', None)} (model_type {config.model_type!r}); "
+        f"squeeze supports {', '.join(SUPPORTED_TYPES)}"
+    )
+
+
+def build_skeleton(config, trust_remote_code: bool = False, attn_implementation: str = "eager") -> nn.Module:
+    """The model with meta parameters and real buffers, in eval mode."""
+    cls = model_class(config, trust_remote_code)
+    config._attn_implementation = attn_implementation
+    with params_on_meta(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if cls is None:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+        else:
+            model = cls._from_config(config)
+    return model.eval().requires_grad_(False)
+
+
+class WeightMap:
+    """Maps model parameter names to checkpoint keys (handles the base-model prefix and tied
+    weights), and moves parameters between the checkpoint and the model."""
+
+    def __init__(self, model: nn.Module, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        keys = set(ckpt.keys())
+        self.to_ckpt: dict[str, str] = {}
+        self.tied: dict[str, str] = {}
+        tied = _tied_pairs(model)
+        missing = []
+        for name, _ in model.named_parameters(remove_duplicate=False):
+            for cand in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
+                if cand in keys:
+                    self.to_ckpt[name] = cand
+                    break
+            else:
+                if name in tied:
+                    self.tied[name] = tied[name]
+                else:
+                    missing.append(name)
+        if missing:
+            raise SqueezeError(
+                f"{ckpt.path}: checkpoint does not match its config: {len(missing)} parameters missing "
+                f"(e.g. {missing[0]}); is the checkpoint complete?"
+            )
+
+    def materialize(self, model: nn.Module, module_name: str, dtype: torch.dtype) -> None:
+        """Load every parameter under ``module_name`` ('' for all) from the checkpoint."""
+        module = model.get_submodule(module_name) if module_name else model
+        prefix = f"{module_name}." if module_name else ""
+        for name, p in list(module.named_parameters(remove_duplicate=False)):
+            full = prefix + name
+            if full in self.tied:
+                source = model.get_parameter(self.tied[full])
+                if source.device.type == "meta":
+                    source = self._read(self.to_ckpt[self.tied[full]], dtype)
+                set_param(module, name, source if isinstance(source, nn.Parameter) else nn.Parameter(source, False))
+                continue
+            if p.device.type != "meta":
+                continue
+            t = self._read(self.to_ckpt[full], dtype)
+            if tuple(t.shape) != tuple(p.shape):
+                raise SqueezeError(
+                    f"{self.ckpt.path}: {self.to_ckpt[full]} has shape {tuple(t.shape)}, config expects {tuple(p.shape)}"
+                )
+            set_param(module, name, nn.Parameter(t, requires_grad=False))
+
+    def _read(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        t = self.ckpt.get(key)
+        return t.to(dtype) if t.is_floating_point() else t
+
+    def release(self, module: nn.Module) -> None:
+        """Drop the parameters of ``module`` back to meta (frees their memory)."""
+        for name, p in list(module.named_parameters()):
+            set_param(module, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+
+
+def _tied_pairs(model: nn.Module) -> dict[str, str]:
+    """{tied parameter: source parameter} when the config ties them."""
+    cfg = getattr(model, "config", None)
+    get_text = getattr(cfg, "get_text_config", None)
+    text_cfg = get_text() if get_text else cfg
+    if not getattr(text_cfg, "tie_word_embeddings", getattr(cfg, "tie_word_embeddings", False)):
+        return {}
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    if isinstance(keys, dict):
+        return dict(keys)
+    out = {}
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if inp is not None:
+        src = next(n for n, m in model.named_modules() if m is inp) + ".weight"
+        for k in keys:
+            out[k] = src
+    return out
+
+
+def set_param(module: nn.Module, dotted: str, value: nn.Parameter) -> None:
+    owner, _, leaf = dotted.rpartition(".")
+    (module.get_submodule(owner) if owner else module)._parameters[leaf] = value
