@@ -123,8 +123,12 @@ class BlockRunner:
     @torch.no_grad()
     def run(self) -> RunResult:
         t0 = time.perf_counter()
+        # The LM head is not needed to reach the blocks (the last recorder stops the forward):
+        # leave it on meta while sweeping, it can be as large as a block.
+        head = self._untied_head()
         for name in self.adapter.non_block_modules():
-            self.weights.materialize(self.model, name, self.dtype)
+            if name != head:
+                self.weights.materialize(self.model, name, self.dtype)
         for p in self.passes:
             p.setup(self)
         batches = self._capture() if self.calib is not None else []
@@ -164,12 +168,22 @@ class BlockRunner:
                 self.spill(block)
             if not self.keep:
                 self.weights.release(block.module)
+                self.weights.ckpt.close()  # unmap the shard pages read for this block
             if self.on_block:
                 self.on_block(i, n, time.perf_counter() - block_t0)
+        if self.keep and head:
+            self.weights.materialize(self.model, head, self.dtype)
         for p in self.passes:
             p.finish(self)
         self.result.seconds["total"] = time.perf_counter() - t0
         return self.result
+
+    def _untied_head(self) -> str | None:
+        get = getattr(self.model, "get_output_embeddings", None)
+        head = get() if get else None
+        if head is None or any(f"{n}.weight" in self.weights.tied for n, m in self.model.named_modules() if m is head):
+            return None
+        return next(n for n, m in self.model.named_modules() if m is head)
 
     def _stats_forward(self, block: Block, batches: list[Batch], stage: list) -> None:
         wanted: dict[str, list] = {}
@@ -202,16 +216,17 @@ class BlockRunner:
         from squeeze.sparsity import fraction_zero, parse_pattern, satisfies_nm
 
         for p in self.passes:
-            promise = p.promise()
-            if not promise:
+            if not p.promise():
                 continue
             for lin in p.targets(block):
+                promise = p.promise_for(lin)
                 w = lin.weight
                 rec = {"role": lin.role, "shape": list(w.shape), "sparsity": round(fraction_zero(w), 6),
                        "pass": p.name, **promise}
                 if "pattern" in promise:
                     n, m = parse_pattern(promise["pattern"])
-                    rec["pattern_ok"] = satisfies_nm(w, n, m)
-                    if w.shape[1] % m:
-                        rec["dense_tail_columns"] = w.shape[1] % m
+                    dim = 0 if promise.get("pattern_axis") == "out" else 1  # N:M groups along in (default) or out
+                    rec["pattern_ok"] = satisfies_nm(w, n, m, dim=dim)
+                    if w.shape[dim] % m:
+                        rec["dense_tail_columns" if dim else "dense_tail_rows"] = w.shape[dim] % m
                 self.result.linears[lin.name] = rec

@@ -15,11 +15,11 @@ class ChannelStats:
         self.sumsq = torch.zeros(channels, dtype=torch.float64)
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
+        x = x.reshape(-1, x.shape[-1]).float()
         self.n += x.shape[0]
-        xd = x.double()
-        self.sum += xd.sum(0)
-        self.sumsq += (xd * xd).sum(0)
+        # per-batch sums in float32 (a batch is a few thousand tokens), accumulated in float64
+        self.sum += x.sum(0, dtype=torch.float64) if x.shape[0] > 65536 else x.sum(0).double()
+        self.sumsq += torch.linalg.vector_norm(x, dim=0).double().square()
 
     def mean(self) -> torch.Tensor:
         return self.sum / max(self.n, 1)

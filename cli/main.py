@@ -57,15 +57,36 @@ def cli():
 @click.option("--dtype", default="auto", show_default=True, help="Export dtype: auto (as source), float32, "
               "float16, bfloat16.")
 @click.option("--strict", is_flag=True, help="Error when a linear's input dim is not a multiple of M.")
+@click.option("--repair", type=click.Choice(["dsnot"]), help="Repair the pruning mask afterwards (DSnoT, training-free; "
+              "keeps the sparsity / N:M pattern).")
+@click.option("--sparsity-profile", type=click.Choice(["uniform", "owl"]), help="Unstructured --sparsity per layer: "
+              "uniform (default) or owl (layers with more activation outliers keep more weights, same total).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Extra pass setting (repeatable).")
+@click.option("--layers", help="pyramiddrop / mustdrop: language-model layers where image tokens are dropped, "
+              "e.g. 8,16,24.")
+@click.option("--ratios", help="pyramiddrop: keep ratio of the image tokens at each of --layers, e.g. "
+              "0.5,0.25,0.125.")
+@click.option("--act-sparsity", type=float, help="Activation sparsity target for teal / wina, e.g. 0.5.")
+@click.option("--allocation", type=click.Choice(["uniform", "greedy"]), help="Per-site activation sparsity "
+              "allocation for teal / wina [default: uniform].")
+@click.option("--recover-steps", type=int, help="Distillation steps after the drelu conversion.")
+@click.option("--format", "fmt", type=click.Choice(["dense", "compressed"]), default="dense", show_default=True,
+              help="dense: zeros baked in, plain from_pretrained loads it; compressed: 2:4 linears stored as "
+                   "values + 2-bit metadata (~0.56x of 16-bit weights), loaded by squeeze.load.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
+@click.option("--details", is_flag=True, help="Report every linear, not one row per layer.")
 @click.option("--verify/--no-verify", default=None,
               help="Reload the export and compare with the source on held-out data [default: on for the "
                    "embedded model].")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default).")
+@click.option("--calib-generate", type=int, default=0, metavar="K",
+              help="RAC: the dense model continues each calibration sample by K tokens; calibrate on both.")
+@click.option("--calib-generate-mode", type=click.Choice(["sample", "greedy"]), default="sample", show_default=True)
+@click.option("--calib-generate-temperature", type=float, default=1.0, show_default=True)
+@click.option("--calib-generate-top-p", type=float, default=1.0, show_default=True)
 def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples, seqlen, seed, packing, targets,
-             ignore, dtype, strict, sets, overwrite, json_path, verify, trust_remote_code):
+             ignore, dtype, strict, sets, fmt, overwrite, json_path, details, verify, trust_remote_code, **generate):
     """Compress MODEL_DIR (default: the embedded all-MiniLM-L6-v2) and export it to --out."""
     from squeeze.cli.report import print_compress_report, run_with_progress
 
@@ -78,11 +99,14 @@ def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples,
         Path(out).parent.mkdir(exist_ok=True)
     kwargs = dict(method=method, pattern=pattern, sparsity=sparsity, recipe=recipe, calib=calib,
                   nsamples=nsamples, seqlen=seqlen, seed=seed, packing=packing, targets=targets, ignore=ignore,
-                  dtype=dtype, strict=strict, overwrite=overwrite, json_path=None,
-                  trust_remote_code=trust_remote_code, **_parse_sets(sets))
+                  dtype=dtype, strict=strict, overwrite=overwrite, format=fmt, json_path=None,
+                  trust_remote_code=trust_remote_code, **generate, **_parse_sets(sets))
+    verify = verify if verify is not None else model_dir is None
+    # without --verify nothing needs the compressed model afterwards: stream the blocks (less memory)
+    kwargs.setdefault("keep_in_memory", None if verify else False)
     result = run_with_progress(model_dir, out, kwargs)
     report = result.report
-    if verify if verify is not None else model_dir is None:
+    if verify:
         from squeeze.cli.report import verify_export
 
         report["verify"] = verify_export(result, model_dir)
@@ -90,7 +114,7 @@ def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples,
         from pathlib import Path
 
         Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print_compress_report(report)
+    print_compress_report(report, details)
 
 
 @cli.command("eval")
@@ -100,15 +124,42 @@ def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples,
 @click.option("--max-rows", type=int, help="Use only the first N rows.")
 @click.option("--seqlen", type=int, help="Truncate rows to this many tokens [default: the model's context].")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
-def eval_cmd(model_dir, data, reference, max_rows, seqlen, json_path):
+@click.option("--flops", is_flag=True, help="LLaVA-family: prefill (per stage) and decode-step FLOPs with the "
+              "recorded vision-token dropping vs none, on a synthetic prompt (quality is skipped unless --data "
+              "or --reference is given).")
+@click.option("--flops-text-tokens", type=int, default=64, show_default=True, help="Text tokens of that prompt.")
+@click.option("--activation-stats", is_flag=True, help="Token- and chunk-level sparsity (TLS, CLS for chunks "
+              "1..64) of the MLP intermediate, per layer (inactive = zero input of down_proj).")
+@click.option("--act-threshold", type=float, default=0.0, show_default=True,
+              help="With --activation-stats: count |x| <= this as inactive (for dense SwiGLU models).")
+def eval_cmd(model_dir, data, reference, max_rows, seqlen, json_path, flops, flops_text_tokens, activation_stats,
+             act_threshold):
     """Perplexity (causal LMs), KL to --reference, embedding cosine (encoders)."""
-    from squeeze.evaluate import evaluate
+    from squeeze.evaluation import evaluate
 
     _quiet_transformers()
-    report = evaluate(model_dir, data, reference=reference, max_rows=max_rows, seqlen=seqlen, json_path=json_path)
+    data_given = click.get_current_context().get_parameter_source("data") != click.core.ParameterSource.DEFAULT
+    report = {}
+    if not flops or data_given or reference:
+        report = evaluate(model_dir, data, reference=reference, max_rows=max_rows, seqlen=seqlen,
+                          json_path=None if flops else json_path, activation_stats=activation_stats,
+                          act_threshold=act_threshold)
+    if flops:
+        from pathlib import Path
+
+        from squeeze.vision.flops import flops_summary
+
+        report.update(flops_summary(model_dir, flops_text_tokens))
+        if json_path:
+            Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
     from squeeze.cli.report import print_kv
 
+    stats = report.pop("activation_stats", None)
     print_kv("eval", report)
+    if stats:
+        from squeeze.act_stats import format_table
+
+        click.echo(format_table(stats))
 
 
 @cli.command()
@@ -116,7 +167,7 @@ def eval_cmd(model_dir, data, reference, max_rows, seqlen, json_path):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def info(model_dir, as_json):
     """Per-linear sparsity and pattern validity, sizes, and what squeeze did."""
-    from squeeze.info import info as info_fn
+    from squeeze.inspection import info as info_fn
 
     _quiet_transformers()
     report = info_fn(model_dir)
@@ -126,6 +177,10 @@ def info(model_dir, as_json):
         from squeeze.cli.report import print_info
 
         print_info(report)
+
+
+from squeeze.cli import cmd_recover  # noqa: E402,F401  (registers `squeeze recover`)
+from squeeze.cli import cmd_depth  # noqa: E402,F401  (registers finetune, tune-exit, drop-layers, generate)
 
 
 def main(argv=None):

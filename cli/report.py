@@ -10,7 +10,7 @@ console = Console(stderr=False)
 
 
 def run_with_progress(model_dir, out, kwargs):
-    from squeeze.compress import compress
+    from squeeze.compressor import compress
 
     with Progress(TextColumn("[bold]compressing[/]"), BarColumn(), TextColumn("block {task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
@@ -28,9 +28,9 @@ def verify_export(result, model_dir) -> dict:
     tokenizer)."""
     import torch
 
-    from squeeze.compress import load_tokenizer
-    from squeeze.evaluate import evaluate
-    from squeeze.load import load
+    from squeeze.compressor import load_tokenizer
+    from squeeze.evaluation import evaluate
+    from squeeze.loading import load
 
     source = result.report["model"].split(" (")[-1].rstrip(")") if model_dir is None else model_dir
     reloaded = load(result.out)
@@ -62,24 +62,36 @@ def print_kv(title: str, report: dict) -> None:
     console.print(t)
 
 
-def print_compress_report(r: dict) -> None:
-    t = Table(title=f"squeeze compress -> {r['out']}")
-    t.add_column("linear")
-    t.add_column("role")
-    t.add_column("shape")
-    t.add_column("sparsity", justify="right")
-    t.add_column("pattern")
+def print_compress_report(r: dict, details: bool = False) -> None:
+    """One row per block (per linear with ``details``), then the summary lines."""
+    import re
+
+    rows: dict[str, list] = {}
     for name, rec in r["linears"].items():
-        pat = rec.get("pattern") or f"{rec.get('sparsity_target', rec.get('sparsity')):.0%}"
-        ok = {True: " ok", False: " VIOLATED"}.get(rec.get("pattern_ok"), "")
-        tail = f" (last {rec['dense_tail_columns']} cols dense)" if rec.get("dense_tail_columns") else ""
-        t.add_row(name, rec["role"], "x".join(map(str, rec["shape"])), f"{rec['sparsity']:.3f}", pat + ok + tail)
+        key = name if details else re.sub(r"^(.*?\.\d+)\..*$", r"\1", name)
+        rows.setdefault(key, []).append((name, rec))
+    t = Table(title=f"squeeze compress -> {r['out']}")
+    for col, just in (("linear" if details else "layer", "left"), ("linears", "right"), ("params", "right"),
+                      ("sparsity", "right"), ("pattern", "left")):
+        t.add_column(col, justify=just)
+    for key, recs in rows.items():
+        params = sum(rec["shape"][0] * rec["shape"][1] for _, rec in recs)
+        zeros = sum(rec["sparsity"] * rec["shape"][0] * rec["shape"][1] for _, rec in recs)
+        pats = sorted({str(rec.get("pattern") or f"{rec['sparsity_target' if 'sparsity_target' in rec else 'sparsity']:.0%}")
+                       for _, rec in recs})
+        bad = [n for n, rec in recs if rec.get("pattern_ok") is False]
+        ok = "" if not any("pattern_ok" in rec for _, rec in recs) else (" valid" if not bad else f" VIOLATED: {bad}")
+        tails = sum(1 for _, rec in recs if rec.get("dense_tail_columns") or rec.get("dense_tail_rows"))
+        tail = f" ({tails} with a dense partial group)" if tails else ""
+        t.add_row(key, str(len(recs)), f"{params:,}", f"{zeros / max(params, 1):.3f}", ",".join(pats) + ok + tail)
     console.print(t)
     s = r["summary"]
     cal = r.get("calibration") or {}
     lines = [
         f"passes: {', '.join(p['pass'] for p in r['passes'])}",
         f"calibration: {cal.get('source')} ({cal.get('nsamples')} x {cal.get('seqlen')} tokens, {cal.get('packing')})"
+        + (f", {cal['prompt_tokens']} prompt + {cal['generated_tokens']} generated tokens"
+           if "generated_tokens" in cal else "")
         if cal else "calibration: none",
         f"targeted linears: {s.get('targeted_linears')}, overall sparsity {s.get('sparsity', 0):.3f}"
         + (f", pattern valid on all: {s['pattern_ok']}" if "pattern_ok" in s else ""),

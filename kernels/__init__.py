@@ -1,1 +1,60 @@
-"""squeeze.kernels: sparse kernels (Triton, torch references, CPU fast paths). Never imports the passes."""
+"""squeeze.kernels: sparse kernels (Triton, torch references, CPU fast paths). Never imports the passes.
+
+Public API:
+
+2:4 format (sparse24_format)
+    pack_24(W) -> (values [N, K/2], meta [N, ceil(K/8)] uint8);  unpack_24(values, meta, K=None) -> W
+    to_cutlass(values, meta) / from_cutlass(values, meta_reordered)  (torch's CUTLASS layout)
+    is_24_sparse(W), compressed_bytes(n, k, dtype)
+2:4 linear (sparse24_matmul)
+    linear_24(x, values, meta, bias=None, *, backend="auto", cache=None);  DenseWeightCache
+    linear_24_reference(x, values, meta, bias=None)
+Activation-sparse FFN (chunk_ffn, cpu_ffn, ffn_reference)
+    chunk_sparse_ffn(x, w_gate, w_up, w_downT, act, threshold=None, *, threshold_on="h", backend="auto")
+    sparse_ffn_from_indices(x, w_gate, w_up, w_downT, indices, act, count=None, *, backend="auto")
+    SparseFFNWorkspace(w_gate, w_up, w_downT, act, *, w_down=None, max_tokens=8, block_rows=128)
+    chunk_sparse_ffn_reference, sparse_ffn_reference, dense_ffn_reference, active_neurons, act_mul
+
+Custom ops (torch.compile-traceable, with fake implementations): torch.ops.squeeze.linear_24,
+torch.ops.squeeze.chunk_sparse_ffn, torch.ops.squeeze.sparse_ffn_from_indices.
+Triton is imported only when a Triton path runs; everything else works without it.
+"""
+
+from .chunk_ffn import chunk_sparse_ffn, sparse_ffn_from_indices
+from .cpu_ffn import FFNPlan, SparseFFNWorkspace, default_plan
+from .ffn_reference import (
+    ACTIVATIONS,
+    act_mul,
+    active_neurons,
+    chunk_sparse_ffn_reference,
+    dense_ffn_reference,
+    sparse_ffn_reference,
+)
+from .sparse24_format import compressed_bytes, from_cutlass, is_24_sparse, pack_24, to_cutlass, unpack_24
+from .sparse24_matmul import DenseWeightCache, linear_24, linear_24_reference
+from ._triton_utils import interpreting, triton_available
+
+__all__ = [
+    "pack_24",
+    "unpack_24",
+    "to_cutlass",
+    "from_cutlass",
+    "is_24_sparse",
+    "compressed_bytes",
+    "linear_24",
+    "linear_24_reference",
+    "DenseWeightCache",
+    "chunk_sparse_ffn",
+    "sparse_ffn_from_indices",
+    "SparseFFNWorkspace",
+    "FFNPlan",
+    "default_plan",
+    "ACTIVATIONS",
+    "act_mul",
+    "active_neurons",
+    "chunk_sparse_ffn_reference",
+    "sparse_ffn_reference",
+    "dense_ffn_reference",
+    "triton_available",
+    "interpreting",
+]

@@ -34,7 +34,7 @@ def _read_header(path: Path) -> dict:
                 raise SqueezeError(f"{path}: corrupted safetensors header (length {n}); re-download it")
             header = json.loads(f.read(n))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SqueezeError(f"{path}: unreadable safetensors file ({e.__class__.__name__}); re-download it") from None
+        raise SqueezeError(f"{path}: corrupted or unreadable safetensors file ({e.__class__.__name__}); re-download it") from None
     header.pop("__metadata__", None)
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:

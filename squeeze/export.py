@@ -68,12 +68,13 @@ class Spill:
     lazily when the shards are assembled. Tensors of the block that the checkpoint does not know
     (run-time buffers such as thresholds) go to the sidecar."""
 
-    def __init__(self, folder: Path, weights, export_dtype: torch.dtype | None):
+    def __init__(self, folder: Path, weights, export_dtype: torch.dtype | None, fmt: str = "dense"):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.weights, self.export_dtype = weights, export_dtype
+        self.weights, self.export_dtype, self.format = weights, export_dtype, fmt
         self.where: dict[str, Path] = {}
         self.sidecar: dict[str, torch.Tensor] = {}
+        self.packed: dict[str, dict] = {}  # weight key -> its values/meta keys (compressed format)
 
     def cast(self, key: str, t: torch.Tensor) -> torch.Tensor:
         if not t.is_floating_point():
@@ -94,6 +95,10 @@ class Spill:
                     self.sidecar[full] = t.detach().clone().contiguous()
                 continue
             tensors[key] = self.cast(key, t.detach()).contiguous()
+        if self.format == "compressed":
+            from squeeze.formats import pack_block
+
+            self.packed.update(pack_block(block, self.weights, tensors, self.cast))
         path = self.folder / f"block{block.index:05d}.safetensors"
         save_file(tensors, str(path))
         for k in tensors:
@@ -114,10 +119,20 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | None, config_u
     """Assemble the export inside ``dest`` (the staging folder). Returns {file: bytes}."""
     sizes = {}
     total = 0
+    weight_map = dict(ckpt.key_to_shard)
     for shard in ckpt.shards:
         keys = [k for k, s in ckpt.key_to_shard.items() if s == shard]
         tensors = {}
-        for k in keys:
+        for k in list(keys):
+            packed = getattr(spill, "packed", {}).get(k)
+            if packed:  # stored as values + meta instead of the dense weight
+                keys.remove(k)
+                for new in (packed["values"], packed["meta"]):
+                    tensors[new] = spill.get(new)
+                    weight_map[new] = shard
+                    total += tensors[new].numel() * tensors[new].element_size()
+                weight_map.pop(k, None)
+                continue
             t = spill.get(k) if spill is not None else None
             if t is None:
                 t = ckpt.get(k)
@@ -131,6 +146,7 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | None, config_u
     if ckpt.index_file:
         index = json.loads((ckpt.path / INDEX_NAME).read_text())
         index.setdefault("metadata", {})["total_size"] = total
+        index["weight_map"] = dict(sorted(weight_map.items()))
         (dest / INDEX_NAME).write_text(json.dumps(index, indent=2))
     config = dict(ckpt.config_dict)
     config.update(config_updates)
@@ -155,3 +171,23 @@ def _versions() -> dict:
     import transformers
 
     return {"transformers": transformers.__version__}
+
+
+class TensorSource:
+    """In-memory replacement tensors keyed by checkpoint key (e.g. weights fine-tuned in memory),
+    in the shape :func:`write_checkpoint` expects of a spill: keys it holds come from here, cast
+    to the dtype the source checkpoint stores them in; every other key is copied from the source."""
+
+    def __init__(self, ckpt: Checkpoint, tensors: dict[str, torch.Tensor], sidecar: dict | None = None):
+        self.ckpt, self.tensors, self.sidecar = ckpt, tensors, dict(sidecar or {})
+
+    def cast(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        from squeeze.checkpoint import SAFETENSORS_DTYPES
+
+        return t.to(SAFETENSORS_DTYPES.get(self.ckpt.dtype_of(key), t.dtype))
+
+    def get(self, key: str) -> torch.Tensor | None:
+        t = self.tensors.get(key)
+        return None if t is None else self.cast(key, t.detach())

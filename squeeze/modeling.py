@@ -100,13 +100,16 @@ class WeightMap:
         self.tied: dict[str, str] = {}
         tied = _tied_pairs(model)
         missing = []
+        renamed = _renamed_checkpoint_keys(model, keys)
         for name, _ in model.named_parameters(remove_duplicate=False):
             for cand in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
                 if cand in keys:
                     self.to_ckpt[name] = cand
                     break
             else:
-                if name in tied:
+                if name in renamed:
+                    self.to_ckpt[name] = renamed[name]
+                elif name in tied:
                     self.tied[name] = tied[name]
                 else:
                     missing.append(name)
@@ -145,6 +148,22 @@ class WeightMap:
         """Drop the parameters of ``module`` back to meta (frees their memory)."""
         for name, p in list(module.named_parameters()):
             set_param(module, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+
+
+def _renamed_checkpoint_keys(model: nn.Module, keys: set) -> dict[str, str]:
+    """{model parameter name: checkpoint key} for checkpoints saved in a legacy layout that
+    transformers renames on load (e.g. LLaVA's ``language_model.model.layers`` ->
+    ``model.language_model.layers``); renamings only, never tensor-changing converters."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except (ImportError, AttributeError, TypeError, ValueError, KeyError):  # pragma: no cover
+        return {}
+    if not renamings:
+        return {}
+    return {rename_source_key(k, renamings, [])[0]: k for k in keys}
 
 
 def _tied_pairs(model: nn.Module) -> dict[str, str]:

@@ -52,6 +52,7 @@ class Pass:
     needs_calibration: ClassVar[bool] = True
     fresh_statistics: ClassVar[bool] = False
     wants_block_io: ClassVar[bool] = False
+    needs_whole_model: ClassVar[bool] = False  # finish() works on the whole model: keep blocks in memory
 
     @dataclasses.dataclass
     class Settings:
@@ -121,6 +122,12 @@ class Pass:
     def promise(self) -> dict:
         """The weight pattern this pass guarantees on its targets, e.g. {"pattern": "2:4"}."""
         return {}
+
+    def promise_for(self, linear: Linear) -> dict:
+        """The promise for one target linear (default: the pass-wide :meth:`promise`). Passes
+        whose promise differs per linear override it, e.g. a per-layer ``sparsity_target`` or
+        ``pattern_axis: "out"`` for N:M groups along the output dimension."""
+        return self.promise()
 
     def describe(self) -> dict:
         return {"pass": self.name, **{k: v for k, v in dataclasses.asdict(self.settings).items() if v is not None}}

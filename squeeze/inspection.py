@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from squeeze.adapters import Adapter
 from squeeze.checkpoint import Checkpoint
-from squeeze.load import read_record
+from squeeze.loading import read_record
 from squeeze.modeling import WeightMap, build_skeleton, load_config
 from squeeze.sparsity import fraction_zero, parse_pattern, satisfies_nm
 
@@ -15,8 +15,13 @@ def info(path, trust_remote_code: bool = False) -> dict:
     config = load_config(ckpt, trust_remote_code)
     skeleton = build_skeleton(config, trust_remote_code)
     adapter = Adapter(skeleton)
-    weights = WeightMap(skeleton, ckpt)
     record = read_record(ckpt.path)
+    packed = (record.get("format") or {}).get("linears")
+    if packed:
+        from squeeze.formats import DecompressedView
+
+        ckpt = DecompressedView(ckpt, packed)
+    weights = WeightMap(skeleton, ckpt)
     promised = record.get("linears", {})
     linears = {}
     lin_params = lin_zeros = 0
@@ -29,10 +34,11 @@ def info(path, trust_remote_code: bool = False) -> dict:
             p = promised.get(name, {})
             if "pattern" in p:
                 n, m = parse_pattern(p["pattern"])
-                rec["promised"] = p["pattern"]
-                rec["promise_ok"] = satisfies_nm(w, n, m)
-                if w.shape[1] % m:
-                    rec["dense_tail_columns"] = w.shape[1] % m
+                dim = 0 if p.get("pattern_axis") == "out" else 1  # N:M groups along in (default) or out
+                rec["promised"] = p["pattern"] + (" (out)" if dim == 0 else "")
+                rec["promise_ok"] = satisfies_nm(w, n, m, dim=dim)
+                if w.shape[dim] % m:
+                    rec["dense_tail_columns" if dim else "dense_tail_rows"] = w.shape[dim] % m
             elif "sparsity" in p and p.get("pass"):
                 rec["promised"] = f"{p['sparsity']:.0%}" if isinstance(p["sparsity"], float) else p["sparsity"]
                 target = p.get("sparsity_target", p["sparsity"])
@@ -49,7 +55,8 @@ def info(path, trust_remote_code: bool = False) -> dict:
         "parameters": n_params,
         "linear_parameters": lin_params,
         "zero_fraction_linears": round(lin_zeros / max(lin_params, 1), 6),
-        "file_bytes": {s: (ckpt.path / s).stat().st_size for s in ckpt.shards},
+        "file_bytes": {s: (ckpt.path / s).stat().st_size for s in getattr(ckpt, "ckpt", ckpt).shards},
+        "format": "compressed-2:4" if packed else "dense",
         "linears": linears,
         "squeeze": {"passes": record.get("passes"), "calibration": record.get("calibration"),
                     "version": record.get("squeeze_version")} if record else None,

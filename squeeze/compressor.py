@@ -13,6 +13,7 @@ import torch
 from squeeze.adapters import Adapter
 from squeeze.checkpoint import Checkpoint
 from squeeze.errors import SqueezeError
+from squeeze.formats import COMPRESSED_KIND, LAYOUT, check_format
 from squeeze.export import Spill, check_output_dir, commit, staging_dir, write_checkpoint
 from squeeze.modeling import WeightMap, build_skeleton, load_config
 from squeeze.recipe import build_passes, flags_recipe, read_recipe
@@ -53,12 +54,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _context_of(config) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)
+
+
 def calibration_for(ckpt: Checkpoint, config, calib: str, nsamples: int, seqlen: int, seed: int, packing: str,
                     trust_remote_code: bool = False):
     from squeeze.calib import load_rows, pack
 
-    max_pos = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
-                      "max_position_embeddings", None)
+    max_pos = _context_of(config)
     if max_pos and seqlen > max_pos:
         raise SqueezeError(f"--seqlen {seqlen} exceeds the model's context of {max_pos} tokens; lower --seqlen")
     rows = load_rows(calib)
@@ -73,13 +78,20 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
              packing: str = "auto", targets: str | None = None, ignore: str | None = None, dtype: str = "auto",
              strict: bool = False, overwrite: bool = False, json_path: str | Path | None = None,
              keep_in_memory: bool | None = None, trust_remote_code: bool = False, on_block=None,
-             **pass_settings) -> CompressResult:
+             calib_generate: int = 0, calib_generate_mode: str = "sample", calib_generate_temperature: float = 1.0,
+             calib_generate_top_p: float = 1.0, on_generate=None, repair: str | None = None,
+             format: str = "dense", **pass_settings) -> CompressResult:
     """Compress a checkpoint folder and export it to ``out``.
 
     Either ``method`` (+ ``pattern`` or ``sparsity``) or ``recipe`` (a YAML/JSON file or a list
     of ``{"pass": NAME, ...}``). ``model=None`` compresses the embedded default
     (all-MiniLM-L6-v2). Returns the report (also written to ``json_path``) and, when the model
     is small enough to keep, the compressed model in memory.
+
+    ``calib_generate=K`` (RAC, causal LMs): the dense model first continues every calibration
+    sample by K tokens (``calib_generate_mode`` "sample" with ``calib_generate_temperature`` /
+    ``calib_generate_top_p``, seeded by ``seed``, or "greedy"), and every pass calibrates on
+    prompt + generated tokens; the report's calibration says how many of each.
     """
     t_start = time.perf_counter()
     from squeeze import defaults
@@ -91,25 +103,36 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         seqlen = seqlen or defaults.DEFAULT_SEQLEN
         if method is None and recipe is None:
             method, pattern = "wanda", pattern or (None if sparsity else "2:4")
-    nsamples, seqlen = nsamples or 128, seqlen or 512
     ckpt = Checkpoint(model)
     if out is None:
         raise SqueezeError("no output folder: give --out DIR")
     out = Path(out)
     check_output_dir(out, ckpt.path, overwrite)
+    check_format(format)
     export_dtype = parse_dtype(dtype)
 
     entries = (read_recipe(recipe) if isinstance(recipe, (str, Path)) else list(recipe)) if recipe is not None \
         else flags_recipe(method, pattern, sparsity, **pass_settings)
+    if repair:  # a mask-repair pass (e.g. dsnot) after the recipe; it follows the last pruning pass's pattern
+        entries = entries + [{"pass": repair}]
     passes = build_passes(entries, defaults={"targets": targets, "ignore": ignore, "strict": strict or None})
 
     config = load_config(ckpt, trust_remote_code)
+    nsamples = nsamples or 128
+    seqlen = seqlen or min(512, _context_of(config) or 512)
     skeleton = build_skeleton(config, trust_remote_code, attn_implementation="sdpa")
     adapter = Adapter(skeleton)
     weights = WeightMap(skeleton, ckpt)
     calibration = None
     if any(p.needs_calibration for p in passes):
         calibration = calibration_for(ckpt, config, calib, nsamples, seqlen, seed, packing, trust_remote_code)
+        if calib_generate:  # RAC: the dense model continues every prompt (see squeeze.calib.generate)
+            from squeeze.calib.generate import generate_calibration
+
+            generate_calibration(ckpt.path, calibration, calib_generate, calib_generate_mode,
+                                 calib_generate_temperature, calib_generate_top_p, trust_remote_code, on_generate)
+    if any(p.needs_whole_model for p in passes):
+        keep_in_memory = True
     if keep_in_memory is None:
         import psutil
 
@@ -119,7 +142,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     from squeeze.calib.runner import BlockRunner
 
     with staging_dir(out) as tmp:
-        spill = Spill(tmp / ".spill", weights, export_dtype)
+        spill = Spill(tmp / ".spill", weights, export_dtype, format)
         runner = BlockRunner(skeleton, adapter, weights, passes, calibration, keep=keep_in_memory, spill=spill,
                              on_block=on_block)
         result = runner.run()
@@ -135,7 +158,11 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         }
         record = {k: report[k] for k in ("passes", "calibration", "linears", "summary", "adapter")}
         record["source"] = {"path": str(ckpt.path), "model_type": config.model_type}
-        updates = {"torch_dtype": str(export_dtype).removeprefix("torch.")} if export_dtype else {}
+        if spill.packed:
+            record["format"] = {"kind": COMPRESSED_KIND, "layout": LAYOUT, "linears": spill.packed}
+        # transformers 5 reads "dtype"; older versions "torch_dtype": keep both in step
+        updates = {k: str(export_dtype).removeprefix("torch.") for k in ("dtype", "torch_dtype")} \
+            if export_dtype else {}
         sizes = write_checkpoint(ckpt, tmp, spill, updates, record)
         import shutil
 
@@ -149,8 +176,6 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         report.setdefault("pass_reports", {}).update(getattr(p, "report", {}) or {})
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
-    if keep_in_memory:
-        skeleton.tie_weights() if hasattr(skeleton, "tie_weights") else None
     return CompressResult(out, report, skeleton if keep_in_memory else None)
 
 

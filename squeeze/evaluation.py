@@ -26,7 +26,7 @@ def model_kind(model: nn.Module) -> str:
 def _as_model(m, dtype=None):
     if isinstance(m, nn.Module):
         return m.eval(), None
-    from squeeze.load import load
+    from squeeze.loading import load
 
     return load(m, dtype=dtype), Path(m)
 
@@ -34,7 +34,7 @@ def _as_model(m, dtype=None):
 def eval_rows(data: str, tokenizer_dir: Path | None, max_rows: int | None, seqlen: int) -> list[torch.Tensor]:
     from squeeze.calib.packing import tokenize_rows
     from squeeze.calib.sources import load_rows
-    from squeeze.compress import load_tokenizer
+    from squeeze.compressor import load_tokenizer
 
     rows = load_rows(data)
     tok = load_tokenizer(tokenizer_dir) if rows.ids is None and tokenizer_dir is not None else None
@@ -71,8 +71,11 @@ def _embed(model, batch: list[torch.Tensor], pad_id: int) -> torch.Tensor:
 
 
 def evaluate(model, data: str = "builtin-eval", reference=None, max_rows: int | None = None,
-             seqlen: int | None = None, batch_size: int = 32, json_path: str | Path | None = None) -> dict:
-    """Score ``model`` (path or module) on ``data``; with ``reference`` also KL / cosine to it."""
+             seqlen: int | None = None, batch_size: int = 32, json_path: str | Path | None = None,
+             activation_stats: bool = False, act_threshold: float = 0.0) -> dict:
+    """Score ``model`` (path or module) on ``data``; with ``reference`` also KL / cosine to it.
+    ``activation_stats``: per-layer token/chunk-level sparsity of the MLP intermediate
+    (:mod:`squeeze.act_stats`; ``act_threshold`` > 0 counts |x| <= it as inactive)."""
     t0 = time.perf_counter()
     m, mdir = _as_model(model)
     ref, rdir = (None, None) if reference is None else _as_model(reference)
@@ -104,6 +107,10 @@ def evaluate(model, data: str = "builtin-eval", reference=None, max_rows: int | 
                 cos.append(torch.nn.functional.cosine_similarity(_embed(m, b, pad), _embed(ref, b, pad), dim=-1))
             c = torch.cat(cos)
             report.update(cosine_mean=c.mean().item(), cosine_min=c.min().item())
+    if activation_stats:
+        from squeeze.act_stats import activation_stats as _act_stats
+
+        report["activation_stats"] = _act_stats(m, rows, threshold=act_threshold)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")

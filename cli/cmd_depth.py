@@ -1,0 +1,183 @@
+"""Depth commands: ``finetune --recipe layerskip``, ``tune-exit``, ``drop-layers``, ``generate``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from squeeze.cli.main import _quiet_transformers, cli
+from squeeze.errors import SqueezeError
+
+
+def _write_json(path, report):
+    if path:
+        from pathlib import Path
+
+        Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+@cli.command()
+@click.argument("model_dir")
+@click.option("--recipe", type=click.Choice(["layerskip"]), required=True, help="Training recipe.")
+@click.option("--calib", default="builtin", show_default=True, help="Training data (same forms as compress --calib).")
+@click.option("--out", "out", required=True, type=click.Path(), help="Output folder (written atomically).")
+@click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps.")
+@click.option("--p-max", type=float, default=0.2, show_default=True, help="Layer-dropout rate of the last layer.")
+@click.option("--e-scale", type=float, default=1.0, show_default=True, help="Weight of the non-final exit losses.")
+@click.option("--scale", type=click.Choice(["sum_l", "linear_l"]), default="sum_l", show_default=True,
+              help="Early-exit loss scales across layers.")
+@click.option("--curriculum", type=click.Choice(["none", "gradual", "rotational"]), default="none",
+              show_default=True, help="Which exits are trained when.")
+@click.option("--distill-from", type=click.Path(), help="Also match this model's next-token distribution at each exit.")
+@click.option("--lr", type=float, default=3e-4, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--seqlen", type=int, default=256, show_default=True)
+@click.option("--nsamples", type=int, default=256, show_default=True, help="Training sequences drawn from --calib.")
+@click.option("--save-every", type=int, default=50, show_default=True,
+              help="Save a resumable state every M steps (next to --out).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its saved state.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
+def finetune(model_dir, recipe, calib, out, steps, p_max, e_scale, scale, curriculum, distill_from, lr, batch_size,
+             seqlen, nsamples, save_every, seed, resume, overwrite, json_path):
+    """Continue training MODEL_DIR with the LayerSkip recipe (layer dropout + early-exit loss)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from squeeze.cli.report import print_kv
+    from squeeze.depth.layerskip import finetune as finetune_fn
+
+    _quiet_transformers()
+    with Progress(TextColumn("layerskip"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        task = bar.add_task("train", total=steps, loss="-")
+
+        def progress(step, total, loss):
+            bar.update(task, completed=step, loss=f"{loss:.4f}")
+
+        report = finetune_fn(model_dir, out, calib=calib, distill_from=distill_from, resume=resume,
+                             overwrite=overwrite, progress=progress, steps=steps, p_max=p_max, e_scale=e_scale,
+                             scale=scale, curriculum=curriculum, lr=lr, batch_size=batch_size, seqlen=seqlen,
+                             nsamples=nsamples, save_every=save_every, seed=seed)
+    _write_json(json_path, report)
+    print_kv("finetune", {k: v for k, v in report.items() if k != "losses"})
+
+
+@cli.command("tune-exit")
+@click.argument("model_dir")
+@click.option("--calib", default="builtin", show_default=True, help="Prompts for the sweep.")
+@click.option("--out", "out", type=click.Path(),
+              help="Write a new export here (required unless MODEL_DIR is a squeeze export, whose squeeze.json "
+                   "is then updated atomically).")
+@click.option("--exit-layers", help="Comma-separated exit layers to try [default: all 1..L-1].")
+@click.option("--ks", default="1,2,3,4,6,8", show_default=True, help="Comma-separated draft lengths to try.")
+@click.option("--nprompts", type=int, default=4, show_default=True)
+@click.option("--prompt-len", type=int, default=32, show_default=True)
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--repeats", type=int, default=1, show_default=True, help="Timing repeats (best is kept).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "json_path", type=click.Path(), help="Write the sweep as JSON.")
+def tune_exit(model_dir, calib, out, exit_layers, ks, nprompts, prompt_len, max_new_tokens, repeats, overwrite,
+              json_path):
+    """Choose the self-speculative exit layer and draft length by a timed sweep; save them in squeeze.json."""
+    from squeeze.cli.report import print_kv
+    from squeeze.depth.tune import tune_exit as tune_fn
+
+    _quiet_transformers()
+    report = tune_fn(model_dir, calib=calib, out=out, exit_layers=_ints(exit_layers, "--exit-layers"),
+                     ks=_ints(ks, "--ks"), nprompts=nprompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                     repeats=repeats, overwrite=overwrite)
+    _write_json(json_path, report)
+    print_kv("tune-exit", {k: v for k, v in report.items() if k != "sweep"})
+
+
+@cli.command("drop-layers")
+@click.argument("model_dir")
+@click.option("--remove", type=int, required=True, help="Number of layers to remove.")
+@click.option("--by", type=click.Choice(["importance", "even"]), default="importance", show_default=True)
+@click.option("--score", type=click.Choice(["cosine", "kl"]), default="kl", show_default=True,
+              help="Importance: KL(full || block skipped), or 1 - cos(block input, output).")
+@click.option("--calib", default="builtin", show_default=True, help="Scoring data (importance only).")
+@click.option("--nsamples", type=int, default=32, show_default=True)
+@click.option("--seqlen", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out", required=True, type=click.Path(), help="Output folder (written atomically).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
+def drop_layers(model_dir, remove, by, score, calib, nsamples, seqlen, seed, out, overwrite, json_path):
+    """Remove whole layers; the export is a smaller plain checkpoint."""
+    from squeeze.cli.report import print_kv
+    from squeeze.depth.layerdrop import drop_layers as drop_fn
+
+    _quiet_transformers()
+    report = drop_fn(model_dir, out, remove, by=by, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                     score=score, overwrite=overwrite)
+    _write_json(json_path, report)
+    print_kv("drop-layers", {**report, "removed_layers": ",".join(map(str, report["removed"]))})
+
+
+@cli.command()
+@click.argument("model_dir")
+@click.option("--prompt", help="Prompt text (needs the model's tokenizer).")
+@click.option("--prompt-ids", help="Prompt token ids, comma-separated.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--self-speculative", is_flag=True, help="Draft with the first layers, verify with the rest.")
+@click.option("--exit-layer", type=int, help="Draft exit layer E [default: squeeze.json, else L//2].")
+@click.option("--num-speculations", type=int, help="Draft length k [default: squeeze.json, else 4].")
+@click.option("--do-sample", is_flag=True, help="Sample instead of greedy (rejection sampling when speculative).")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--compare", is_flag=True, help="Also run plain decoding and report the speed-up.")
+@click.option("--json", "json_path", type=click.Path(), help="Write tokens and stats as JSON.")
+def generate(model_dir, prompt, prompt_ids, max_new_tokens, self_speculative, exit_layer, num_speculations, do_sample,
+             temperature, seed, compare, json_path):
+    """Generate from MODEL_DIR; prints tokens/s and (speculative) the acceptance rate."""
+    from pathlib import Path
+
+    from squeeze.cli.report import print_kv
+    from squeeze.compressor import load_tokenizer
+    from squeeze.depth.speculative import generate as gen
+    from squeeze.loading import load
+
+    _quiet_transformers()
+    if (prompt is None) == (prompt_ids is None):
+        raise SqueezeError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    tok = load_tokenizer(Path(model_dir)) if Path(model_dir).is_dir() else None
+    if prompt is not None:
+        if tok is None:
+            raise SqueezeError(f"{model_dir} has no tokenizer; pass --prompt-ids instead")
+        ids = tok(prompt)["input_ids"]
+    else:
+        ids = _ints(prompt_ids, "--prompt-ids")
+    model = load(model_dir)
+    kw = dict(do_sample=do_sample, temperature=temperature, seed=seed, return_stats=True)
+    out, stats = gen(model, ids, max_new_tokens, self_speculative=self_speculative, exit_layer=exit_layer,
+                     num_speculations=num_speculations, **kw)
+    new = out[0, len(ids):].tolist()
+    report = {"new_ids": new, "ids": " ".join(map(str, new)), **stats}
+    if tok is not None:
+        report["text"] = tok.decode(new)
+    if compare:
+        ref, ref_stats = gen(model, ids, max_new_tokens, **kw)
+        report["plain_tokens_per_s"] = ref_stats["tokens_per_s"]
+        report["speedup"] = stats["tokens_per_s"] / max(ref_stats["tokens_per_s"], 1e-9)
+        report["identical_to_plain"] = bool(torch_equal(ref, out))
+    _write_json(json_path, report)
+    print_kv("generate", report)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def _ints(text, flag):
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in str(text).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise SqueezeError(f"{flag} must be comma-separated integers, e.g. 1,2,3; got {text!r}") from None

@@ -1,0 +1,64 @@
+"""``squeeze recover``: mask-preserving distillation of a pruned model toward its dense model."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from squeeze.cli.main import _quiet_transformers, cli
+
+
+@cli.command()
+@click.argument("pruned_dir")
+@click.option("--reference", required=True, type=click.Path(), help="The dense model the pruned one came from.")
+@click.option("--out", "out", required=True, type=click.Path(), help="Output folder (written atomically).")
+@click.option("--calib", default="builtin", show_default=True, help="Training data (same forms as compress --calib).")
+@click.option("--steps", type=int, default=100, show_default=True, help="Adam steps.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Learning rate.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per step.")
+@click.option("--nsamples", type=int, help="Calibration sequences [default: 128].")
+@click.option("--seqlen", type=int, help="Tokens per sequence [default: 512, or the model's context if shorter].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the batch order.")
+@click.option("--packing", type=click.Choice(["auto", "rows", "concat"]), default="auto", show_default=True)
+@click.option("--checkpoint-every", type=int, default=50, show_default=True,
+              help="Write a resumable checkpoint every M steps to .<out>.recover-work next to --out.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint of an interrupted run.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default).")
+def recover(pruned_dir, reference, out, calib, steps, lr, batch_size, nsamples, seqlen, seed, packing,
+            checkpoint_every, resume, overwrite, json_path, trust_remote_code):
+    """Fine-tune PRUNED_DIR toward --reference (KL on its logits; hidden-state MSE for encoders),
+    keeping every pruned weight exactly zero, and export to --out."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from squeeze.cli.report import print_kv
+    from squeeze.recovery import recover as recover_fn, work_dir
+
+    _quiet_transformers()
+    with Progress(TextColumn("[bold]recovering[/]"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+                  TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("steps", total=steps, loss="-")
+
+        def on_step(step, total, loss):
+            bar.update(task, completed=step, loss=f"{loss:.4f}")
+
+        try:
+            result = recover_fn(pruned_dir, out, reference=reference, calib=calib, steps=steps, lr=lr,
+                                nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size,
+                                checkpoint_every=checkpoint_every, packing=packing, resume=resume,
+                                overwrite=overwrite, trust_remote_code=trust_remote_code, on_step=on_step)
+        except KeyboardInterrupt:
+            bar.stop()
+            click.echo(f"interrupted; --out was not written. Checkpoints (every {checkpoint_every} steps) are in "
+                       f"{work_dir(out)}: re-run with --resume to continue", err=True)
+            raise SystemExit(130) from None
+    report = result.report
+    if json_path:
+        from pathlib import Path
+
+        Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print_kv(f"squeeze recover -> {report['out']}", {k: v for k, v in report.items() if k != "losses"})

@@ -1,0 +1,247 @@
+"""Remove whole decoder layers: importance-scored (ShortGPT's block influence, Men et al. 2024,
+arXiv:2403.03853, or the KL of the output when the block is skipped) or evenly spaced
+(LayerDrop's inference-time pruning, Fan et al. 2019, arXiv:1909.11556: keep evenly spaced layers).
+
+The export is a smaller plain checkpoint: the removed blocks' tensors are left out, the remaining
+blocks are renumbered in the tensor names, ``num_hidden_layers`` (or ``n_layer``) and per-layer
+config lists such as ``layer_types`` shrink with them, so ``from_pretrained`` loads it with no
+squeeze code. ``squeeze.json`` records which layers were removed and their scores.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from squeeze.errors import SqueezeError
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+# -- scoring ---------------------------------------------------------------------------------
+def block_influence(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1 - mean cosine similarity between a block's input and output hidden states (per token)."""
+    x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+    return 1 - torch.nn.functional.cosine_similarity(x, y, dim=-1).mean()
+
+
+@torch.no_grad()
+def score_layers(model: nn.Module, samples: list[torch.Tensor], method: str = "cosine") -> list[float]:
+    """Importance of every block on calibration samples (higher = more important).
+
+    ``cosine``: block influence, one forward. ``kl``: KL(full || model without the block) in
+    nats/token, one forward per block."""
+    from squeeze.adapters import Adapter
+    from squeeze.depth.stack import _output_tensor
+
+    blocks = Adapter(model).blocks
+    if method == "cosine":
+        sums = [0.0] * len(blocks)
+        for ids in samples:
+            io = {}
+
+            def hook(i):
+                return lambda m, a, kw, o: io.__setitem__(i, (a[0] if a else kw["hidden_states"], _output_tensor(o)))
+
+            hs = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+            try:
+                model(input_ids=ids[None], use_cache=False)
+            finally:
+                for h in hs:
+                    h.remove()
+            for i, (x, y) in io.items():
+                sums[i] += float(block_influence(x, y))
+        return [s / len(samples) for s in sums]
+    if method == "kl":
+        refs = [torch.log_softmax(model(input_ids=s[None], use_cache=False).logits[0].double(), -1) for s in samples]
+        scores = []
+        for i, b in enumerate(blocks):
+            h = b.register_forward_hook(_skip_hook, with_kwargs=True)
+            try:
+                kl = 0.0
+                for s, ref in zip(samples, refs):
+                    lp = torch.log_softmax(model(input_ids=s[None], use_cache=False).logits[0].double(), -1)
+                    kl += float((ref.exp() * (ref - lp)).sum(-1).mean())
+            finally:
+                h.remove()
+            scores.append(kl / len(samples))
+        return scores
+    raise SqueezeError(f"unknown layer score {method!r}: use cosine or kl")
+
+
+def _skip_hook(module, args, kwargs, out):
+    x = args[0] if args else kwargs["hidden_states"]
+    return (x,) + tuple(out[1:]) if isinstance(out, tuple) else x
+
+
+def choose_layers(num_layers: int, remove: int, by: str = "importance", scores: list[float] | None = None) -> list[int]:
+    """Indices of the layers to remove (sorted)."""
+    if not 1 <= remove < num_layers:
+        raise SqueezeError(f"--remove must be in [1, {num_layers - 1}] for a {num_layers}-layer model; got {remove}")
+    if by == "even":
+        keep = torch.linspace(0, num_layers - 1, num_layers - remove).round().long().tolist()
+        return sorted(set(range(num_layers)) - set(keep))
+    if by == "importance":
+        if scores is None or len(scores) != num_layers:
+            raise SqueezeError("importance-based removal needs one score per layer")
+        return sorted(sorted(range(num_layers), key=lambda i: (scores[i], i))[:remove])
+    raise SqueezeError(f"unknown --by {by!r}: use importance or even")
+
+
+# -- in-memory removal -----------------------------------------------------------------------
+def remove_layers(model: nn.Module, removed: list[int]) -> nn.Module:
+    """Drop blocks in place, renumber the attention ``layer_idx`` (the KV-cache slot) and update
+    the config; returns the model."""
+    from squeeze.adapters import Adapter
+
+    ad = Adapter(model)
+    L = len(ad.blocks)
+    keep = [i for i in range(L) if i not in set(removed)]
+    kept = [ad.blocks[i] for i in keep]
+    parent_name, _, attr = ad.blocks_path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.ModuleList(kept))
+    for new, block in enumerate(kept):
+        for m in block.modules():
+            if hasattr(m, "layer_idx") and isinstance(m.layer_idx, int):
+                m.layer_idx = new
+    _update_config_obj(model.config, keep, L)
+    return model
+
+
+def _update_config_obj(config, keep, L):
+    config.num_hidden_layers = len(keep)
+    for name in list(vars(config)):
+        value = getattr(config, name)
+        if "layer" in name and isinstance(value, (list, tuple)) and len(value) == L:
+            setattr(config, name, type(value)(value[i] for i in keep))
+
+
+def config_updates(config_dict: dict, keep: list[int], L: int) -> dict:
+    out = {}
+    for key in LAYER_COUNT_KEYS:
+        if config_dict.get(key) == L:
+            out[key] = len(keep)
+    if not out:
+        raise SqueezeError("cannot find the layer count in config.json (num_hidden_layers / n_layer)")
+    for key, value in config_dict.items():
+        if "layer" in key and isinstance(value, list) and len(value) == L:
+            out[key] = [value[i] for i in keep]
+    return out
+
+
+# -- export ----------------------------------------------------------------------------------
+def block_key_prefix(model: nn.Module, ckpt) -> str:
+    """Checkpoint key prefix of the blocks, e.g. ``model.layers.`` (ends with a dot)."""
+    from squeeze.adapters import Adapter
+    from squeeze.modeling import WeightMap
+
+    path = Adapter(model).blocks_path
+    wm = WeightMap(model, ckpt)
+    for name, key in wm.to_ckpt.items():
+        if name.startswith(path + ".0."):
+            suffix = name[len(path) + 1:]
+            return key[: len(key) - len(suffix)]
+    raise SqueezeError(f"{ckpt.path}: cannot find block 0's tensors in the checkpoint")
+
+
+def write_pruned(ckpt, dest: Path, prefix: str, removed: list[int], L: int, record: dict) -> None:
+    """Write the checkpoint without ``removed`` blocks into ``dest`` (a staging folder)."""
+    from safetensors.torch import save_file
+
+    from squeeze import __version__
+    from squeeze.checkpoint import INDEX_NAME
+
+    keep = [i for i in range(L) if i not in set(removed)]
+    renum = {old: new for new, old in enumerate(keep)}
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.(.*)")
+    weight_map, total = {}, 0
+    for shard in ckpt.shards:
+        tensors = {}
+        for k in [k for k, s in ckpt.key_to_shard.items() if s == shard]:
+            m = pat.fullmatch(k)
+            if m:
+                i = int(m.group(1))
+                if i not in renum:
+                    continue
+                new_key = f"{prefix}{renum[i]}.{m.group(2)}"
+            else:
+                new_key = k
+            t = ckpt.get(k).contiguous()
+            tensors[new_key] = t
+            weight_map[new_key] = shard
+            total += t.numel() * t.element_size()
+        save_file(tensors, str(dest / shard), metadata={"format": "pt"})
+        del tensors
+    if ckpt.index_file:
+        index = json.loads((ckpt.path / INDEX_NAME).read_text())
+        index["weight_map"] = weight_map
+        index.setdefault("metadata", {})["total_size"] = total
+        (dest / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    config = dict(ckpt.config_dict)
+    config.update(config_updates(ckpt.config_dict, keep, L))
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    import shutil
+
+    for f in ckpt.extra_files():
+        rel = f.relative_to(ckpt.path)
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dest / rel)
+    import transformers
+
+    full = {"squeeze_version": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            **record}
+    (dest / "squeeze.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
+
+
+def drop_layers(model_dir, out, remove: int, by: str = "importance", calib: str = "builtin", nsamples: int = 32,
+                seqlen: int = 256, seed: int = 0, score: str = "kl", overwrite: bool = False) -> dict:
+    """Score, choose and remove ``remove`` layers of the checkpoint at ``model_dir``; export to ``out``."""
+    from squeeze.checkpoint import Checkpoint
+    from squeeze.export import check_output_dir, commit, staging_dir
+    from squeeze.loading import load
+
+    ckpt = Checkpoint(model_dir)
+    check_output_dir(Path(out), ckpt.path, overwrite)
+    model = load(ckpt.path, dtype=torch.float32)
+    from squeeze.adapters import Adapter
+
+    L = len(Adapter(model).blocks)
+    if not 1 <= remove < L:
+        raise SqueezeError(f"--remove must be in [1, {L - 1}] for a {L}-layer model; got {remove}")
+    scores, calib_info = None, None
+    if by == "importance":
+        samples, calib_info = calibration_samples(ckpt, calib, nsamples, seqlen, seed, model.config)
+        scores = score_layers(model, samples, score)
+    removed = choose_layers(L, remove, by, scores)
+    prefix = block_key_prefix(model, ckpt)
+    prior = [e for e in (getattr(model, "squeeze_record", {}) or {}).get("passes", [])]
+    entry = {"pass": "layerdrop", "removed": removed, "by": by, "num_layers_before": L,
+             "num_layers_after": L - len(removed)}
+    if scores is not None:
+        entry.update(score=score, scores=scores)
+    record = {"source": str(ckpt.path), "passes": prior + [entry]}
+    if calib_info:
+        record["calibration"] = calib_info
+    with staging_dir(Path(out)) as tmp:
+        write_pruned(ckpt, tmp, prefix, removed, L, record)
+        commit(tmp, Path(out))
+    return {"removed": removed, "scores": scores, "by": by, "out": str(out), "num_layers": L - len(removed)}
+
+
+def calibration_samples(ckpt, calib, nsamples, seqlen, seed, config):
+    from squeeze.calib.packing import pack
+    from squeeze.calib.sources import load_rows
+
+    tok = None
+    rows = load_rows(calib)
+    if rows.ids is None:
+        from squeeze.compressor import load_tokenizer
+
+        tok = load_tokenizer(ckpt.path)
+    c = pack(rows, tok, nsamples, seqlen, seed=seed, vocab_size=getattr(config, "vocab_size", None))
+    return c.samples, c.describe()

@@ -1,0 +1,159 @@
+"""Run a causal LM's decoder stack piece by piece, and read predictions at any depth.
+
+Two tools every depth method needs:
+
+- :func:`exit_logits`: next-token logits from the hidden state after any layer, through the
+  model's own final norm and LM head (the "shared exit head" of LayerSkip / CALM), including
+  OPT's ``project_out`` and Gemma's final logit soft-capping.
+- :class:`Stack`: call a contiguous range of decoder layers ``[lo, hi)`` directly, with a shared
+  ``DynamicCache``. It mirrors what the model's own ``forward`` does around the layers (rotary
+  position embeddings, one causal or sliding-window mask per layer type, sized against the cache
+  of the first layer of the range) so that running ``[0, E)`` then ``[E, L)`` gives the same
+  numbers as the full forward. It supports the rotary decoder-only families (llama, mistral,
+  qwen2, qwen3, gemma, gemma3_text, phi3); OPT and GPT-2 add learned position embeddings
+  outside the layers and are refused with a clear error.
+
+The cache is built without a config, so every layer keeps full keys/values (sliding-window layers
+are then masked, not truncated): that is what makes cropping after a rejected draft exact.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from squeeze.errors import SqueezeError
+
+# Final norm of each supported causal family, by attribute path on the *ForCausalLM model.
+FINAL_NORM_PATHS = ("model.norm", "model.decoder.final_layer_norm", "transformer.ln_f",
+                    "model.final_layernorm", "gpt_neox.final_layer_norm")
+STACK_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied after the last block (llama family ``model.norm``, OPT
+    ``model.decoder.final_layer_norm``, GPT-2 ``transformer.ln_f``)."""
+    for path in FINAL_NORM_PATHS:
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    raise SqueezeError(f"cannot find the final norm of {type(model).__name__}; early exit needs a causal LM "
+                       f"(llama, mistral, qwen2, qwen3, gemma, gemma3_text, phi3, opt, gpt2)")
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise SqueezeError(f"{type(model).__name__} has no LM head: early exit and speculative decoding need a "
+                           "causal LM (…ForCausalLM)")
+    return head
+
+
+def exit_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from a (pre-norm) residual-stream hidden state, through the shared final norm and head."""
+    h = final_norm(model)(hidden)
+    proj = getattr(getattr(getattr(model, "model", None), "decoder", None), "project_out", None)
+    if proj is not None:  # OPT with word_embed_proj_dim != hidden_size
+        h = proj(h)
+    logits = lm_head(model)(h)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _output_tensor(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def layer_outputs(model: nn.Module, input_ids: torch.Tensor, **kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Run the model once; return the residual stream after every block and the final logits.
+    Works for every causal arch (forward hooks on the blocks), with or without grad."""
+    from squeeze.adapters import Adapter
+
+    blocks = Adapter(model).blocks
+    outs: list[torch.Tensor] = []
+    handles = [b.register_forward_hook(lambda m, a, o: outs.append(_output_tensor(o))) for b in blocks]
+    try:
+        logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, logits
+
+
+def new_cache():
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def crop_cache(cache, length: int) -> None:
+    """Keep the first ``length`` positions of every cache layer."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.shape[-2] > length:
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
+
+
+def cache_length(cache, layer_idx: int) -> int:
+    return cache.get_seq_length(layer_idx)
+
+
+class Stack:
+    """Direct access to the decoder layers of a rotary decoder-only causal LM."""
+
+    def __init__(self, model: nn.Module):
+        cfg = model.config
+        base = getattr(model, "model", None)
+        if cfg.model_type not in STACK_TYPES or base is None or not all(
+                hasattr(base, a) for a in ("embed_tokens", "layers", "rotary_emb")):
+            raise SqueezeError(f"layer-range decoding supports {', '.join(STACK_TYPES)}; "
+                               f"got model_type {cfg.model_type!r}")
+        self.model, self.base, self.config = model, base, cfg
+        self.layers = base.layers
+        self.num_layers = len(self.layers)
+        lt = getattr(cfg, "layer_types", None)
+        if lt:
+            self.types = list(lt)[: self.num_layers]
+        else:  # mistral / phi3 style: one mask kind for all layers, sliding when a window is set
+            kind = "sliding_attention" if getattr(cfg, "sliding_window", None) else "full_attention"
+            self.types = [kind] * self.num_layers
+        self.rotary_per_type = "layer_type" in inspect.signature(base.rotary_emb.forward).parameters
+        self._norm = final_norm(model)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base.embed_tokens(ids)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return exit_logits(self.model, hidden)
+
+    def _mask(self, kind, h, position_ids, cache, layer_idx):
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        fn = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+        return fn(config=self.config, inputs_embeds=h, attention_mask=None, past_key_values=cache,
+                  position_ids=position_ids, layer_idx=layer_idx)
+
+    def run(self, h: torch.Tensor, lo: int, hi: int, position_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Hidden states after layers ``[lo, hi)`` given the input of layer ``lo``. Every layer in
+        the range must hold the same number of cached positions (the mask is sized on ``lo``)."""
+        if hi <= lo:
+            return h
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None]
+        kinds = set(self.types[lo:hi])
+        masks = {k: self._mask(k, h, position_ids, cache, lo) for k in kinds}
+        if self.rotary_per_type:
+            pos = {k: self.base.rotary_emb(h, position_ids, k) for k in kinds}
+        else:
+            pe = self.base.rotary_emb(h, position_ids)
+            pos = {k: pe for k in kinds}
+        for i in range(lo, hi):
+            k = self.types[i]
+            h = _output_tensor(self.layers[i](h, attention_mask=masks[k], position_embeddings=pos[k],
+                                              position_ids=position_ids, past_key_values=cache))
+        return h

@@ -1,0 +1,117 @@
+"""``squeeze.load``: a transformers model from an export, with squeeze's run-time state applied.
+
+The weights load through plain ``from_pretrained`` (safetensors only). Then every pass recorded
+in ``squeeze.json`` gets its ``on_load`` hook (to swap in run-time modules), and tensors from
+the ``squeeze.safetensors`` sidecar (thresholds and other run-time buffers) are loaded by name.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from squeeze.checkpoint import Checkpoint
+from squeeze.errors import SqueezeError
+from squeeze.export import RECORD, SIDECAR
+from squeeze.modeling import load_config, model_class
+
+
+def read_record(path: str | Path) -> dict:
+    f = Path(path) / RECORD
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise SqueezeError(f"{f}: unreadable ({e})") from None
+
+
+def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+         trust_remote_code: bool = False, attn_implementation: str | None = None,
+         sparse24: bool | None = None) -> torch.nn.Module:
+    """Load a checkpoint (squeeze export or any HF checkpoint folder) ready for inference.
+
+    A compressed-2:4 export is rebuilt from its values/meta tensors: on CPU the weights are
+    decompressed on load (exactly the dense model); on CUDA, or with ``sparse24=True``, its 2:4
+    linears become :class:`~squeeze.runtime.sparse24.Sparse24Linear` modules over the packed data.
+    """
+    ckpt = Checkpoint(path)
+    config = load_config(ckpt, trust_remote_code)
+    record = read_record(ckpt.path)
+    packed = (record.get("format") or {}).get("linears")
+    if packed:
+        model = _load_compressed(ckpt, config, packed, dtype, attn_implementation, trust_remote_code)
+        if sparse24 if sparse24 is not None else torch.device(device).type == "cuda":
+            _swap_sparse24(model, ckpt, packed)
+    else:
+        model = _from_pretrained(ckpt, config, dtype, attn_implementation, trust_remote_code)
+    if record:
+        from squeeze.passes import get_pass
+
+        for entry in record.get("passes", []):
+            get_pass(entry["pass"]).on_load(model, entry, ckpt.path, record)
+        sidecar = ckpt.path / SIDECAR
+        if sidecar.is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(str(sidecar))
+            missing = [k for k in state if k not in dict(model.state_dict())]
+            if missing:
+                raise SqueezeError(f"{sidecar}: tensors {missing[:3]} have no place in the loaded model")
+            model.load_state_dict(state, strict=False)
+    model.squeeze_record = record
+    return model.to(device).eval()
+
+
+def _from_pretrained(ckpt, config, dtype, attn_implementation, trust_remote_code):
+    cls = model_class(config, trust_remote_code)
+    kwargs = {"dtype": dtype or "auto", "use_safetensors": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return cls.from_pretrained(str(ckpt.path), trust_remote_code=trust_remote_code, **kwargs)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise SqueezeError(f"{ckpt.path}: cannot load model ({str(e).splitlines()[0][:160]})") from None
+
+
+def _load_compressed(ckpt, config, packed, dtype, attn_implementation, trust_remote_code):
+    """Build the dense model from a compressed export through the lazy loader."""
+    from squeeze.formats import DecompressedView
+    from squeeze.modeling import WeightMap, build_skeleton
+
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    dtype = dtype if isinstance(dtype, torch.dtype) else ckpt.source_dtype()
+    model = build_skeleton(config, trust_remote_code, attn_implementation or "sdpa")
+    WeightMap(model, DecompressedView(ckpt, packed)).materialize(model, "", dtype)
+    try:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(ckpt.path))
+    except (OSError, ValueError):
+        pass
+    return model
+
+
+def _swap_sparse24(model, ckpt, packed) -> None:
+    from squeeze.runtime.sparse24 import Sparse24Linear
+
+    by_key = {}
+    prefix = getattr(model, "base_model_prefix", "")
+    for name, module in model.named_modules():
+        for cand in (f"{name}.weight", f"{name}.weight".removeprefix(prefix + "."), f"{prefix}.{name}.weight"):
+            if cand in packed:
+                by_key[name] = packed[cand]
+    for name, p in by_key.items():
+        old = model.get_submodule(name)
+        dtype = old.weight.dtype
+        values = ckpt.get(p["values"]).to(dtype)
+        new = Sparse24Linear(values, ckpt.get(p["meta"]), None if old.bias is None else old.bias.data,
+                             p["shape"][1])
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, leaf, new)

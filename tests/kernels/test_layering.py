@@ -1,0 +1,69 @@
+"""squeeze.kernels stands alone: no imports from the rest of squeeze, and no hard Triton dependency."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import squeeze.kernels
+
+KERNELS_DIR = Path(squeeze.kernels.__file__).parent
+
+
+def test_kernels_import_nothing_from_squeeze_outside_kernels():
+    offenders = []
+    for path in KERNELS_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                if (name == "squeeze" or name.startswith("squeeze.")) and not name.startswith("squeeze.kernels"):
+                    offenders.append(f"{path.name}: {name}")
+    assert not offenders, offenders
+
+
+def test_only_private_modules_import_triton_at_top_level():
+    for path in KERNELS_DIR.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        imports_triton = any(
+            (isinstance(n, ast.Import) and any(a.name.split(".")[0] == "triton" for a in n.names))
+            or (isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "triton")
+            for n in top
+        )
+        if imports_triton:
+            assert path.name.startswith("_") and path.name.endswith("_triton.py") or path.name == "_triton_common.py", path
+
+
+_NO_TRITON = r"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ModuleNotFoundError("No module named 'triton' (blocked for this test)")
+sys.meta_path.insert(0, Block())
+import torch
+import squeeze.kernels as K
+assert not K.triton_available()
+w = torch.zeros(8, 16); w[:, ::4] = 1.0; w[:, 1::4] = 2.0
+v, m = K.pack_24(w)
+x = torch.randn(3, 16)
+assert torch.equal(K.linear_24(x, v, m), torch.nn.functional.linear(x, w))
+wg, wu, wd = torch.randn(20, 16), torch.randn(20, 16), torch.randn(20, 16)
+y = K.chunk_sparse_ffn(x, wg, wu, wd, "relu")
+assert torch.allclose(y, K.chunk_sparse_ffn_reference(x, wg, wu, wd, "relu"), atol=1e-5)
+y = K.sparse_ffn_from_indices(x, wg, wu, wd, torch.tensor([1, 4, 9]), "swiglu")
+assert "triton" not in sys.modules
+print("ok")
+"""
+
+
+def test_cpu_paths_work_without_triton(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _NO_TRITON], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")

@@ -1,0 +1,184 @@
+"""Recovery distillation: loss math, masks provably unchanged, export record, resume, errors."""
+
+import json
+
+import pytest
+import torch
+
+from squeeze.errors import SqueezeError
+from squeeze.recovery import apply_masks, batch_indices, kl_per_token, relative_mse, work_dir
+from tests.conftest import STORIES, STORIES_CALIB, STORIES_EVAL, needs_shared
+
+
+# -- pure pieces ---------------------------------------------------------------------------------
+def test_kl_per_token_by_hand():
+    t = torch.log(torch.tensor([[[0.5, 0.5]]]))
+    s = torch.log(torch.tensor([[[0.25, 0.75]]]))
+    expected = 0.5 * torch.log(torch.tensor(0.5 / 0.25)) + 0.5 * torch.log(torch.tensor(0.5 / 0.75))
+    assert torch.allclose(kl_per_token(t, s), expected.reshape(1, 1), atol=1e-6)
+    assert torch.allclose(kl_per_token(t + 3.0, t), torch.zeros(1, 1), atol=1e-6)  # shift-invariant, 0 at equality
+
+
+def test_relative_mse_by_hand():
+    t = torch.tensor([[3.0, 4.0]])
+    assert float(relative_mse(t, t)) == 0.0
+    assert abs(float(relative_mse(t, torch.zeros(1, 2))) - 1.0) < 1e-7
+    assert abs(float(relative_mse(t, torch.tensor([[3.0, 3.0]]))) - 1 / 25) < 1e-7
+
+
+def test_batch_order_is_a_seeded_epoch_permutation():
+    n, bs = 10, 4
+    first_epoch = [i for s in range(5) for i in batch_indices(s, bs, n, seed=7)][:n]
+    assert sorted(first_epoch) == list(range(n))  # every sample once per epoch
+    assert batch_indices(3, bs, n, 7) == batch_indices(3, bs, n, 7)
+    assert [batch_indices(s, bs, n, 7) for s in range(3)] != [batch_indices(s, bs, n, 8) for s in range(3)]
+
+
+def test_apply_masks_zeroes_grads_and_weights():
+    p = torch.nn.Parameter(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    mask = p.detach() != 0
+    p.grad = torch.ones_like(p)
+    apply_masks({"w": p}, {"w": mask}, grads=True)
+    assert p.grad.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    p.data += 5
+    apply_masks({"w": p}, {"w": mask}, grads=False)
+    assert p.data.tolist() == [[6.0, 0.0], [0.0, 7.0]]
+
+
+# -- end to end on tiny models -------------------------------------------------------------------
+def _weights(path):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        if f.name != "squeeze.safetensors":
+            out.update(load_file(str(f)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_dir, tiny_calib, tmp_path_factory):
+    """{arch: pruned folder}: llama and bert at 2:4, gpt2 (Conv1D, transposed) at 50%."""
+    import squeeze
+
+    base = tmp_path_factory.mktemp("pruned")
+    out = {}
+    for arch, kw in (("llama", dict(pattern="2:4")), ("gpt2", dict(sparsity=0.5)), ("bert", dict(pattern="2:4"))):
+        out[arch] = squeeze.compress(tiny_dir(arch), base / arch, method="wanda", calib=str(tiny_calib),
+                                     nsamples=8, seqlen=16, **kw).out
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_recover_keeps_every_zero_and_improves(arch, pruned, tiny_dir, tiny_calib, tmp_path):
+    import squeeze
+
+    out = tmp_path / "rec"
+    r = squeeze.recover(pruned[arch], out, reference=tiny_dir(arch), calib=str(tiny_calib), steps=8, lr=1e-4,
+                        nsamples=8, seqlen=16, batch_size=4)
+    before, after = _weights(pruned[arch]), _weights(out)
+    assert before.keys() == after.keys()
+    changed = 0
+    for k, w in before.items():
+        assert after[k].dtype == w.dtype and after[k].shape == w.shape
+        assert torch.all(after[k][w == 0] == 0), k  # every weight that was zero is still exactly zero
+        if w.ndim == 2 and any(s in k for s in (".layers.", ".h.", ".layer.")):
+            changed += int(not torch.equal(after[k], w))
+    assert changed > 0  # the fine-tune did move the kept weights
+    # what `squeeze info` reports: the promised pattern / sparsity still holds on every linear
+    info = squeeze.info(out)
+    assert info["linears"] and all(rec["promise_ok"] for rec in info["linears"].values())
+    if arch != "gpt2":
+        assert all(rec["fits_2_4"] for rec in info["linears"].values())
+    # the record stays complete, and the export loads
+    rec = json.loads((out / "squeeze.json").read_text())
+    assert [p["pass"] for p in rec["passes"]] == ["wanda", "recover"]
+    entry = rec["passes"][-1]
+    assert entry["steps"] == 8 and entry["lr"] == 1e-4
+    assert entry["loss"] == ("rel_mse" if arch == "bert" else "kl")
+    assert entry["loss_after"] < entry["loss_before"], entry
+    assert r.report["loss_after"] == entry["loss_after"]
+    model = squeeze.load(out)
+    assert model.squeeze_record["passes"][-1]["pass"] == "recover"
+    assert not work_dir(out).exists()  # checkpoints removed after a successful export
+
+
+def test_resume_gives_the_uninterrupted_result(pruned, tiny_dir, tiny_calib, tmp_path):
+    import squeeze
+
+    kw = dict(reference=tiny_dir("llama"), calib=str(tiny_calib), steps=6, lr=1e-3, nsamples=8, seqlen=16,
+              batch_size=4, checkpoint_every=2)
+    full = squeeze.recover(pruned["llama"], tmp_path / "full", **kw)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_5(step, total, loss):
+        if step == 5:
+            raise Stop
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Stop):
+        squeeze.recover(pruned["llama"], out, on_step=stop_after_5, **kw)
+    assert not out.exists()
+    state = json.loads((work_dir(out) / "state.json").read_text())
+    assert state["step"] == 4
+    with pytest.raises(SqueezeError, match="different recovery run"):
+        squeeze.recover(pruned["llama"], out, resume=True, **(kw | dict(lr=5e-4)))
+    r = squeeze.recover(pruned["llama"], out, resume=True, **kw)
+    assert r.report["resumed_from"] == 4 and r.report["losses"] == full.report["losses"]
+    a, b = _weights(tmp_path / "full"), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_user_errors(pruned, tiny_dir, tiny_calib, tmp_path):
+    import squeeze
+
+    kw = dict(calib=str(tiny_calib), nsamples=4, seqlen=16)
+    with pytest.raises(SqueezeError, match="not the dense version"):
+        squeeze.recover(pruned["llama"], tmp_path / "x", reference=tiny_dir("gpt2"), **kw)
+    with pytest.raises(SqueezeError, match="--steps"):
+        squeeze.recover(pruned["llama"], tmp_path / "x", reference=tiny_dir("llama"), steps=0, **kw)
+    with pytest.raises(SqueezeError, match="--reference"):
+        squeeze.recover(pruned["llama"], tmp_path / "x", **kw)
+    with pytest.raises(SqueezeError, match="already exists"):
+        squeeze.recover(pruned["llama"], pruned["gpt2"], reference=tiny_dir("llama"), **kw)
+    with pytest.raises(SqueezeError, match="not a compression method"):
+        squeeze.compress(tiny_dir("llama"), tmp_path / "y", method="recover", calib=str(tiny_calib))
+    import inspect
+
+    if "format" in inspect.signature(squeeze.compress).parameters:
+        packed = squeeze.compress(tiny_dir("llama"), tmp_path / "z", method="wanda", pattern="2:4", format="compressed",
+                                  calib=str(tiny_calib), nsamples=4, seqlen=16).out
+        with pytest.raises(SqueezeError, match="compressed 2:4 format"):
+            squeeze.recover(packed, tmp_path / "x", reference=tiny_dir("llama"), **kw)
+
+
+def test_cli(pruned, tiny_dir, tiny_calib, tmp_path):
+    from squeeze.cli.main import main
+
+    main(["recover", str(pruned["llama"]), "--reference", str(tiny_dir("llama")), "--calib", str(tiny_calib),
+          "--steps", "3", "--nsamples", "4", "--seqlen", "16", "--out", str(tmp_path / "c"),
+          "--json", str(tmp_path / "r.json")])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["steps"] == 3 and len(report["losses"]) == 3
+    with pytest.raises(SystemExit) as e:  # exists without --overwrite -> user error, exit code 2
+        main(["recover", str(pruned["llama"]), "--reference", str(tiny_dir("llama")), "--calib", str(tiny_calib),
+              "--steps", "3", "--out", str(tmp_path / "c")])
+    assert e.value.code == 2
+
+
+# -- real model ----------------------------------------------------------------------------------
+@needs_shared
+def test_recovery_lowers_eval_kl_on_stories(tmp_path):
+    import squeeze
+
+    torch.set_num_threads(1)
+    pruned = squeeze.compress(STORIES, tmp_path / "w", method="wanda", pattern="2:4", calib=str(STORIES_CALIB),
+                              nsamples=64, seqlen=128).out
+    squeeze.recover(pruned, tmp_path / "r", reference=STORIES, calib=str(STORIES_CALIB), nsamples=64, seqlen=128,
+                    steps=20, lr=1e-3)
+    kl_pruned = squeeze.evaluate(pruned, str(STORIES_EVAL), reference=STORIES, max_rows=32)["kl"]
+    kl_rec = squeeze.evaluate(tmp_path / "r", str(STORIES_EVAL), reference=STORIES, max_rows=32)["kl"]
+    assert kl_rec < 0.8 * kl_pruned, (kl_rec, kl_pruned)
+    assert squeeze.info(tmp_path / "r")["linears"]["model.layers.0.mlp.down_proj"]["promise_ok"]
