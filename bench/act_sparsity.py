@@ -24,9 +24,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-import squeeze  # noqa: E402
+import squeeze
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.tiny (random token rows) for the speed benchmark
@@ -272,7 +272,7 @@ def bench_speed(args):
                         "tok_s": round(v, 2), "vs_dense": round(v / best["dense"], 3)}
                 print(dname, f"chunk {chunk}", {k: f"{v:.2f} tok/s ({v / best['dense']:.2f}x)" for k, v in best.items()},
                       flush=True)
-                _save("speed", res)
+                _save("speed" + args.tag, res)
             del models
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -315,6 +315,7 @@ def main(argv=None):
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tag", default="", help="suffix of the results file name")
     args = ap.parse_args(argv)
     _quiet()
     {"kl": bench_kl, "plot": bench_plot, "drelu": bench_drelu, "cls": bench_cls, "breakeven": bench_breakeven,

@@ -28,9 +28,10 @@ EVAL = SHARED / "data" / "stories260k-eval.jsonl"
 
 def rows(path, n=None, length=None):
     out = []
-    for line in open(path):
-        ids = json.loads(line)["input_ids"]
-        out.append(torch.tensor(ids[:length] if length else ids))
+    with open(path) as f:
+        for line in f:
+            ids = json.loads(line)["input_ids"]
+            out.append(torch.tensor(ids[:length] if length else ids))
     return out[:n] if n else out
 
 

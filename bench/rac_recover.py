@@ -79,7 +79,7 @@ def main(argv=None):
     for target in args.targets:
         label = f"{args.method} {target if ':' in target else f'{float(target):.0%}'}"
 
-        def add(recipe, kl, secs, prompt_tok, gen_tok, extra=""):
+        def add(recipe, kl, secs, prompt_tok, gen_tok, extra="", label=label):
             rows.append((label, recipe, kl, secs, prompt_tok, gen_tok, extra))
             print(rows[-1], flush=True)
 

@@ -4,4 +4,4 @@ block runner."""
 from squeeze.calib.packing import Calibration, pack
 from squeeze.calib.sources import load_rows
 
-__all__ = ["Calibration", "pack", "load_rows"]
+__all__ = ["Calibration", "load_rows", "pack"]

@@ -14,8 +14,8 @@ import hashlib
 from dataclasses import dataclass, field
 
 import torch
-
 from squeeze.calib.sources import Rows
+
 from squeeze.errors import SqueezeError
 
 

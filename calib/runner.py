@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from squeeze.calib.packing import Calibration
 from torch import nn
 
 from squeeze.adapters import Adapter, Block
-from squeeze.calib.packing import Calibration
 from squeeze.errors import SqueezeError
 
 
@@ -66,7 +66,7 @@ def _outputs(out):
 class BlockRunner:
     def __init__(self, model: nn.Module, adapter: Adapter, weights, passes: list, calib: Calibration | None,
                  dtype: torch.dtype = torch.float32, keep: bool = True, spill=None, on_block=None,
-                 batch_tokens: int = 8192):
+                 batch_tokens: int = 4096):
         self.model, self.adapter, self.weights, self.passes = model, adapter, weights, passes
         self.calib, self.dtype, self.keep, self.spill, self.on_block = calib, dtype, keep, spill, on_block
         self.batch_tokens = batch_tokens
@@ -191,11 +191,15 @@ class BlockRunner:
             for lin in p.observed(block):
                 wanted.setdefault(lin.name, []).append(p)
         handles = []
+        memo: dict = {}
         for name, ps in wanted.items():
             lin = block.linears[name]
 
             def hook(module, inputs, output, lin=lin, ps=ps):
-                x = lin.inputs_2d(inputs[0]).float()
+                # linears sharing an input get the very same x object (passes may memoise on it)
+                if memo.get("src") is not inputs[0]:
+                    memo["src"], memo["x"] = inputs[0], lin.inputs_2d(inputs[0]).float()
+                x = memo["x"]
                 y = output.reshape(-1, output.shape[-1]).float()
                 for p in ps:
                     p.observe(block, lin, x, y)

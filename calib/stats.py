@@ -3,6 +3,8 @@ lose precision)."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -14,12 +16,20 @@ class ChannelStats:
         self.sum = torch.zeros(channels, dtype=torch.float64)
         self.sumsq = torch.zeros(channels, dtype=torch.float64)
 
+    # Linears fed the same tensor (q/k/v, gate/up) see the same batch: compute its moments once.
+    _last: tuple = (None, None, None)
+
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.n += x.shape[0]
-        # per-batch sums in float32 (a batch is a few thousand tokens), accumulated in float64
-        self.sum += x.sum(0, dtype=torch.float64) if x.shape[0] > 65536 else x.sum(0).double()
-        self.sumsq += torch.linalg.vector_norm(x, dim=0).double().square()
+        ref, s, sq = ChannelStats._last
+        if ref is None or ref() is not x:
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            # per-batch sums in float32 (a batch is a few thousand tokens), accumulated in float64;
+            # (x*x).sum(0) is ~10x faster than vector_norm(dim=0) on CPU
+            s, sq = x2.sum(0).double(), (x2 * x2).sum(0).double()
+            ChannelStats._last = (weakref.ref(x), s, sq)
+        self.n += x.numel() // x.shape[-1]
+        self.sum += s
+        self.sumsq += sq
 
     def mean(self) -> torch.Tensor:
         return self.sum / max(self.n, 1)

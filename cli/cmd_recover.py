@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import click
-
 from squeeze.cli.main import _quiet_transformers, cli
 
 
@@ -33,9 +32,10 @@ def recover(pruned_dir, reference, out, calib, steps, lr, batch_size, nsamples, 
     keeping every pruned weight exactly zero, and export to --out."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from squeeze.cli.report import print_kv
-    from squeeze.recovery import recover as recover_fn, work_dir
+
+    from squeeze.recovery import recover as recover_fn
+    from squeeze.recovery import work_dir
 
     _quiet_transformers()
     with Progress(TextColumn("[bold]recovering[/]"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),

@@ -179,8 +179,10 @@ def info(model_dir, as_json):
         print_info(report)
 
 
-from squeeze.cli import cmd_recover  # noqa: E402,F401  (registers `squeeze recover`)
-from squeeze.cli import cmd_depth  # noqa: E402,F401  (registers finetune, tune-exit, drop-layers, generate)
+from squeeze.cli import (
+    cmd_depth,  # noqa: F401  (registers finetune, tune-exit, drop-layers, generate)
+    cmd_recover,  # noqa: F401  (registers `squeeze recover`)
+)
 
 
 def main(argv=None):

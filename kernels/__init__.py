@@ -13,6 +13,7 @@ Activation-sparse FFN (chunk_ffn, cpu_ffn, ffn_reference)
     chunk_sparse_ffn(x, w_gate, w_up, w_downT, act, threshold=None, *, threshold_on="h", backend="auto")
     sparse_ffn_from_indices(x, w_gate, w_up, w_downT, indices, act, count=None, *, backend="auto")
     SparseFFNWorkspace(w_gate, w_up, w_downT, act, *, w_down=None, max_tokens=8, block_rows=128)
+        ws(x, indices) / ws(x, mask=...) / ws.chunk(x, threshold=None, threshold_on="h") / ws.calibrate()
     chunk_sparse_ffn_reference, sparse_ffn_reference, dense_ffn_reference, active_neurons, act_mul
 
 Custom ops (torch.compile-traceable, with fake implementations): torch.ops.squeeze.linear_24,
@@ -20,6 +21,7 @@ torch.ops.squeeze.chunk_sparse_ffn, torch.ops.squeeze.sparse_ffn_from_indices.
 Triton is imported only when a Triton path runs; everything else works without it.
 """
 
+from ._triton_utils import interpreting, triton_available
 from .chunk_ffn import chunk_sparse_ffn, sparse_ffn_from_indices
 from .cpu_ffn import FFNPlan, SparseFFNWorkspace, default_plan
 from .ffn_reference import (
@@ -32,29 +34,28 @@ from .ffn_reference import (
 )
 from .sparse24_format import compressed_bytes, from_cutlass, is_24_sparse, pack_24, to_cutlass, unpack_24
 from .sparse24_matmul import DenseWeightCache, linear_24, linear_24_reference
-from ._triton_utils import interpreting, triton_available
 
 __all__ = [
-    "pack_24",
-    "unpack_24",
-    "to_cutlass",
-    "from_cutlass",
-    "is_24_sparse",
-    "compressed_bytes",
-    "linear_24",
-    "linear_24_reference",
-    "DenseWeightCache",
-    "chunk_sparse_ffn",
-    "sparse_ffn_from_indices",
-    "SparseFFNWorkspace",
-    "FFNPlan",
-    "default_plan",
     "ACTIVATIONS",
+    "DenseWeightCache",
+    "FFNPlan",
+    "SparseFFNWorkspace",
     "act_mul",
     "active_neurons",
+    "chunk_sparse_ffn",
     "chunk_sparse_ffn_reference",
-    "sparse_ffn_reference",
+    "compressed_bytes",
+    "default_plan",
     "dense_ffn_reference",
-    "triton_available",
+    "from_cutlass",
     "interpreting",
+    "is_24_sparse",
+    "linear_24",
+    "linear_24_reference",
+    "pack_24",
+    "sparse_ffn_from_indices",
+    "sparse_ffn_reference",
+    "to_cutlass",
+    "triton_available",
+    "unpack_24",
 ]

@@ -10,7 +10,7 @@ the activity rules), all on the device, no host synchronisation:
      over blocks; ordered, hence deterministic, unlike an atomic counter).
   C. ``_ffn_gate_up_kernel`` up (and gate, when it was not precomputed) only for the listed neurons:
      rows gathered by index (Deja Vu's gather_gemv), epilogue act(g) * up' -> compact h [T, I].
-     Grid sized for I programs' worth of neurons; programs past ``count`` exit at once.
+     Grid sized for all I neurons (cdiv(I, BLOCK_A) programs); programs past ``count`` exit at once.
   D. ``_ffn_down_kernel``    y = sum_a h[:, a] * downT[idx[a], :] over the active rows of the
      transposed down weight [I, H] (Deja Vu's gather_transposed_gemv: each active neuron is one
      contiguous row). Split over output columns x active neurons; every split's share is computed
@@ -339,7 +339,7 @@ def _down(x, h_buf, idx, count, w_downT, h_by_neuron: bool, split: int | None, t
     t, hdim = x.shape
     split = _default_split(hdim, x.device) if split is None else max(1, int(split))
     part = torch.empty(split, t, hdim, device=x.device, dtype=torch.float32)
-    grid = lambda m: (triton.cdiv(hdim, m["BLOCK_HO"]), split)  # noqa: E731
+    grid = lambda m: (triton.cdiv(hdim, m["BLOCK_HO"]), split)
     _ffn_down_kernel[grid](
         h_buf, idx, count, w_downT, part, t, hdim, split, h_buf.stride(0), w_downT.stride(0),
         H_BY_NEURON=h_by_neuron, UPCAST=_upcast(w_downT.dtype), PRECISION=dot_precision(), **tm,
@@ -352,7 +352,7 @@ def _gate_up(x, w_gate, w_up, idx, count, act: str, gate: torch.Tensor | None, t
     t, hdim = x.shape
     n_max = idx.numel()
     h_buf = torch.empty(t, max(n_max, 1), device=x.device, dtype=x.dtype)
-    grid = lambda m: (triton.cdiv(max(n_max, 1), m["BLOCK_A"]),)  # noqa: E731
+    grid = lambda m: (triton.cdiv(max(n_max, 1), m["BLOCK_A"]),)
     _ffn_gate_up_kernel[grid](
         x, w_gate, w_up, gate if gate is not None else x, idx, count, h_buf, t, hdim,
         x.stride(0), w_gate.stride(0), w_up.stride(0), gate.stride(0) if gate is not None else 0, h_buf.stride(0),
@@ -416,7 +416,7 @@ def chunk_sparse_ffn_triton(
         thr_arg = float(threshold) if threshold is not None else 0.0  # a CPU tensor: no device sync
     scores = torch.empty(t, i, device=x.device, dtype=torch.float32)
     flags = torch.empty(i, device=x.device, dtype=torch.int32)
-    grid = lambda m: (triton.cdiv(i, m["BLOCK_I"]),)  # noqa: E731
+    grid = lambda m: (triton.cdiv(i, m["BLOCK_I"]),)
     _ffn_scores_kernel[grid](
         x, w_gate, w_up, scores, flags, t, i, hdim, thr_arg,
         x.stride(0), w_gate.stride(0), w_up.stride(0), scores.stride(0),

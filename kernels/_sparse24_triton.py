@@ -256,7 +256,7 @@ def linear_24_triton(
             split_k = 1 if INTERPRET else _default_split(n, groups, sms)
         split_k = max(1, min(int(split_k), max(1, groups)))
         part = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
-        grid = lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), split_k)  # noqa: E731
+        grid = lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), split_k)
         _sp24_decode_kernel[grid](
             x, values, meta, part, m, n, k, split_k,
             x.stride(0), x.stride(1), values.stride(0), meta.stride(0),
@@ -266,7 +266,7 @@ def linear_24_triton(
     if path != "prefill":
         raise ValueError(f"path must be auto, decode or prefill, got {path!r}")
     upcast = x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
-    grid = lambda meta_: (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta_: (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
     _sp24_prefill_kernel[grid](
         x, values, meta, bias if bias is not None else values, y, m, n, k,
         x.stride(0), x.stride(1), values.stride(0), meta.stride(0), y.stride(0),

@@ -47,7 +47,7 @@ def _split_reduce_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, S):
+    for s in range(S):
         acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
     col = offs % N
     if HAS_BIAS:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -25,7 +25,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@lru_cache(maxsize=None)
+@cache
 def triton_available() -> bool:
     """True if Triton is installed (checked without importing it)."""
     try:

@@ -36,7 +36,7 @@ MAX_TRITON_TOKENS = 64
 def _check_ffn_args(x, w_gate, w_up, w_downT):
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H], got {tuple(x.shape)}")
-    t, h = x.shape
+    h = x.shape[1]
     i = w_gate.shape[0]
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_downT", w_downT)):
         if w.dim() != 2 or tuple(w.shape) != (i, h):

@@ -31,9 +31,9 @@ __all__ = [
     "ACTIVATIONS",
     "act_mul",
     "active_neurons",
-    "sparse_ffn_reference",
     "chunk_sparse_ffn_reference",
     "dense_ffn_reference",
+    "sparse_ffn_reference",
 ]
 
 ACTIVATIONS = ("swiglu", "relu", "drelu")

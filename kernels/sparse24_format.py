@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack_24", "unpack_24", "to_cutlass", "from_cutlass", "is_24_sparse", "compressed_bytes"]
+__all__ = ["compressed_bytes", "from_cutlass", "is_24_sparse", "pack_24", "to_cutlass", "unpack_24"]
 
 # Nonzero mask of a group (bit p set <=> column p nonzero) -> kept positions (first, second).
 # -1 marks masks with more than two nonzeros (not 2:4).
@@ -59,12 +59,17 @@ def _check_weight(w: torch.Tensor) -> tuple[int, int]:
     return n, k
 
 
+# Per nonzero-mask code: the metadata nibble (first | second << 2; 0xFF = not 2:4) and the bit set
+# of kept positions.
+_NIBBLE = [0xFF if _FIRST[c] < 0 else _FIRST[c] | (_SECOND[c] << 2) for c in range(16)]
+_KEPT = [0 if _FIRST[c] < 0 else (1 << _FIRST[c]) | (1 << _SECOND[c]) for c in range(16)]
+
+
 def _group_codes(w: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [N, K/4] int64 nonzero-mask code per group of 4 columns."""
+    """[N, K] -> [N, K/4] uint8 nonzero-mask code per group of 4 columns (bit p: column p != 0)."""
     n, k = w.shape
-    nz = w != 0  # NaN != 0, so NaN counts as nonzero; -0.0 == 0 counts as zero
-    weights = torch.tensor([1, 2, 4, 8], device=w.device, dtype=torch.int64)
-    return (nz.view(n, k // 4, 4).to(torch.int64) * weights).sum(-1)
+    nz = (w != 0).view(n, k // 4, 4).to(torch.uint8)  # NaN != 0 counts as nonzero; -0.0 as zero
+    return nz[..., 0] | (nz[..., 1] << 1) | (nz[..., 2] << 2) | (nz[..., 3] << 3)
 
 
 def is_24_sparse(w: torch.Tensor) -> bool:
@@ -82,12 +87,9 @@ def pack_24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     n, k = _check_weight(w)
     w = w.contiguous()
-    codes = _group_codes(w)  # (N, G)
-    first_t = torch.tensor(_FIRST, device=w.device, dtype=torch.int64)
-    second_t = torch.tensor(_SECOND, device=w.device, dtype=torch.int64)
-    p0 = first_t[codes]  # (N, G)
-    p1 = second_t[codes]
-    bad = p0 < 0
+    codes = _group_codes(w).to(torch.int32)  # (N, G)
+    nibble = torch.tensor(_NIBBLE, dtype=torch.uint8, device=w.device)[codes]  # (N, G)
+    bad = nibble == 0xFF
     if bool(bad.any()):
         row, grp = (int(v) for v in bad.nonzero()[0])
         count = int((w[row, 4 * grp : 4 * grp + 4] != 0).sum())
@@ -96,10 +98,11 @@ def pack_24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             f"(at most 2 of every 4 consecutive input columns may be nonzero); "
             f"{int(bad.sum())} of {bad.numel()} groups violate the pattern"
         )
-    groups = w.view(n, k // 4, 4)  # (N, G, 4)
-    pos = torch.stack([p0, p1], dim=-1)  # (N, G, 2)
-    values = groups.gather(-1, pos).reshape(n, k // 2)  # gather copies bits: exact
-    nibble = (p0 | (p1 << 2)).to(torch.uint8)  # (N, G)
+    kept = torch.tensor(_KEPT, dtype=torch.uint8, device=w.device)[codes]  # (N, G) bit set
+    shifts = torch.arange(4, dtype=torch.uint8, device=w.device)
+    keep = ((kept[..., None] >> shifts) & 1).bool()  # (N, G, 4), exactly two per group
+    # masked_select walks row-major: the two kept entries of each group, ascending. Copies bits.
+    values = w.view(n, k // 4, 4)[keep].view(n, k // 2)
     return values, _nibbles_to_bytes(nibble)
 
 

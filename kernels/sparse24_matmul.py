@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ._triton_utils import check_backend, check_triton_device, triton_available, triton_module
 from .sparse24_format import unpack_24
 
-__all__ = ["linear_24", "linear_24_reference", "DenseWeightCache"]
+__all__ = ["DenseWeightCache", "linear_24", "linear_24_reference"]
 
 
 def linear_24_reference(

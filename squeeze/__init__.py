@@ -10,36 +10,20 @@ Python API::
 
 __version__ = "0.1.0"
 
-from squeeze.errors import SqueezeError  # noqa: E402
+from squeeze.errors import SqueezeError
+
+# public name -> module that defines it; imported on first use so `import squeeze` stays cheap
+# (the CLI imports torch only when a command runs)
+_API = {"compress": "squeeze.compressor", "evaluate": "squeeze.evaluation", "load": "squeeze.loading",
+        "info": "squeeze.inspection", "recover": "squeeze.recovery", "generate": "squeeze.depth.speculative"}
 
 
 def __getattr__(name):
-    # Lazy so `import squeeze` stays cheap (the CLI imports torch only when a command runs).
-    if name == "compress":
-        from squeeze.compressor import compress
+    if name in _API:
+        import importlib
 
-        return compress
-    if name == "evaluate":
-        from squeeze.evaluation import evaluate
-
-        return evaluate
-    if name == "load":
-        from squeeze.loading import load
-
-        return load
-    if name == "info":
-        from squeeze.inspection import info
-
-        return info
-    if name == "recover":
-        from squeeze.recovery import recover
-
-        return recover
-    if name == "generate":
-        from squeeze.depth.speculative import generate
-
-        return generate
+        return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'squeeze' has no attribute {name!r}")
 
 
-__all__ = ["SqueezeError", "compress", "evaluate", "load", "info", "recover", "__version__"]
+__all__ = ["SqueezeError", "__version__", "compress", "evaluate", "generate", "info", "load", "recover"]

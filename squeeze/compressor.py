@@ -13,8 +13,8 @@ import torch
 from squeeze.adapters import Adapter
 from squeeze.checkpoint import Checkpoint
 from squeeze.errors import SqueezeError
-from squeeze.formats import COMPRESSED_KIND, LAYOUT, check_format
 from squeeze.export import Spill, check_output_dir, commit, staging_dir, write_checkpoint
+from squeeze.formats import COMPRESSED_KIND, LAYOUT, check_format
 from squeeze.modeling import WeightMap, build_skeleton, load_config
 from squeeze.recipe import build_passes, flags_recipe, read_recipe
 

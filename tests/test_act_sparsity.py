@@ -8,8 +8,15 @@ import torch.nn.functional as F
 
 import squeeze
 from squeeze.errors import SqueezeError
-from squeeze.passes._actsparse_math import (column_norms, greedy_allocation, mask_threshold, mask_topk, scores,
-                                            threshold_for, weighted_sparsity)
+from squeeze.passes._actsparse_math import (
+    column_norms,
+    greedy_allocation,
+    mask_threshold,
+    mask_topk,
+    scores,
+    threshold_for,
+    weighted_sparsity,
+)
 from squeeze.runtime import act_sparse
 from tests.tiny import ARCHS
 
@@ -202,3 +209,22 @@ def test_every_site_hits_target_with_all_sites_sparse(tiny_dir, tiny_calib, tmp_
     assert len(seen) == 8
     for k, v in seen.items():
         assert abs(v[0] - 0.8) < 0.03, (k, v)
+
+
+def test_cli_compress_and_activation_stats(tiny_dir, tiny_calib, tmp_path):
+    import json
+
+    from squeeze.cli.main import main
+
+    out, js = tmp_path / "o", tmp_path / "stats.json"
+    main(["compress", str(tiny_dir("llama")), "--method", "wina", "--act-sparsity", "0.5", "--allocation", "uniform",
+          "--calib", str(tiny_calib), "--nsamples", "4", "--seqlen", "32", "--out", str(out)])
+    assert act_sparse.sparsifiers(squeeze.load(out))
+    main(["eval", str(out), "--data", str(tiny_calib), "--max-rows", "4", "--activation-stats", "--json", str(js)])
+    stats = json.loads(js.read_text())["activation_stats"]
+    assert set(stats["layers"]) == {"0", "1"}
+    m = stats["mean"]
+    assert 0.3 < m["tls"] < 0.7 and m["cls64"] is None and m["cls8"] <= m["cls2"] <= m["tls"]
+    with pytest.raises(SystemExit) as e:
+        main(["compress", str(tiny_dir("gpt2")), "--method", "drelu", "--out", str(tmp_path / "g")])
+    assert e.value.code == 2

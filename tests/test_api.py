@@ -4,9 +4,9 @@ import json
 
 import torch
 import yaml
+from squeeze.cli.main import main
 
 import squeeze
-from squeeze.cli.main import main
 
 
 def test_recipe_two_passes_one_sweep(tiny_dir, tiny_calib, tmp_path):

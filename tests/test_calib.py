@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from squeeze.calib import load_rows, pack
+
 from squeeze.errors import SqueezeError
 
 

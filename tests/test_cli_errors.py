@@ -6,9 +6,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
-
 from squeeze.cli.main import main
 
 

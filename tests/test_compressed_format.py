@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from squeeze.cli.main import main
 
 import squeeze
-from squeeze.cli.main import main
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -176,8 +176,8 @@ def test_early_exit_lazy_kv_matches_copied_state():
 
 def test_generate_cli_and_tune_exit(tiny_dir, tiny_calib, tmp_path):
     from click.testing import CliRunner
-
     from squeeze.cli.main import cli
+
     from tests.tiny import build
 
     src = build("llama", tmp_path / "src")
@@ -189,6 +189,11 @@ def test_generate_cli_and_tune_exit(tiny_dir, tiny_calib, tmp_path):
     assert r.exit_code == 0, r.output
     g = json.loads((tmp_path / "g.json").read_text())
     assert g["identical_to_plain"] and len(g["new_ids"]) == 8 and 0 <= g["acceptance_rate"] <= 1
+    r = CliRunner().invoke(cli, ["generate", str(src), "--prompt-ids", "5,6,7", "--max-new-tokens", "6",
+                                 "--early-exit", "--exit-layer", "2", "--compare", "--json", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["mean_exit_layer"] == 2 and e["matches_plain"] == 1.0  # exit at the last layer = the model
     # tune-exit never touches a plain checkpoint: --out is required
     before = sorted(p.name for p in src.iterdir())
     with pytest.raises(SqueezeError, match="--out"):

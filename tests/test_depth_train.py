@@ -1,5 +1,6 @@
 """LayerSkip recipe (schedules, early-exit loss, training/resume/export) and LayerDrop removal."""
 
+import itertools
 import json
 import math
 
@@ -26,7 +27,7 @@ def test_dropout_rates_follow_schedule():
     assert r[0] == 0 and r[-1] == pytest.approx(0.2)
     for l in range(5):
         assert r[l] == pytest.approx(0.2 * (math.exp(l * math.log(2) / 4) - 1))
-    assert all(a < b for a, b in zip(r, r[1:]))
+    assert all(a < b for a, b in itertools.pairwise(r))
     assert layerskip.dropout_rates(1, 0.3) == [0.0]
 
 
@@ -88,8 +89,8 @@ def test_early_exit_loss_equals_hand_computation():
 def test_finetune_runs_resumes_and_exports(tmp_path, tiny_calib):
     src = tmp_path / "src"
     tiny_model("llama", layers=3).save_pretrained(src)
-    kw = dict(calib=str(tiny_calib), steps=4, batch_size=2, seqlen=16, nsamples=8, save_every=2, lr=1e-3,
-              curriculum="gradual")
+    kw = {"calib": str(tiny_calib), "steps": 4, "batch_size": 2, "seqlen": 16, "nsamples": 8, "save_every": 2,
+          "lr": 1e-3, "curriculum": "gradual"}
     full = layerskip.finetune(src, tmp_path / "a", **kw)
     assert len(full["losses"]) == 4 and all(math.isfinite(x) for x in full["losses"])
 
@@ -124,7 +125,6 @@ def test_finetune_runs_resumes_and_exports(tmp_path, tiny_calib):
 
 def test_finetune_with_distillation_cli(tmp_path, tiny_calib):
     from click.testing import CliRunner
-
     from squeeze.cli.main import cli
 
     src = tmp_path / "src"

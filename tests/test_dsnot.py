@@ -37,7 +37,7 @@ def _problem(rows=32, cols=64, seed=0):
 
 @pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)])
 def test_repair_keeps_exact_sparsity_and_pattern_and_reduces_mean_error(nm):
-    W, X, mean, var, sq = _problem()
+    W, _, mean, var, sq = _problem()
     scores = wanda_scores(W, sq)
     mask = nm_mask(scores, *nm) if nm else unstructured_mask(scores, 0.6)
     w0 = W * mask
@@ -87,7 +87,6 @@ def test_repair_after_sparsegpt_unstructured_keeps_sparsity(tiny_dir, tiny_calib
 
 def test_cli_repair_flag(tiny_dir, tiny_calib, tmp_path):
     from click.testing import CliRunner
-
     from squeeze.cli.main import cli
 
     res = CliRunner().invoke(cli, ["compress", str(tiny_dir("llama")), "--out", str(tmp_path / "c"), "--method",

@@ -4,8 +4,14 @@ import pytest
 import torch
 
 from squeeze.errors import SqueezeError
-from squeeze.sparsity import (check_sparsity, nm_mask, parse_pattern, satisfies_nm, unstructured_mask,
-                              wanda_scores)
+from squeeze.sparsity import (
+    check_sparsity,
+    nm_mask,
+    parse_pattern,
+    satisfies_nm,
+    unstructured_mask,
+    wanda_scores,
+)
 
 W = torch.tensor([[1.0, -2.0, 3.0, -4.0, 0.5, 6.0, -7.0, 8.0],
                   [-8.0, 7.0, 0.1, 5.0, 4.0, -3.0, 2.0, -1.0]])

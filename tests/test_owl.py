@@ -60,7 +60,6 @@ def test_owl_records_per_layer_targets_and_keeps_the_total(method, tiny_dir, tin
 
 def test_cli_sparsity_profile_flag(tiny_dir, tiny_calib, tmp_path):
     from click.testing import CliRunner
-
     from squeeze.cli.main import cli
 
     res = CliRunner().invoke(cli, ["compress", str(tiny_dir("llama")), "--out", str(tmp_path / "c"), "--method",

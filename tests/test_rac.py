@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from squeeze.calib.generate import extend_with_generation, next_tokens, top_p_filter
+
 from squeeze.errors import SqueezeError
 from tests.conftest import STORIES, STORIES_CALIB, STORIES_EVAL, needs_shared
 
@@ -88,10 +88,10 @@ def test_sampling_is_seeded(tiny_llama):
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
-@pytest.mark.parametrize("bad", [dict(k=-1), dict(mode="beam"), dict(temperature=0.0), dict(top_p=0.0),
-                                 dict(top_p=1.5)])
+@pytest.mark.parametrize("bad", [{"k": -1}, {"mode": "beam"}, {"temperature": 0.0}, {"top_p": 0.0},
+                                 {"top_p": 1.5}])
 def test_bad_settings_are_user_errors(tiny_llama, bad):
-    kw = dict(k=2, mode="sample", temperature=1.0, top_p=1.0) | bad
+    kw = {"k": 2, "mode": "sample", "temperature": 1.0, "top_p": 1.0} | bad
     with pytest.raises(SqueezeError):
         extend_with_generation(tiny_llama, _prompts(1, 4), **kw)
 
@@ -150,8 +150,8 @@ def test_rac_beats_short_prompts_on_stories(tmp_path):
     from squeeze.passes import REGISTRY
 
     torch.set_num_threads(1)
-    target = dict(method="sparsegpt", sparsity=0.5) if "sparsegpt" in REGISTRY else dict(method="wanda",
-                                                                                         pattern="2:4")
+    target = {"method": "sparsegpt", "sparsity": 0.5} if "sparsegpt" in REGISTRY else {"method": "wanda",
+                                                                                         "pattern": "2:4"}
     common = dict(calib=str(STORIES_CALIB), nsamples=64, seqlen=32, seed=0, **target)
     squeeze.compress(STORIES, tmp_path / "short", **common)
     r = squeeze.compress(STORIES, tmp_path / "rac", calib_generate=128, **common)

@@ -63,7 +63,7 @@ def pruned(tiny_dir, tiny_calib, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("pruned")
     out = {}
-    for arch, kw in (("llama", dict(pattern="2:4")), ("gpt2", dict(sparsity=0.5)), ("bert", dict(pattern="2:4"))):
+    for arch, kw in (("llama", {"pattern": "2:4"}), ("gpt2", {"sparsity": 0.5}), ("bert", {"pattern": "2:4"})):
         out[arch] = squeeze.compress(tiny_dir(arch), base / arch, method="wanda", calib=str(tiny_calib),
                                      nsamples=8, seqlen=16, **kw).out
     return out
@@ -106,8 +106,8 @@ def test_recover_keeps_every_zero_and_improves(arch, pruned, tiny_dir, tiny_cali
 def test_resume_gives_the_uninterrupted_result(pruned, tiny_dir, tiny_calib, tmp_path):
     import squeeze
 
-    kw = dict(reference=tiny_dir("llama"), calib=str(tiny_calib), steps=6, lr=1e-3, nsamples=8, seqlen=16,
-              batch_size=4, checkpoint_every=2)
+    kw = {"reference": tiny_dir("llama"), "calib": str(tiny_calib), "steps": 6, "lr": 1e-3, "nsamples": 8, "seqlen": 16,
+              "batch_size": 4, "checkpoint_every": 2}
     full = squeeze.recover(pruned["llama"], tmp_path / "full", **kw)
 
     class Stop(Exception):
@@ -124,7 +124,7 @@ def test_resume_gives_the_uninterrupted_result(pruned, tiny_dir, tiny_calib, tmp
     state = json.loads((work_dir(out) / "state.json").read_text())
     assert state["step"] == 4
     with pytest.raises(SqueezeError, match="different recovery run"):
-        squeeze.recover(pruned["llama"], out, resume=True, **(kw | dict(lr=5e-4)))
+        squeeze.recover(pruned["llama"], out, resume=True, **(kw | {"lr": 5e-4}))
     r = squeeze.recover(pruned["llama"], out, resume=True, **kw)
     assert r.report["resumed_from"] == 4 and r.report["losses"] == full.report["losses"]
     a, b = _weights(tmp_path / "full"), _weights(out)
@@ -134,7 +134,7 @@ def test_resume_gives_the_uninterrupted_result(pruned, tiny_dir, tiny_calib, tmp
 def test_user_errors(pruned, tiny_dir, tiny_calib, tmp_path):
     import squeeze
 
-    kw = dict(calib=str(tiny_calib), nsamples=4, seqlen=16)
+    kw = {"calib": str(tiny_calib), "nsamples": 4, "seqlen": 16}
     with pytest.raises(SqueezeError, match="not the dense version"):
         squeeze.recover(pruned["llama"], tmp_path / "x", reference=tiny_dir("gpt2"), **kw)
     with pytest.raises(SqueezeError, match="--steps"):

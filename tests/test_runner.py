@@ -5,11 +5,11 @@ blocks from disk (keep_in_memory=False) gives the same export as keeping them.""
 import pytest
 import torch
 from safetensors.torch import load_file
+from squeeze.calib import Calibration
+from squeeze.calib.runner import BlockRunner
 
 import squeeze
 from squeeze.adapters import Adapter
-from squeeze.calib import Calibration
-from squeeze.calib.runner import BlockRunner
 from squeeze.checkpoint import Checkpoint
 from squeeze.modeling import WeightMap, build_skeleton, load_config
 from squeeze.passes.base import Pass

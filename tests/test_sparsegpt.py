@@ -54,7 +54,7 @@ def test_least_squares_resolve_never_worse_than_sparsegpt_and_sparsegpt_beats_pl
 
 
 def test_lazy_batch_updates_equal_the_column_by_column_sweep():
-    W, X, H = _layer(rows=5, cols=24, tokens=96, seed=2)
+    W, _, H = _layer(rows=5, cols=24, tokens=96, seed=2)
     kept = torch.rand(5, 24, generator=torch.Generator().manual_seed(3)) > 0.5
     results = [sparsegpt_prune(W.float(), H, mask=kept, blocksize=b)[0] for b in (1, 5, 8, 128)]
     for r in results[1:]:
@@ -62,7 +62,7 @@ def test_lazy_batch_updates_equal_the_column_by_column_sweep():
 
 
 def test_masks_hold_their_pattern_and_sparsity():
-    W, X, H = _layer(rows=8, cols=22, tokens=96, seed=4)
+    W, _, H = _layer(rows=8, cols=22, tokens=96, seed=4)
     W_nm, kept = sparsegpt_prune(W.float(), H, nm=(2, 4), blocksize=6)  # blocksize rounds to 4
     assert satisfies_nm(W_nm, 2, 4)
     assert kept[:, 20:].all()  # trailing partial group stays dense
@@ -79,7 +79,7 @@ def test_dead_input_channels_are_pruned_and_zeroed():
     H = 2.0 / 32 * X @ X.T
     H2, W2 = prepare_hessian(H, W, 0.01)
     assert (W2[:, 2] == 0).all() and H2[2, 2] > 0
-    W_sg, kept = sparsegpt_prune(W.float(), H, nm=(2, 4))
+    _, kept = sparsegpt_prune(W.float(), H, nm=(2, 4))
     assert not kept[:, 2].any()
 
 

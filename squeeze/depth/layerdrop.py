@@ -44,7 +44,7 @@ def score_layers(model: nn.Module, samples: list[torch.Tensor], method: str = "c
         for ids in samples:
             io = {}
 
-            def hook(i):
+            def hook(i, io=io):
                 return lambda m, a, kw, o: io.__setitem__(i, (a[0] if a else kw["hidden_states"], _output_tensor(o)))
 
             hs = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]

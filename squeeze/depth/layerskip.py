@@ -241,7 +241,7 @@ def finetune(model_dir, out, calib: str = "builtin", distill_from=None, resume: 
                 with torch.no_grad():
                     tl = teacher(input_ids=batch[:, :-1], use_cache=False).logits
             ids = enabled_exits(L, step, cfg.steps, cfg.curriculum, cfg.rotation)
-            loss, per_layer = early_exit_loss(model, hiddens, labels, ids, cfg.scale, cfg.e_scale, tl,
+            loss, _ = early_exit_loss(model, hiddens, labels, ids, cfg.scale, cfg.e_scale, tl,
                                               cfg.distill_weight if teacher is not None else 0.0)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -26,7 +26,7 @@ def sweep(model, prompts: list[torch.Tensor], max_new_tokens: int, exit_layers, 
     from squeeze.depth.speculative import generate
 
     def timed(**kw):
-        best, st_out, outs = None, None, []
+        best, outs = None, []
         for _ in range(repeats):
             t, outs_r = 0.0, []
             for p in prompts:

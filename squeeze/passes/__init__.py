@@ -10,4 +10,4 @@ for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_") and _info.name not in ("base",):
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["Pass", "REGISTRY", "get_pass", "register"]
+__all__ = ["REGISTRY", "Pass", "get_pass", "register"]

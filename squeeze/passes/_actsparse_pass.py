@@ -16,8 +16,15 @@ import torch
 
 from squeeze.adapters import Adapter, Block, Linear
 from squeeze.errors import SqueezeError
-from squeeze.passes._actsparse_math import (SITES, column_norms, greedy_allocation, sample_rows, scores,
-                                            threshold_for, weighted_sparsity)
+from squeeze.passes._actsparse_math import (
+    SITES,
+    column_norms,
+    greedy_allocation,
+    sample_rows,
+    scores,
+    threshold_for,
+    weighted_sparsity,
+)
 from squeeze.passes.base import Pass
 from squeeze.runtime.act_sparse import ActSparsifier, block_sites, install, uninstall
 
@@ -94,16 +101,16 @@ class ActSparsityPass(Pass):
 
     def _record_call(self, index, args, kwargs):
         if self._capture_for != index or self._captured is not None:
-            return None
+            return
         hidden, rest = args[0], tuple(args[1:])
         if hidden is None or hidden.dim() != 3:
-            return None
+            return
         b, t = hidden.shape[:2]
         want = max(self.settings.greedy_tokens, self.settings.sample_tokens)
         keep = max(1, min(b, -(-want // max(t, 1))))
         self._captured = (hidden[:keep].detach().clone(), _slice_batch(rest, b, keep),
                           _slice_batch(dict(kwargs), b, keep))
-        return None
+        return
 
     def finish(self, run) -> None:
         for h in self._handles:
@@ -249,7 +256,7 @@ class ActSparsityPass(Pass):
         t, ig = entry.get("targets"), entry.get("ignore")
         for i in range(len(adapter)):
             block = adapter.block(i)
-            for site, (host, consumers) in block_sites(block.linears, sites_wanted).items():
+            for host, consumers in block_sites(block.linears, sites_wanted).values():
                 consumers = [c for c in consumers if (not t or re.search(t, c.name)) and not (ig and re.search(ig, c.name))]
                 if not consumers:
                     continue

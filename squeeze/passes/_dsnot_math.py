@@ -33,7 +33,7 @@ def dsnot_repair(w_dense: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, var
     ``w`` zeros are the initial mask (True = kept where w != 0). ``nm`` = (N, M): swaps stay
     inside a group of M consecutive input columns (the caller checks the pattern holds)."""
     w_dense, w = w_dense.float(), w.float().clone()
-    rows, cols = w.shape
+    cols = w.shape[1]
     mu = mean.float()[None, :]  # (1, in)
     kept = w != 0
     grow_ok = ~kept & (w_dense != 0)  # pruned weights not yet touched by DSnoT (a dense zero cannot grow)

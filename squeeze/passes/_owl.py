@@ -56,7 +56,7 @@ def dense_outlier_ratios(run, pass_, m: float = 5.0) -> list[float]:
         lins = pass_.targets(block)
         stats = {lin.name: ChannelStats(lin.in_features) for lin in lins}
         handles = [lin.module.register_forward_hook(
-            lambda mod, inp, out, lin=lin: stats[lin.name].update(lin.inputs_2d(inp[0]).float()))
+            lambda mod, inp, out, lin=lin, stats=stats: stats[lin.name].update(lin.inputs_2d(inp[0]).float()))
             for lin in lins]
         try:
             for b in batches:

@@ -90,7 +90,7 @@ def recover(student, teacher, samples: list[torch.Tensor], params: dict, steps: 
         start, losses = int(state["step"]), list(state["losses"])
     data = torch.stack(samples)
     warmup = max(1, min(20, steps // 10))
-    sched = lambda s: min(1.0, (s + 1) / warmup)  # noqa: E731  (linear warm-up, then constant)
+    sched = lambda s: min(1.0, (s + 1) / warmup)
     bar = _progress(progress)
     task = bar.add_task("dReLU recovery", total=steps, completed=start) if bar else None
     t0 = time.perf_counter()

@@ -14,8 +14,8 @@ mask once per input tensor), and, for small token counts (decode, speculative ch
 kept transposed ([in, out], built lazily on the first sparse call, so memory for those linears
 doubles only once decoding starts) and ``F.embedding_bag(mode="sum", per_sample_weights=x)``
 sums the rows of the non-zero inputs of each token. When the active fraction is above the
-measured break-even (:data:`BREAKEVEN_ROWS`) it falls back to the dense ``F.linear`` so it is
-never slower than dense.
+measured break-even (:data:`BREAKEVEN_ROWS`) it falls back to the dense ``F.linear``; the
+masking itself still costs a little on every call (bench/README_act_sparsity.md).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 # The site vocabulary and the masks live with the pass math (squeeze.passes._actsparse_math); they
 # are imported lazily because importing squeeze.passes registers every pass, and the passes
@@ -223,4 +222,4 @@ def input_sparse_linear(x2: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor |
 def _kernel():
     """The squeeze.kernels implementation of :func:`input_sparse_linear`, when one exists and is
     tested; None keeps the plain-torch path."""
-    return None
+    return

@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from squeeze.kernels import (
     act_mul,
     active_neurons,
@@ -13,6 +12,7 @@ from squeeze.kernels import (
     sparse_ffn_from_indices,
     sparse_ffn_reference,
 )
+
 from tests.kernels.helpers import assert_close, f32, ffn_weights, gap_threshold, needs_triton
 
 H, I = 72, 100  # H not a multiple of the 128-wide H tile, I not a multiple of the 64-neuron block

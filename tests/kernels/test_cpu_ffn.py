@@ -2,9 +2,15 @@
 
 import pytest
 import torch
-
-from squeeze.kernels import FFNPlan, SparseFFNWorkspace, default_plan, sparse_ffn_from_indices, sparse_ffn_reference
+from squeeze.kernels import (
+    FFNPlan,
+    SparseFFNWorkspace,
+    default_plan,
+    sparse_ffn_from_indices,
+    sparse_ffn_reference,
+)
 from squeeze.kernels.cpu_ffn import measure_plan
+
 from tests.kernels.helpers import assert_close, f32, ffn_weights
 
 H, I = 64, 300
@@ -89,7 +95,7 @@ def test_default_plans_cover_measured_cases():
 
 
 def test_calibrate_produces_plans():
-    x, ws = _ws(torch.float32)
+    _, ws = _ws(torch.float32)
     plan, rows = measure_plan(ws, 2, (0.1, 0.5, 0.9), repeats=1)
     assert len(rows) == 3 and all(len(r[2]) == 6 for r in rows)
     assert plan.max_active in (0.0, 0.1, 0.5, 0.9)

@@ -46,8 +46,9 @@ compile_sm90(s24._sp24_prefill_kernel,
     dict(HAS_BIAS=True, UPCAST=False, PRECISION="ieee"), s24._prefill_configs()[0])
 compile_sm90(cf._ffn_scores_kernel,
     dict(x_ptr=bf, wg_ptr=bf, wu_ptr=bf, s_ptr="*fp32", flag_ptr="*i32", T="i32", I="i32", H="i32",
-         threshold="fp32", stride_xt="i32", stride_wg="i32", stride_wu="i32", stride_st="i32"),
-    dict(ACT=0, RULE=2, UPCAST=False, PRECISION="ieee", BLOCK_T=8, USE_DOT=False), cf._gemv_configs("BLOCK_I")[1])
+         threshold="*fp32", stride_xt="i32", stride_wg="i32", stride_wu="i32", stride_st="i32"),
+    dict(ACT=0, RULE=2, THR_PTR=True, UPCAST=False, PRECISION="ieee", BLOCK_T=8, USE_DOT=False),
+    cf._gemv_configs("BLOCK_I")[1])
 compile_sm90(cf._ffn_gate_up_kernel,
     dict(x_ptr=bf, wg_ptr=bf, wu_ptr=bf, gate_ptr="*fp32", idx_ptr="*i32", count_ptr="*i32", h_ptr=bf,
          T="i32", H="i32", stride_xt="i32", stride_wg="i32", stride_wu="i32", stride_gt="i32", stride_ht="i32"),
@@ -68,7 +69,7 @@ print("compiled")
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=900, check=False)
     if out.returncode != 0 and "backend" in out.stderr and "nvidia" in out.stderr.lower() and "import" in out.stderr:
         pytest.skip("triton's NVIDIA backend is unavailable here")
     assert out.returncode == 0, out.stderr[-3000:]

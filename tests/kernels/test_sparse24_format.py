@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from squeeze.kernels import compressed_bytes, from_cutlass, is_24_sparse, pack_24, to_cutlass, unpack_24
 from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_from_dense_cutlass,
     sparse_semi_structured_to_dense_cutlass,
 )
 
-from squeeze.kernels import compressed_bytes, from_cutlass, is_24_sparse, pack_24, to_cutlass, unpack_24
 from tests.kernels.helpers import rand_24
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from squeeze.kernels import DenseWeightCache, linear_24, linear_24_reference, pack_24, unpack_24
+
 from tests.kernels.helpers import assert_close, needs_triton, rand_24
 
 # (M, N, K): ragged K (not a multiple of the 64/256-wide tiles, K % 8 == 4), N and M not multiples of blocks
