@@ -92,3 +92,13 @@ def test_strict_and_partial_groups(tmp_path, tiny_calib):
         squeeze.compress(tmp_path / "m", tmp_path / "o2", method="wanda", pattern="8:16", calib=str(tiny_calib),
                          nsamples=4, seqlen=32, strict=True)
     assert not (tmp_path / "o2").exists()
+
+
+def test_cli_whole_model_pass_keeps_blocks(tiny_dir, tiny_calib, tmp_path):
+    """The CLI streams blocks when nothing needs the model afterwards; a pass that trains the whole
+    model in finish() (dReLU recovery) must still get it."""
+    out = tmp_path / "o"
+    main(["compress", str(tiny_dir("llama")), "--out", str(out), "--method", "drelu", "--recover-steps", "2",
+          "--calib", str(tiny_calib), "--nsamples", "8", "--seqlen", "32"])
+    record = json.loads((out / "squeeze.json").read_text())
+    assert record["passes"][0]["pass"] == "drelu"

@@ -144,6 +144,7 @@ def _progress(enabled: bool):
 @register
 class DRelu(Pass):
     name = "drelu"
+    needs_whole_model = True  # recovery distils the whole model in finish()
 
     @dataclasses.dataclass
     class Settings(Pass.Settings):
