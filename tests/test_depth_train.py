@@ -11,15 +11,7 @@ import squeeze
 from squeeze.depth import layerdrop, layerskip
 from squeeze.depth.stack import exit_logits, layer_outputs
 from squeeze.errors import SqueezeError
-from tests.test_depth import tiny_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.test_depth import _one_thread, tiny_model  # noqa: F401  (_one_thread: autouse fixture)
 
 
 def test_dropout_rates_follow_schedule():
