@@ -36,7 +36,8 @@ CALIB = SHARED / "data" / "stories260k-calib.jsonl"
 EVAL = SHARED / "data" / "stories260k-eval.jsonl"
 OUT = ROOT / "bench" / "results_act_sparsity"
 SPARSITIES = (0.25, 0.40, 0.50, 0.65, 0.80)
-COMBOS = (("teal", "uniform"), ("wina", "uniform"), ("teal", "greedy"), ("wina", "greedy"))
+COMBOS = (("teal", "uniform"), ("wina", "uniform"), ("teal", "greedy"), ("wina", "greedy"),
+          ("wina+transform", "uniform"), ("wina+transform", "greedy"))
 
 
 def _quiet():
@@ -56,10 +57,13 @@ def bench_kl(args):
     tmp = Path(tempfile.mkdtemp(prefix="as-kl-"))
     minilm = default_model_path()
     try:
-        for method, alloc in COMBOS:
+        for combo, alloc in COMBOS:
+            method = combo.split("+")[0]
             for s in SPARSITIES:
-                key = f"{method}-{alloc}"
-                greedy = dict(greedy_tokens=args.greedy_tokens, greedy_step=args.greedy_step)
+                key = f"{combo}-{alloc}"
+                # wina+transform: WINA with its orthogonal transform
+                greedy = dict(greedy_tokens=args.greedy_tokens, greedy_step=args.greedy_step,
+                              transform=combo.endswith("+transform"))
                 if "stories260k" in args.models and str(s) not in results["stories260k"].get(key, {}):
                     out = tmp / f"st-{key}-{s}"
                     t0 = time.perf_counter()
@@ -188,31 +192,33 @@ def _best(fn, reps):
 
 
 def bench_breakeven(args):
-    """input_sparse_linear vs F.linear on an FFN-sized weight, per active fraction (min of reps)."""
+    """squeeze.kernels' bag / gather input-sparse linears vs F.linear, per dtype, token count and
+    active fraction (the same active set for every token of a call: non-zeros = tokens x fraction,
+    union = fraction), min of reps, on W [out, in] and its transpose shape. The plans in
+    kernels/cpu_input_sparse.py are read off this table."""
     import torch.nn.functional as F
 
-    from squeeze.runtime.act_sparse import input_sparse_linear
+    from squeeze.kernels.cpu_input_sparse import linear_rows_bag, linear_rows_gather
 
     torch.set_num_threads(1)
     res = {}
     for dtype in (torch.float32, torch.bfloat16):
-        w = torch.randn(args.out_features, args.in_features).to(dtype)
-        wt = w.t().contiguous()
-        for tokens in (1, 8):
-            for active in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
-                x = torch.randn(tokens, args.in_features).to(dtype)
-                # a shared active set per call (worst case for the union is independent sets; a
-                # chunk's union is what the break-even is compared against)
-                keep = torch.rand(args.in_features) < active
-                x = x * keep.to(dtype)
-                with torch.no_grad():
-                    td = _best(lambda: F.linear(x, w), args.reps)
-                    ts = _best(lambda: input_sparse_linear(x, wt, None), args.reps)
-                res.setdefault(str(dtype).removeprefix("torch."), {}).setdefault(str(tokens), {})[str(active)] = \
-                    round(td / ts, 3)
-                print(dtype, tokens, active, f"dense {td * 1e3:.2f} ms sparse {ts * 1e3:.2f} ms speedup {td / ts:.2f}",
-                      flush=True)
-    _save("breakeven", res)
+        for shape in ((args.out_features, args.in_features), (args.in_features, args.out_features)):
+            w = torch.randn(*shape).to(dtype)
+            wt = w.t().contiguous()
+            for tokens in (1, 2, 4, 8):
+                for active in (0.1, 0.3, 0.5, 0.7, 0.9):
+                    idx = torch.randperm(shape[1])[: int(active * shape[1])].sort().values
+                    x = torch.zeros(tokens, shape[1], dtype=dtype)
+                    x[:, idx] = torch.randn(tokens, idx.numel()).to(dtype)
+                    with torch.no_grad():
+                        td = _best(lambda: F.linear(x, w), args.reps)
+                        tb = _best(lambda: linear_rows_bag(x, wt), args.reps)
+                        tg = _best(lambda: linear_rows_gather(x, wt, idx), args.reps)
+                    key = f"{str(dtype).removeprefix('torch.')} {shape[0]}x{shape[1]} t{tokens}"
+                    res.setdefault(key, {})[str(active)] = {"bag": round(td / tb, 3), "gather": round(td / tg, 3)}
+                    print(key, active, f"dense {td * 1e3:.2f} ms  bag x{td / tb:.2f}  gather x{td / tg:.2f}", flush=True)
+    _save("breakeven" + args.tag, res)
 
 
 def _random_llama(folder: Path, dtype: torch.dtype, layers: int):
@@ -251,21 +257,32 @@ def bench_speed(args):
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
             src = tmp / f"src-{dname}"
             _random_llama(src, dtype, args.layers)
-            models = {"dense": squeeze.load(src)}
+            # "dense copy" is the same dense model loaded twice: its ratio is the noise floor
+            models = {"dense": squeeze.load(src), "dense copy": squeeze.load(src)}
             from tests.tiny import token_rows, write_jsonl
 
             calib = write_jsonl(token_rows(8, 64, vocab=2000), tmp / "calib.jsonl")
-            for s in args.sparsities:
-                out = tmp / f"teal-{dname}-{s}"
-                squeeze.compress(src, out, method="teal", act_sparsity=s, calib=str(calib), nsamples=8, seqlen=64,
-                                 dense_prefix=0.0)
-                models[f"teal {s:.0%}"] = squeeze.load(out)
+            for combo in args.methods.split(","):
+                for s in args.sparsities:
+                    out = tmp / f"{combo}-{dname}-{s}"
+                    squeeze.compress(src, out, method=combo.split("+")[0], act_sparsity=s, calib=str(calib),
+                                     nsamples=8, seqlen=64, dense_prefix=0.0,
+                                     **({"transform": True} if combo.endswith("+transform") else {}))
+                    models[f"{combo} {s:.0%}"] = squeeze.load(out)
+                    shutil.rmtree(out, ignore_errors=True)
+            # Every model's weights are copied into fresh (anonymous) memory: loaded as they are,
+            # they are mmapped file pages, and where a file's pages sit measured up to +-8% on the
+            # same dense model — more than the effect being measured.
+            with torch.no_grad():
+                for m in models.values():
+                    for p in m.parameters():
+                        p.data = p.data.clone()
             prompt = torch.randint(3, 2000, (1, 16))
             for chunk in (1, 8):
                 times = {k: [] for k in models}
-                for _ in range(args.rounds):  # interleave: the machine is shared
-                    for k, m in models.items():
-                        times[k].append(_decode_tps(m, prompt, args.new, chunk))
+                for r in range(args.rounds):  # interleave, alternating the order: the machine is shared
+                    for k in (list(models) if r % 2 == 0 else list(models)[::-1]):
+                        times[k].append(_decode_tps(models[k], prompt, args.new, chunk))
                 best = {k: max(v) for k, v in times.items()}
                 for k, v in best.items():
                     res.setdefault(dname, {}).setdefault(f"chunk{chunk}", {})[k] = {
@@ -309,12 +326,14 @@ def main(argv=None):
     p.add_argument("--in-features", type=int, default=2048)
     p.add_argument("--out-features", type=int, default=5632)
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--tag", default="", help="suffix of the results file name")
     p = sub.add_parser("speed")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--methods", default="teal", help="comma list: teal, wina, wina+transform")
     p.add_argument("--tag", default="", help="suffix of the results file name")
     args = ap.parse_args(argv)
     _quiet()

@@ -16,6 +16,10 @@ Activation-sparse FFN (chunk_ffn, cpu_ffn, ffn_reference)
         ws(x, indices) / ws(x, mask=...) / ws.chunk(x, threshold=None, threshold_on="h") / ws.calibrate()
     chunk_sparse_ffn_reference, sparse_ffn_reference, dense_ffn_reference, active_neurons, act_mul
 
+Activation-sparse linear, CPU (cpu_input_sparse): TEAL/WINA-style zero inputs skip weight rows
+    input_sparse_linear_cpu(x, w_t, bias=None, *, dense=None, plan=None)  (bag / gather / dense)
+    linear_rows_bag(x, w_t, bias, nz), linear_rows_gather(x, w_t, idx, bias), plan_for(dtype, tokens)
+
 Custom ops (torch.compile-traceable, with fake implementations): torch.ops.squeeze.linear_24,
 torch.ops.squeeze.chunk_sparse_ffn, torch.ops.squeeze.sparse_ffn_from_indices.
 Triton is imported only when a Triton path runs; everything else works without it.
@@ -24,6 +28,7 @@ Triton is imported only when a Triton path runs; everything else works without i
 from ._triton_utils import interpreting, triton_available
 from .chunk_ffn import chunk_sparse_ffn, sparse_ffn_from_indices
 from .cpu_ffn import FFNPlan, SparseFFNWorkspace, default_plan
+from .cpu_input_sparse import InputSparsePlan, input_sparse_linear_cpu
 from .ffn_reference import (
     ACTIVATIONS,
     act_mul,
@@ -39,6 +44,7 @@ __all__ = [
     "ACTIVATIONS",
     "DenseWeightCache",
     "FFNPlan",
+    "InputSparsePlan",
     "SparseFFNWorkspace",
     "act_mul",
     "active_neurons",
@@ -48,6 +54,7 @@ __all__ = [
     "default_plan",
     "dense_ffn_reference",
     "from_cutlass",
+    "input_sparse_linear_cpu",
     "interpreting",
     "is_24_sparse",
     "linear_24",

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .cpu_input_sparse import gathered_rows_mm
 from .ffn_reference import act_mul, active_neurons, check_act
 
 __all__ = ["FFNPlan", "SparseFFNWorkspace", "chunk_sparse_ffn_cpu", "default_plan", "sparse_ffn_cpu"]
@@ -329,19 +330,8 @@ class SparseFFNWorkspace:
         return F.embedding_bag(flat, self.w_downT, offsets, mode="sum", per_sample_weights=h.reshape(-1))
 
     def _down_gather(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        t, n = h.shape
-        rows = self._row_buf[2]
-        fp32 = self.dtype == torch.float32
-        acc = self._acc[:t].zero_()
-        for s in range(0, n, self.block_rows):
-            e = min(s + self.block_rows, n)
-            blk = rows[: e - s]
-            torch.index_select(self.w_downT, 0, idx[s:e], out=blk)
-            if fp32:
-                acc.addmm_(h[:, s:e], blk)
-            else:  # 16-bit GEMM per block, fp32 running sum (no bf16 rounding across blocks)
-                acc += torch.mm(h[:, s:e], blk)
-        return acc.to(self.dtype) if not fp32 else acc.clone()
+        acc = gathered_rows_mm(h, self.w_downT, idx, self._row_buf[2], self._acc[: h.shape[0]].zero_())
+        return acc.to(self.dtype) if self.dtype != torch.float32 else acc.clone()
 
     # ----------------------------------------------------------------------------- calibration
     def calibrate(self, tokens=(1, 2, 4, 8), fractions=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),

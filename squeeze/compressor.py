@@ -111,6 +111,13 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     check_format(format)
     export_dtype = parse_dtype(dtype)
 
+    if recipe is not None:
+        given = {"method": method, "pattern": pattern, "sparsity": sparsity, **pass_settings}
+        stray = sorted(k for k, v in given.items() if v is not None and v is not False)
+        if stray:  # a recipe names every pass's settings: silently dropping a flag would mislead
+            raise SqueezeError(f"--recipe was given together with {', '.join(stray)}: put those settings in the "
+                               "recipe's pass entries instead (e.g. {pass: wanda, sparsity: 0.5, "
+                               "sparsity_profile: owl})")
     entries = (read_recipe(recipe) if isinstance(recipe, (str, Path)) else list(recipe)) if recipe is not None \
         else flags_recipe(method, pattern, sparsity, **pass_settings)
     if repair:  # a mask-repair pass (e.g. dsnot) after the recipe; it follows the last pruning pass's pattern

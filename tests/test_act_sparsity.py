@@ -4,7 +4,6 @@ the same outputs as the in-memory sparse model, the requested sparsity holds, 0%
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import squeeze
 from squeeze.errors import SqueezeError
@@ -56,20 +55,6 @@ def test_greedy_puts_sparsity_where_it_is_cheap():
     alloc = greedy_allocation(sizes, 0.5, lambda s: sum(cost[k] * v ** 2 for k, v in s.items()), step=0.05)
     assert abs(weighted_sparsity(alloc, sizes) - 0.5) < 1e-6
     assert alloc["b"] > alloc["a"]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 3, 8])
-def test_input_sparse_linear_matches_dense(dtype, tokens):
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(48, 96, generator=g).to(dtype)
-    b = torch.randn(48, generator=g).to(dtype)
-    x = torch.randn(tokens, 96, generator=g).to(dtype)
-    x = x * (torch.rand(tokens, 96, generator=g) > 0.7).to(dtype)
-    x[0] = 0  # a token with no active input
-    got = act_sparse.input_sparse_linear(x, w.t().contiguous(), b)
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(got.float(), F.linear(x, w, b).float(), rtol=tol, atol=tol)
 
 
 def _logits(model, ids):
@@ -150,24 +135,50 @@ def test_grid_export_load(arch, tiny_dir, tiny_calib, tmp_path):
             assert abs(got - 0.5) < 0.15, got  # held-out tokens, tiny random model
 
 
-def test_decode_path_equals_dense_path(tiny_dir, tiny_calib, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tokens, method", [(1, "bag"), (4, "gather")])
+def test_decode_path_equals_dense_path(tiny_dir, tiny_calib, tmp_path, monkeypatch, tokens, method):
+    """squeeze.load-ed decode through the kernels' input-sparse linear (forced to one method)
+    gives the logits of the same model with the sparse path off."""
+    from squeeze.kernels import cpu_input_sparse as kern
+
     src = tiny_dir("llama")
-    res = squeeze.compress(src, tmp_path / "o", method="teal", act_sparsity=0.7, calib=str(tiny_calib),
-                           nsamples=8, seqlen=32)
-    ids = torch.randint(3, 128, (1, 1), generator=torch.Generator().manual_seed(3))
+    squeeze.compress(src, tmp_path / "o", method="teal", act_sparsity=0.7, calib=str(tiny_calib),
+                     nsamples=8, seqlen=32)
+    model = squeeze.load(tmp_path / "o")
+    ids = torch.randint(3, 128, (1, tokens), generator=torch.Generator().manual_seed(3))
+    forced = kern.InputSparsePlan(1e9, 0.0) if method == "bag" else kern.InputSparsePlan(0.0, 1.0)
+    monkeypatch.setattr(act_sparse, "plan_for", lambda dtype, t: forced)
+    calls = []
+    for name in ("linear_rows_bag", "linear_rows_gather"):
+        orig = getattr(kern, name)
+        monkeypatch.setattr(kern, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
     with torch.no_grad():
-        monkeypatch.setattr(act_sparse, "BREAKEVEN_ROWS", {})  # default 0.5: sparse path at 70%
-        calls = []
-        orig = act_sparse.input_sparse_linear
-        monkeypatch.setattr(act_sparse, "input_sparse_linear", lambda *a: calls.append(1) or orig(*a))
-        sparse = _logits(res.model, ids)
-        assert calls, "the input-sparse path did not run"
+        sparse = _logits(model, ids)
+        assert set(calls) == {f"linear_rows_{method}"}, calls
         calls.clear()
-        for sp in act_sparse.sparsifiers(res.model).values():
+        for sp in act_sparse.sparsifiers(model).values():
             sp.sparse_decode = False
-        dense = _logits(res.model, ids)
+        dense = _logits(model, ids)
         assert not calls
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_skips_counting_when_sparse_cannot_pay(tiny_dir, tiny_calib, tmp_path, monkeypatch):
+    """At 30% sparsity an 8-token chunk's union is ~all inputs: the plan check sends every call to
+    the dense forward without touching the kernels."""
+    from squeeze.kernels import cpu_input_sparse as kern
+
+    res = squeeze.compress(tiny_dir("llama"), tmp_path / "o", method="teal", act_sparsity=0.3,
+                           calib=str(tiny_calib), nsamples=8, seqlen=32)
+    monkeypatch.setattr(act_sparse, "input_sparse_linear", lambda *a, **k: pytest.fail("kernel called"))
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _logits(res.model, ids)
+        monkeypatch.setattr(act_sparse, "plan_for", lambda dtype, t: kern.InputSparsePlan(1e9, 1.0))
+        for sp in act_sparse.sparsifiers(res.model).values():
+            sp.refresh()  # plans are cached per sparsifier generation
+        with pytest.raises(pytest.fail.Exception):
+            _logits(res.model, ids)  # the check above really was the plan's doing
 
 
 def test_prune_then_sparsify_recipe(tiny_dir, tiny_calib, tmp_path):
@@ -228,3 +239,63 @@ def test_cli_compress_and_activation_stats(tiny_dir, tiny_calib, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["compress", str(tiny_dir("gpt2")), "--method", "drelu", "--out", str(tmp_path / "g")])
     assert e.value.code == 2
+
+
+def test_orthogonal_transform_math():
+    from squeeze.passes._actsparse_math import orthogonal_transform
+
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(8, 16, generator=g), torch.randn(4, 16, generator=g)]  # 12 rows < 16: rank 12
+    rotated, v, sv = orthogonal_transform(ws)
+    torch.testing.assert_close(v.t() @ v, torch.eye(16), atol=1e-5, rtol=0)
+    for w, r in zip(ws, rotated):
+        torch.testing.assert_close(r @ v.t(), w, atol=1e-5, rtol=0)  # W V V^T = W
+    stacked = torch.cat(rotated)
+    gram = stacked.t() @ stacked
+    torch.testing.assert_close(gram, torch.diag(sv ** 2), atol=1e-4, rtol=0)  # orthogonal columns
+    assert torch.all(sv[12:] < 1e-6 * sv[0]) and torch.all(sv[:12] > 1e-3)  # rank 12
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_wina_transform_keeps_dense_outputs(arch, tiny_dir, tiny_calib, tmp_path):
+    """WINA's orthogonal transform at 0% sparsity is the dense model (rotated weights, rotated
+    site inputs); at 50% its export loads back to the in-memory model exactly."""
+    src = tiny_dir(arch)
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        d = _logits(squeeze.load(src), ids)
+        res = squeeze.compress(src, tmp_path / "t0", method="wina", act_sparsity=0.0, transform=True,
+                               calib=str(tiny_calib), nsamples=4, seqlen=32)
+        rot = [sp for sp in act_sparse.sparsifiers(res.model).values() if sp.rotation.numel()]
+        assert rot, "no site was rotated"
+        torch.testing.assert_close(_logits(res.model, ids), d, rtol=1e-4, atol=1e-4 * float(d.abs().max()))
+        res = squeeze.compress(src, tmp_path / "t5", method="wina", act_sparsity=0.5, transform=True,
+                               calib=str(tiny_calib), nsamples=4, seqlen=32)
+        loaded = squeeze.load(tmp_path / "t5")
+        assert sum(sp.rotation.numel() > 0 for sp in act_sparse.sparsifiers(loaded).values()) == len(rot)
+        torch.testing.assert_close(_logits(loaded, ids), _logits(res.model, ids), rtol=0, atol=0)
+        assert not torch.allclose(_logits(loaded, ids), d)
+
+
+def test_wina_transform_refusals(tiny_dir, tiny_calib, tmp_path):
+    with pytest.raises(SqueezeError, match="use --method wina"):
+        squeeze.compress(tiny_dir("llama"), tmp_path / "o", method="teal", transform=True)
+    with pytest.raises(SqueezeError, match="zeros"):
+        squeeze.compress(tiny_dir("llama"), tmp_path / "o", calib=str(tiny_calib), nsamples=4, seqlen=32,
+                         recipe=[{"pass": "wanda", "sparsity": 0.5},
+                                 {"pass": "wina", "act_sparsity": 0.5, "transform": True}])
+    assert not (tmp_path / "o").exists()  # no half checkpoint
+
+
+def test_sparse_model_deepcopies(tiny_dir, tiny_calib, tmp_path):
+    import copy
+
+    res = squeeze.compress(tiny_dir("llama"), tmp_path / "o", method="wina", act_sparsity=0.5, transform=True,
+                           calib=str(tiny_calib), nsamples=4, seqlen=32)
+    clone = copy.deepcopy(res.model)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(clone, ids), _logits(res.model, ids), rtol=0, atol=0)
+        for sp in act_sparse.sparsifiers(clone).values():
+            sp.set(0.0)  # the clone's sites are its own: changing them leaves the original alone
+        assert not torch.equal(_logits(clone, ids), _logits(res.model, ids))

@@ -64,6 +64,8 @@ def test_error_cases(tiny_dir, tiny_calib, bad_models, tmp_path, capsys):
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
     base = ["compress", src, "--out", str(out), "--calib", cal, "--nsamples", "4", "--seqlen", "16"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("- {pass: wanda, sparsity: 0.5}\n")
     cases = {
         "does not exist": ["compress", str(tmp_path / "nope"), "--out", str(out), "--method", "magnitude",
                            "--pattern", "2:4"],
@@ -95,6 +97,8 @@ def test_error_cases(tiny_dir, tiny_calib, bad_models, tmp_path, capsys):
         "exceeds the model's context": base[:-2] + ["--seqlen", "4096", "--method", "wanda", "--pattern", "2:4"],
         "give exactly one of pattern": base + ["--method", "wanda"],
         "unknown setting": base + ["--method", "wanda", "--pattern", "2:4", "--set", "colour=blue"],
+        "--recipe was given together with sparsity_profile": base + ["--recipe", str(recipe), "--sparsity-profile",
+                                                                     "owl"],
     }
     before = sorted(p.name for p in tmp_path.iterdir())
     for needle, args in cases.items():

@@ -26,6 +26,39 @@ SCALE_ROLES = {"attn_in": ("k", "qkv", "q", "v"), "attn_out": ("o",), "mlp_in": 
                "mlp_mid": ("down",)}
 
 
+# Sites WINA's orthogonal transform rotates: the inputs shared by several consumers (q/k/v, gate/up).
+ROTATED_SITES = ("attn_in", "mlp_in")
+
+
+def orthogonal_transform(weights: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """WINA's orthogonal transform for one shared input: with the consumers' weights (each
+    [out_i, in]) stacked into W = U S V^T, rotating the input z = x V and the weights W_i -> W_i V
+    leaves every output unchanged (W_i V V^T x = W_i x) and makes the stacked columns orthogonal,
+    with norms S. Then masking z by |z_j| * S_j removes exactly sum_j S_j^2 z_j^2 of squared output
+    error for the masked j — the case in which WINA's greedy selection is optimal (Chen et al.
+    2025, Sec. 3).
+
+    Differs from the reference in two ways, both on purpose: the SVD is of the *stacked* consumers
+    (q;k;v and gate;up) rather than of k_proj / gate_proj alone — with grouped-query attention
+    k_proj has rank <= kv_dim < hidden, and its SVD would give the remaining directions, which q
+    and v still read, a zero score; and the rotation is applied at the site input (one [in, in]
+    matmul per site and token) instead of to the residual stream with per-layer shortcut
+    matrices, which costs the same (two [hidden, hidden] matmuls per layer) but keeps the
+    architecture, the norms' gains and every other linear as they are.
+
+    Returns (rotated weights in their dtypes, V [in, in] float32, singular values [in] float32,
+    about 0 past the rank when the stack has fewer rows than ``in``)."""
+    # V and S from the eigendecomposition of the [in, in] Gram matrix W^T W = V S^2 V^T (float64):
+    # a full basis even when the stack has fewer rows than `in`, and O(in^3) instead of an SVD
+    # whose U alone is [rows, rows] (11264^2 for a 2048-wide gate;up stack).
+    gram = sum(x.detach().double().t() @ x.detach().double() for x in weights)
+    evals, v = torch.linalg.eigh(gram)
+    order = evals.argsort(descending=True)
+    sv, v = evals[order].clamp_min(0).sqrt(), v[:, order]
+    rotated = [(x.detach().double() @ v).to(x.dtype) for x in weights]
+    return rotated, v.float(), sv.float()
+
+
 def column_norms(weight: torch.Tensor) -> torch.Tensor:
     """||W_{:,i}||_2 for a weight stored [out, in] -> [in] (float32)."""
     return weight.float().norm(dim=0)

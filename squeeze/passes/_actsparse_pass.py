@@ -17,9 +17,11 @@ import torch
 from squeeze.adapters import Adapter, Block, Linear
 from squeeze.errors import SqueezeError
 from squeeze.passes._actsparse_math import (
+    ROTATED_SITES,
     SITES,
     column_norms,
     greedy_allocation,
+    orthogonal_transform,
     sample_rows,
     scores,
     threshold_for,
@@ -64,6 +66,7 @@ class ActSparsityPass(Pass):
         sample_tokens: int = 4096  # calibration tokens kept per site and block (threshold samples)
         greedy_step: float = 0.05
         greedy_tokens: int = 2048  # tokens of block input re-run per greedy trial
+        transform: bool = False  # WINA only: rotate the shared q/k/v and gate/up inputs (orthogonal columns)
         seed: int = 0
 
     def validate(self) -> None:
@@ -83,6 +86,10 @@ class ActSparsityPass(Pass):
         if not 0.0 < float(s.greedy_step) <= 0.5:
             raise SqueezeError(f"{self.name}: greedy_step must be in (0, 0.5]")
         self.site_names = _parse_sites(s.sites)
+        if not isinstance(s.transform, bool):
+            raise SqueezeError(f"{self.name}: transform must be true or false, not {s.transform!r}")
+        if s.transform and not self.weighted:
+            raise SqueezeError(f"{self.name}: transform is WINA's orthogonal transform; use --method wina")
 
     # -- setup: record block call arguments for greedy -----------------------------------------
     def setup(self, run) -> None:
@@ -90,6 +97,7 @@ class ActSparsityPass(Pass):
         self.report = {}
         self._samples: dict[str, list[torch.Tensor]] = {}
         self._decisions: dict[str, tuple] | None = None
+        self._rotations: dict[str, torch.Tensor] = {}
         self._capture_for: int | None = None
         self._captured = None
         self._gen = torch.Generator().manual_seed(self.settings.seed)
@@ -141,15 +149,43 @@ class ActSparsityPass(Pass):
     def _scale(self, host: Linear) -> torch.Tensor | None:
         return column_norms(host.weight) if self.weighted else None
 
+    def _rotate(self, sites: dict) -> dict:
+        """WINA's orthogonal transform for this block's shared-input sites: rotate every consumer
+        W -> W V in place and return {site: (V, singular values)}; see
+        :func:`squeeze.passes._actsparse_math.orthogonal_transform`."""
+        out = {}
+        for site in ROTATED_SITES:
+            if site not in sites:
+                continue
+            consumers = sites[site][1]
+            zeros = sum(int((c.weight == 0).sum()) for c in consumers) / sum(c.weight.numel() for c in consumers)
+            if zeros > 0.01:
+                raise SqueezeError(
+                    f"{self.name}: transform rotates the weights of {', '.join(c.name for c in consumers)}, "
+                    f"which are {zeros:.0%} zeros (pruned?): the rotation would make them dense again. "
+                    "Use wina without transform after weight pruning.")
+            rotated, v, sv = orthogonal_transform([c.weight for c in consumers])
+            for c, w in zip(consumers, rotated):
+                c.set_weight(w)
+            out[site] = (v, sv)
+        return out
+
     def _block_decisions(self, block: Block) -> dict:
         s = self.settings
         sites = self._sites(block)
+        rotated = self._rotate(sites) if s.transform else {}
+        self._rotations = {site: v for site, (v, _) in rotated.items()}
         scales = {site: self._scale(host) for site, (host, _) in sites.items()}
+        # a rotated site's (stacked) columns are orthogonal: their norms are the singular values
+        scales.update({site: sv for site, (_, sv) in rotated.items()})
 
         def sorted_scores(site):  # only for the fallback (no captured block call)
             host = sites[site][0]
             x = torch.cat(self._samples.get(host.name, []) or [torch.zeros(0, host.in_features)])
-            return scores(sample_rows(x, s.sample_tokens, self._gen), scales[site]).flatten().sort().values
+            x = sample_rows(x, s.sample_tokens, self._gen)
+            if site in self._rotations:
+                x = x.float() @ self._rotations[site]
+            return scores(x, scales[site]).flatten().sort().values
         sizes = {site: sum(c.weight.numel() for c in cs) for site, (_, cs) in sites.items()}
         if s.allocation == "greedy" and self._captured is not None and len(sites) > 1:
             alloc = self._greedy(block, sites, sizes, scales)
@@ -170,11 +206,15 @@ class ActSparsityPass(Pass):
             weighted_sparsity({k: v[0] for k, v in out.items()}, sizes), 4)
         return out
 
-    def _make(self, host: Linear, sparsity: float, threshold: float, scale) -> ActSparsifier:
-        sp = ActSparsifier(host.in_features, self.settings.mode, self.weighted, self.settings.dense_prefix)
-        sp.set(sparsity, threshold)
+    def _make(self, site: str, host: Linear, sparsity: float, threshold: float, scale) -> ActSparsifier:
+        rotation = self._rotations.get(site)
+        sp = ActSparsifier(host.in_features, self.settings.mode, self.weighted, self.settings.dense_prefix,
+                           rotated=rotation is not None)
         if scale is not None:
             sp.scale.copy_(scale)
+        if rotation is not None:
+            sp.rotation.copy_(rotation)
+        sp.set(sparsity, threshold)
         return sp.to(host.module.weight.device)
 
     def _run_captured(self, block, tokens: int | None = None):
@@ -188,7 +228,7 @@ class ActSparsityPass(Pass):
 
     @torch.no_grad()
     def _calibrated(self, block, sites, scales, alloc) -> dict:
-        sps = {site: self._make(h, 0.0, 0.0, scales[site]) for site, (h, _) in sites.items()}
+        sps = {site: self._make(site, h, 0.0, 0.0, scales[site]) for site, (h, _) in sites.items()}
         for site, (h, cs) in sites.items():
             install(h, cs, sps[site])
             sps[site].calibrate_to = alloc[site]
@@ -202,12 +242,15 @@ class ActSparsityPass(Pass):
     @torch.no_grad()
     def _greedy(self, block, sites, sizes, scales) -> dict:
         n = self.settings.greedy_tokens
-        dense = self._run_captured(block, n).float()
-        norm = dense.pow(2).mean().clamp_min(1e-12)
-        sps = {site: self._make(h, 0.0, 0.0, scales[site]) for site, (h, _) in sites.items()}
+        sps = {site: self._make(site, h, 0.0, 0.0, scales[site]) for site, (h, _) in sites.items()}
         for site, (h, cs) in sites.items():
             install(h, cs, sps[site])
         try:
+            # the reference output with every site at 0%: the dense block (its rotated sites
+            # need their sparsifiers installed to rotate their inputs back into the weights' basis)
+            dense = self._run_captured(block, n).float()
+            norm = dense.pow(2).mean().clamp_min(1e-12)
+
             def error_of(alloc):
                 for site, sp in alloc.items():
                     sps[site].calibrate_to = sp  # each trial's thresholds calibrated in order
@@ -228,19 +271,25 @@ class ActSparsityPass(Pass):
         sites = self._sites(block)
         for site, (host, consumers) in sites.items():
             if any(c.name == linear.name for c in consumers) and "act_sparse" not in host.module._modules:
-                install(host, consumers, self._make(host, *decisions[site]))
+                install(host, consumers, self._make(site, host, *decisions[site]))
 
     def end_block(self, block: Block) -> None:
         self._samples.clear()
         self._decisions = None
         self._captured = None
         self._capture_for = None
+        self._rotations = {}
 
     # -- export / load -------------------------------------------------------------------------
     def describe(self) -> dict:
         d = super().describe()
         d["weighted"] = self.weighted
-        d["runtime"] = "squeeze.runtime.act_sparse (squeeze.load applies it; plain from_pretrained is dense)"
+        if self.settings.transform:
+            d["runtime"] = ("squeeze.runtime.act_sparse (squeeze.load applies it). The q/k/v and gate/up weights "
+                            "are stored ROTATED (WINA transform): plain from_pretrained of this export is WRONG; "
+                            "use squeeze.load, which rotates their inputs to match")
+        else:
+            d["runtime"] = "squeeze.runtime.act_sparse (squeeze.load applies it; plain from_pretrained is dense)"
         return d
 
     @classmethod
@@ -250,15 +299,17 @@ class ActSparsityPass(Pass):
         sites_wanted = _parse_sites(entry.get("sites", ",".join(SITES)))
         mode = entry.get("mode", "threshold")
         prefix = float(entry.get("dense_prefix", 0.01))
+        rotated_sites = ROTATED_SITES if entry.get("transform") else ()
         adapter = Adapter(model)
         import re
 
         t, ig = entry.get("targets"), entry.get("ignore")
         for i in range(len(adapter)):
             block = adapter.block(i)
-            for host, consumers in block_sites(block.linears, sites_wanted).values():
+            for site, (host, consumers) in block_sites(block.linears, sites_wanted).items():
                 consumers = [c for c in consumers if (not t or re.search(t, c.name)) and not (ig and re.search(ig, c.name))]
                 if not consumers:
                     continue
-                sp = ActSparsifier(host.in_features, mode, cls.weighted, prefix).to(host.module.weight.device)
+                sp = ActSparsifier(host.in_features, mode, cls.weighted, prefix, rotated=site in rotated_sites)
+                sp = sp.to(host.module.weight.device)
                 install(host, consumers, sp)

@@ -5,6 +5,13 @@ Model Inference" (microsoft/wina). Like TEAL, but an input x_i is scored by |x_i
 with W the consuming linear (for the shared attention input: k_proj; for the shared MLP input:
 gate_proj, as in the reference), so small inputs that feed large columns survive. The column
 norms are a registered buffer of each site's sparsifier (saved in the export's sidecar).
+
+``transform=true`` (``--set transform=true``) adds the paper's orthogonal transform: each block's
+shared attention input and MLP input are rotated by V from the SVD of their stacked consumers
+(q;k;v, gate;up), whose weights are rotated to match, so those columns are orthogonal and the
+scores use the singular values (:func:`squeeze.passes._actsparse_math.orthogonal_transform`; at
+0% sparsity the model's outputs are unchanged). The export then stores rotated weights: only
+``squeeze.load`` runs it correctly. Not combinable with weight pruning (the rotation densifies).
 """
 
 from squeeze.passes._actsparse_pass import ActSparsityPass

@@ -10,12 +10,14 @@ and WINA column scale are buffers in ``state_dict`` (the export spills them to t
 
 Every consumer of a site gets a forward pre-hook that zeroes its input (shared sites compute the
 mask once per input tensor), and, for small token counts (decode, speculative chunks of up to
-:data:`DECODE_TOKENS`), a forward that reads only the weight rows of active inputs: the weight is
-kept transposed ([in, out], built lazily on the first sparse call, so memory for those linears
-doubles only once decoding starts) and ``F.embedding_bag(mode="sum", per_sample_weights=x)``
-sums the rows of the non-zero inputs of each token. When the active fraction is above the
-measured break-even (:data:`BREAKEVEN_ROWS`) it falls back to the dense ``F.linear``; the
-masking itself still costs a little on every call (bench/README_act_sparsity.md).
+:data:`DECODE_TOKENS`), a forward that hands the masked input to squeeze.kernels' CPU
+input-sparse linear (:mod:`squeeze.kernels.cpu_input_sparse`): it reads only the weight rows of
+active inputs (one bag per token, or the chunk's union gathered once) when its measured plan says
+that beats the dense kernel, and runs the module's own dense forward otherwise. The sparse path
+needs the weight transposed ([in, out]); that copy is built lazily on the first sparse call, so
+memory for those linears doubles only once decoding starts. Sites whose sparsity makes the sparse
+path hopeless for a call's token count go straight to dense without even counting non-zeros, so
+the only per-call cost left is the mask (one fused op for TEAL).
 """
 
 from __future__ import annotations
@@ -27,21 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from squeeze.kernels.cpu_input_sparse import input_sparse_linear_cpu, plan_for
+
 # The site vocabulary and the masks live with the pass math (squeeze.passes._actsparse_math); they
 # are imported lazily because importing squeeze.passes registers every pass, and the passes
 # import this module.
 SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
 
 DECODE_TOKENS = 8
-# The sparse path reads one weight row per non-zero input per token; the dense path reads the
-# whole weight once. Largest (non-zeros / in_features) at which the sparse path still beats dense
-# F.linear on CPU, per (dtype, single token?) — measured by `bench/act_sparsity.py breakeven` (see
-# bench/README_act_sparsity.md), rounded down for safety. Above it, the dense path runs.
-BREAKEVEN_ROWS = {
-    (torch.float32, True): 0.4, (torch.float32, False): 0.8,
-    (torch.bfloat16, True): 0.6, (torch.bfloat16, False): 0.8,
-    (torch.float16, True): 0.4, (torch.float16, False): 0.8,
-}
 MODES = ("threshold", "topk", "zero")
 
 
@@ -51,10 +46,14 @@ class ActSparsifier(nn.Module):
     (mode ``topk``), or only marks a naturally sparse activation (mode ``zero``: ReLU models) so
     the decode path can skip its zeros. In forwards of more than :data:`DECODE_TOKENS` tokens
     (prefill) the first ``dense_prefix`` fraction of positions stays dense (TEAL/WINA keep the
-    first ~1% of prompt tokens dense)."""
+    first ~1% of prompt tokens dense).
+
+    With ``rotated=True`` (WINA's orthogonal transform) the site first maps its input x to
+    ``x @ rotation`` (an orthogonal [in, in] buffer) and masks that; the consumers' weights were
+    rotated to match (W -> W @ rotation), so at 0% sparsity the outputs are the dense ones."""
 
     def __init__(self, in_features: int, mode: str = "threshold", weighted: bool = False,
-                 dense_prefix: float = 0.0):
+                 dense_prefix: float = 0.0, rotated: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} not in {MODES}")
@@ -62,20 +61,63 @@ class ActSparsifier(nn.Module):
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("sparsity", torch.zeros(()))
         self.register_buffer("scale", torch.ones(in_features) if weighted else torch.zeros(0))
+        self.register_buffer("rotation", torch.eye(in_features) if rotated else torch.zeros(0))
         self.sparse_decode = True
         # Calibration mode (set by the passes): each forward sets ``threshold`` to the score
         # quantile of its own input at this sparsity before masking, so a site downstream of
         # other sparse sites is calibrated on the activations it will really see.
         self.calibrate_to: float | None = None
         self._last: tuple | None = None  # (weakref to input, its version, output): shared sites
+        self._gen = 0
+        self._cache: tuple | None = None
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, sparsity={float(self.sparsity):.3f}, weighted={self.scale.numel() > 0}"
+        return (f"mode={self.mode}, sparsity={float(self.sparsity):.3f}, weighted={self.scale.numel() > 0}, "
+                f"rotated={self.rotation.numel() > 0}")
 
     def set(self, sparsity: float, threshold: float = 0.0) -> None:
         self.sparsity.fill_(float(sparsity))
         self.threshold.fill_(float(threshold))
+        self.refresh()
+
+    # Decode reads the buffers per token and per site; reading a 0-dim tensor or casting a
+    # buffer every call costs more than the mask itself, so Python / dtype copies are cached
+    # under a generation counter that every write path bumps (set, load_state_dict, .to()).
+    # Code that writes the buffers in place otherwise must call refresh().
+    def refresh(self) -> None:
+        self._gen += 1
         self._last = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh()
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self.refresh()
+        return out
+
+    def _floats(self) -> tuple[float, float]:
+        c = self._cache
+        if c is None or c[0] != self._gen:
+            c = self._cache = (self._gen, (float(self.sparsity), float(self.threshold)), {})
+        return c[1]
+
+    def _consts(self, dtype: torch.dtype) -> tuple:
+        """(sparsity, threshold, scale, rotation^T): floats, then tensors in ``dtype`` or None."""
+        floats = self._floats()
+        tensors = self._cache[2].get(dtype)
+        if tensors is None:
+            tensors = self._cache[2][dtype] = (
+                self.scale.to(dtype) if self.scale.numel() else None,
+                # stored [out, in] for F.linear: x @ R as a GEMM on R's transpose is up to 1.8x
+                # slower on CPU (bf16) than the nn.Linear layout
+                self.rotation.t().to(dtype).contiguous() if self.rotation.numel() else None)
+        return floats + tensors
+
+    def expected_active(self) -> float | None:
+        """The fraction of inputs a token keeps (1 - sparsity), None when not known (mode zero)."""
+        return None if self.mode == "zero" else 1.0 - self._floats()[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = self._last
@@ -89,17 +131,24 @@ class ActSparsifier(nn.Module):
         if self.calibrate_to is not None:
             from squeeze.passes._actsparse_math import scores, threshold_from_scores
 
+            rot = self._consts(x.dtype)[3]
+            z = x if rot is None else F.linear(x, rot)
             scale = self.scale if self.scale.numel() else None
-            self.set(self.calibrate_to, threshold_from_scores(scores(x.detach().float(), scale), self.calibrate_to))
-        if self.mode == "zero" or float(self.sparsity) <= 0.0:
-            return x  # 0% sparsity is exactly the dense model
-        from squeeze.passes._actsparse_math import mask_threshold, mask_topk
-
-        scale = self.scale if self.scale.numel() else None
+            self.set(self.calibrate_to, threshold_from_scores(scores(z.detach().float(), scale), self.calibrate_to))
+        sparsity, threshold, scale, rot = self._consts(x.dtype)
+        if rot is not None:
+            x = F.linear(x, rot)
+        if self.mode == "zero" or sparsity <= 0.0:
+            return x  # 0% sparsity is exactly the dense model (up to the rotation)
         if self.mode == "topk":
-            y = mask_topk(x, float(self.sparsity), scale)
+            from squeeze.passes._actsparse_math import mask_topk
+
+            y = mask_topk(x, sparsity, scale)
+        elif scale is None:
+            # |x| <= t -> 0 in one fused op (the threshold is compared in x's dtype, as before)
+            y = F.hardshrink(x, threshold)
         else:
-            y = mask_threshold(x, self.threshold, scale)
+            y = torch.where(x.abs() * scale > threshold, x, 0)
         if self.dense_prefix > 0 and x.dim() >= 2 and x.shape[-2] > DECODE_TOKENS:
             n = math.ceil(self.dense_prefix * x.shape[-2])
             y = torch.cat([x[..., :n, :], y[..., n:, :]], dim=-2)
@@ -122,8 +171,8 @@ def block_sites(linears: dict, sites=SITES) -> dict[str, tuple]:
 
 
 def _pre_hook(module, args):
-    sp = module.__dict__["_squeeze_sparsifier"]
-    return (sp(args[0]),) + tuple(args[1:])
+    # .forward, not __call__: nothing hooks a sparsifier, and this runs per linear per token
+    return (module.__dict__["_squeeze_sparsifier"].forward(args[0]),) + args[1:]
 
 
 def install(host, consumers, sparsifier: ActSparsifier) -> None:
@@ -160,28 +209,51 @@ def sparsifiers(model: nn.Module) -> dict[str, ActSparsifier]:
 # -- decode path -------------------------------------------------------------------------------
 class _SparseForward:
     """Replaces ``forward`` of a consumer linear (a plain callable, so it is not a submodule).
-    The input is already masked by the pre-hook."""
+    The input is already masked by the pre-hook. Calls of at most :data:`DECODE_TOKENS` tokens on
+    CPU go to squeeze.kernels' input-sparse linear, which reads only the weight rows of active
+    inputs when its measured plan says that beats the dense kernel, and runs this module's own
+    dense forward otherwise."""
 
     def __init__(self, module: nn.Module):
-        self.module = weakref.proxy(module)
+        self._module = weakref.ref(module)  # weak: the module holds this object
         self.dense = type(module).forward.__get__(module)
 
+    def __deepcopy__(self, memo):
+        # copy.deepcopy(model) copies the module first (it is in memo by now): bind to the copy
+        return _SparseForward(memo[id(self._module())])
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.module
+        m = self._module()
         sp = m.__dict__.get("_squeeze_sparsifier")
         d = x.shape[-1]
         tokens = x.numel() // max(d, 1)
         if (sp is None or not sp.sparse_decode or tokens > DECODE_TOKENS or tokens == 0
-                or torch.is_grad_enabled() or x.device.type != "cpu"
-                or (sp.mode != "zero" and float(sp.sparsity) <= 0.0)):
+                or torch.is_grad_enabled() or x.device.type != "cpu"):
             return self.dense(x)
-        x2 = x.reshape(tokens, d)
-        nz = x2 != 0
-        rows = float(nz.sum()) / d  # weight rows the sparse path reads, in units of the whole weight
-        if rows > BREAKEVEN_ROWS.get((x.dtype, tokens == 1), 0.5):
+        plan = self._plan(sp, tokens, m.weight.dtype)
+        if plan is None:
             return self.dense(x)
-        y = input_sparse_linear(x2, _transposed_weight(m), m.bias, nz)
+        y = input_sparse_linear(x.reshape(tokens, d), _transposed_weight(m), m.bias, dense=self.dense, plan=plan)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _plan(self, sp: ActSparsifier, tokens: int, dtype: torch.dtype):
+        """The kernel plan for this call, or None to run dense without even counting non-zeros:
+        a token keeps ``active`` of the inputs, a chunk's union about 1 - (1 - active)^tokens of
+        them (less when tokens agree); margin 1.25 for the spread between tokens. Cached per
+        (tokens, dtype, sparsity) because it runs per linear per decode step."""
+        key = (tokens, dtype, sp._gen, id(sp))
+        cache = self.__dict__.setdefault("_plans", {})
+        if key not in cache:
+            if len(cache) > 64:
+                cache.clear()
+            active = sp.expected_active()
+            plan = plan_for(dtype, tokens)
+            if active is not None and plan is not None:
+                union = 1.0 - (1.0 - active) ** tokens
+                if active >= 1.0 or (tokens * active > 1.25 * plan.bag_rows and union > 1.25 * plan.gather_union):
+                    plan = None
+            cache[key] = plan
+        return cache[key]
 
 
 def _transposed_weight(m: nn.Module) -> torch.Tensor:
@@ -197,29 +269,8 @@ def _transposed_weight(m: nn.Module) -> torch.Tensor:
     return cached[1]
 
 
-def input_sparse_linear(x2: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None,
-                        nz: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x2 @ wt (+ bias) reading only the rows of ``wt`` [in, out] where x2 [tokens, in] is
-    non-zero: one ``embedding_bag`` bag per token, weighted by the token's non-zero values.
-
-    >>> KERNEL PLUG POINT: a squeeze.kernels CPU/Triton activation-sparse GEMV goes here. <<<
-    """
-    kernel = _kernel()
-    if kernel is not None:
-        return kernel(x2, wt, bias)
-    if nz is None:
-        nz = x2 != 0
-    tok, col = nz.nonzero(as_tuple=True)  # row-major order: grouped by token
-    counts = torch.bincount(tok, minlength=x2.shape[0])
-    offsets = torch.zeros_like(counts)
-    offsets[1:] = counts.cumsum(0)[:-1]
-    y = F.embedding_bag(col, wt, offsets, mode="sum", per_sample_weights=x2[tok, col].to(wt.dtype))
-    if bias is not None:
-        y = y + bias
-    return y.to(x2.dtype)
-
-
-def _kernel():
-    """The squeeze.kernels implementation of :func:`input_sparse_linear`, when one exists and is
-    tested; None keeps the plain-torch path."""
-    return
+def input_sparse_linear(x2: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, *, dense=None,
+                        plan=None) -> torch.Tensor:
+    """y = x2 @ wt (+ bias) for x2 [tokens, in] with zeros, wt [in, out]: squeeze.kernels'
+    CPU input-sparse linear (bag / gather / ``dense`` by its measured plan)."""
+    return input_sparse_linear_cpu(x2, wt, bias, dense=dense, plan=plan)

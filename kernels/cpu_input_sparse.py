@@ -1,0 +1,131 @@
+"""CPU input-sparse linear for decode: ``y = x @ w_t`` reading only the rows of active inputs.
+
+TEAL / WINA zero most *inputs* of a linear; with the weight stored transposed (``w_t`` [in, out],
+one contiguous row per input channel) a zero input means one weight row that need not be read.
+Two ways to skip rows, plus the dense fallback, and which one wins depends on how many rows each
+reads against the dense kernel (measured, not guessed):
+
+  "bag"     one ``F.embedding_bag(mode="sum", per_sample_weights=x)`` bag per token over that
+            token's own non-zero inputs: reads (non-zeros / in) weights' worth of rows. Best for
+            one token, and for a few tokens while their active sets are small.
+  "gather"  the union of the chunk's active inputs, gathered ``block_rows`` rows at a time into
+            a small buffer that stays in cache, each block multiplied by a GEMM (fp32 running
+            sum): reads each union row once for every token of the chunk. Best for chunks
+            (speculative verification) where the per-token sets overlap.
+  dense     the caller's own dense linear (nn.Linear layout), when neither reads enough less.
+
+:func:`plan_for` holds the break-even points measured by ``bench/act_sparsity.py breakeven``
+(bench/README_act_sparsity.md) on the development machine, rounded down, so the sparse path is
+taken only where it measured faster than dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["InputSparsePlan", "gathered_rows_mm", "input_sparse_linear_cpu", "linear_rows_bag", "linear_rows_gather",
+           "plan_for"]
+
+
+@dataclass(frozen=True)
+class InputSparsePlan:
+    bag_rows: float  # "bag" while non-zeros / in_features <= this
+    gather_union: float  # else "gather" while |union of active inputs| / in_features <= this; else dense
+
+
+# (dtype, token bucket) -> plan, from `bench/act_sparsity.py breakeven --reps 7 --tag _v3`
+# (bench/results_act_sparsity/breakeven_v3.json): W 5632 x 2048 and 2048 x 5632, 1 thread, Xeon
+# (AVX-512/AMX), torch 2.13, active fractions 0.1/0.3/0.5/0.7/0.9 shared by the call's tokens
+# (bag reads tokens x fraction rows). Each value is the largest measured point at which the method
+# was >= 1.1x F.linear on *both* shapes; between points we do not guess.
+_MEASURED = {
+    (torch.float32, 1): InputSparsePlan(0.5, 0.0),
+    (torch.float32, 2): InputSparsePlan(0.2, 0.1),
+    (torch.float32, 4): InputSparsePlan(0.4, 0.5),
+    (torch.float32, 8): InputSparsePlan(0.8, 0.7),
+    (torch.bfloat16, 1): InputSparsePlan(0.7, 0.0),
+    (torch.bfloat16, 2): InputSparsePlan(0.6, 0.1),
+    (torch.bfloat16, 4): InputSparsePlan(0.4, 0.1),
+    (torch.bfloat16, 8): InputSparsePlan(0.8, 0.1),
+}
+_BUCKETS = (1, 2, 4, 8)
+_UNMEASURED = InputSparsePlan(0.3, 0.1)  # fp16 and anything else: only clearly sparse calls
+
+
+def plan_for(dtype: torch.dtype, tokens: int) -> InputSparsePlan | None:
+    """The measured plan for ``tokens`` (smallest bucket >= it); None above 8 tokens (prefill is
+    compute-bound: dense)."""
+    for b in _BUCKETS:
+        if tokens <= b:
+            return _MEASURED.get((dtype, b), _UNMEASURED)
+    return None
+
+
+def linear_rows_bag(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None,
+                    nz: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w_t (+ bias)`` for x [T, in], one embedding bag per token over its non-zero inputs."""
+    if nz is None:
+        nz = x != 0
+    tok, col = nz.nonzero(as_tuple=True)  # row-major: grouped by token
+    counts = torch.bincount(tok, minlength=x.shape[0])
+    offsets = torch.zeros_like(counts)
+    offsets[1:] = counts.cumsum(0)[:-1]
+    y = F.embedding_bag(col, w_t, offsets, mode="sum", per_sample_weights=x[tok, col].to(w_t.dtype))
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)
+
+
+def linear_rows_gather(x: torch.Tensor, w_t: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None = None,
+                       block_rows: int = 128) -> torch.Tensor:
+    """``x @ w_t (+ bias)`` for x [T, in] that is zero outside the columns ``idx``: see
+    :func:`gathered_rows_mm`."""
+    buf = torch.empty(min(block_rows, max(idx.numel(), 1)), w_t.shape[1], dtype=w_t.dtype)
+    acc = torch.zeros(x.shape[0], w_t.shape[1], dtype=torch.float32)
+    gathered_rows_mm(x[:, idx], w_t, idx, buf, acc)
+    if bias is not None:
+        acc += bias
+    return acc.to(x.dtype)
+
+
+def gathered_rows_mm(xs: torch.Tensor, w_t: torch.Tensor, idx: torch.Tensor, buf: torch.Tensor,
+                     acc: torch.Tensor) -> torch.Tensor:
+    """acc [T, out] (fp32) += xs [T, n] @ w_t[idx]: the rows ``w_t[idx]`` are gathered
+    ``len(buf)`` at a time into ``buf`` (an L2-sized buffer) and multiplied by a GEMM, so each
+    row is read once for all T tokens; 16-bit products are summed in fp32 across blocks."""
+    fp32 = w_t.dtype == torch.float32
+    xs = xs.to(w_t.dtype)
+    step = buf.shape[0]
+    for s in range(0, idx.numel(), step):
+        e = min(s + step, idx.numel())
+        blk = buf[: e - s]
+        torch.index_select(w_t, 0, idx[s:e], out=blk)
+        if fp32:
+            acc.addmm_(xs[:, s:e], blk)
+        else:
+            acc += torch.mm(xs[:, s:e], blk)
+    return acc
+
+
+def input_sparse_linear_cpu(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None, *,
+                            dense=None, plan: InputSparsePlan | None = None) -> torch.Tensor:
+    """``x @ w_t (+ bias)`` for x [T, in] (T <= 8) with zeros in it, by whichever of bag, gather
+    or dense the plan says is fastest for this call's non-zeros. ``dense(x)`` is the caller's
+    dense linear (default: ``x @ w_t``); it runs when the plan says sparse would not pay."""
+    t, d = x.shape
+    plan = plan or plan_for(w_t.dtype, t)
+    if plan is not None:
+        nz = x != 0
+        if float(nz.sum()) <= plan.bag_rows * d:
+            return linear_rows_bag(x, w_t, bias, nz)
+        if t > 1 and plan.gather_union > 0:
+            idx = nz.any(0).nonzero().flatten()
+            if idx.numel() <= plan.gather_union * d:
+                return linear_rows_gather(x, w_t, idx, bias)
+    if dense is not None:
+        return dense(x)
+    y = x.to(w_t.dtype) @ w_t
+    return (y + bias if bias is not None else y).to(x.dtype)
