@@ -16,20 +16,36 @@ from squeeze.cli.main import _quiet_transformers, cli
 @click.option("--steps", type=int, default=100, show_default=True, help="Adam steps.")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Learning rate.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per step.")
-@click.option("--nsamples", type=int, help="Calibration sequences [default: 128].")
-@click.option("--seqlen", type=int, help="Tokens per sequence [default: 512, or the model's context if shorter].")
+@click.option("--nsamples", type=int,
+              help="Calibration sequences [default: 128; with --rows sentences: every sentence].")
+@click.option("--seqlen", type=int, help="Tokens per sequence [default: 512, or the model's context if shorter]; "
+              "with --rows sentences the cut-off of a sentence.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the batch order.")
-@click.option("--packing", type=click.Choice(["auto", "rows", "concat"]), default="auto", show_default=True)
+@click.option("--packing", type=click.Choice(["auto", "rows", "concat"]), default="auto", show_default=True,
+              help="How --rows packed cuts the data into --nsamples x --seqlen.")
+@click.option("--rows", "rows", type=click.Choice(["packed", "sentences"]), default="packed", show_default=True,
+              help="Training rows: packed sequences (see --packing), or one sentence per row, padded and masked "
+                   "(text data; suits sentence-embedding encoders).")
+@click.option("--encoder-loss", default="last", show_default=True,
+              help="Encoders: comma-separated loss terms, each NAME[:WEIGHT]: last (relative MSE of the last hidden "
+                   "state), layers (of every block's output), pooled (1 - cosine of mean-pooled embeddings).")
+@click.option("--augment", help="Comma-separated: pairs (with --rows sentences, also every two consecutive "
+              "sentences as a row), drop:P (drop each inner token with probability P each time a row is drawn), replace:P "
+              "(replace each inner token by a random vocabulary token with probability P).")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+              help="Learning rate after the warm-up: constant, or cosine decay to 0 at --steps.")
+@click.option("--warmup", type=int, default=0, show_default=True, help="Linear learning-rate warm-up steps.")
 @click.option("--checkpoint-every", type=int, default=50, show_default=True,
               help="Write a resumable checkpoint every M steps to .<out>.recover-work next to --out.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of an interrupted run.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default).")
-def recover(pruned_dir, reference, out, calib, steps, lr, batch_size, nsamples, seqlen, seed, packing,
-            checkpoint_every, resume, overwrite, json_path, trust_remote_code):
-    """Fine-tune PRUNED_DIR toward --reference (KL on its logits; hidden-state MSE for encoders),
-    keeping every pruned weight exactly zero, and export to --out."""
+def recover(pruned_dir, reference, out, calib, steps, lr, batch_size, nsamples, seqlen, seed, packing, rows,
+            encoder_loss, augment, lr_schedule, warmup, checkpoint_every, resume, overwrite, json_path,
+            trust_remote_code):
+    """Fine-tune PRUNED_DIR toward --reference (KL on its logits; hidden-state MSE for encoders,
+    see --encoder-loss), keeping every pruned weight exactly zero, and export to --out."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from squeeze.cli.report import print_kv
@@ -50,7 +66,9 @@ def recover(pruned_dir, reference, out, calib, steps, lr, batch_size, nsamples, 
             result = recover_fn(pruned_dir, out, reference=reference, calib=calib, steps=steps, lr=lr,
                                 nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size,
                                 checkpoint_every=checkpoint_every, packing=packing, resume=resume,
-                                overwrite=overwrite, trust_remote_code=trust_remote_code, on_step=on_step)
+                                overwrite=overwrite, trust_remote_code=trust_remote_code, on_step=on_step,
+                                rows=rows, encoder_loss=encoder_loss, augment=augment, lr_schedule=lr_schedule,
+                                warmup=warmup)
         except KeyboardInterrupt:
             bar.stop()
             click.echo(f"interrupted; --out was not written. Checkpoints (every {checkpoint_every} steps) are in "

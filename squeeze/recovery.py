@@ -10,6 +10,33 @@ for (vllm-project/llm-compressor#1028), kept deliberately small:
   head): relative MSE of the last hidden state, ``‖h_pruned − h_dense‖² / ‖h_dense‖²`` summed over
   tokens, which pins down both direction and scale of every token embedding (the sentence
   embedding is their mean, so its cosine to the dense one follows).
+- **Encoder loss terms** (``encoder_loss`` / ``--encoder-loss``, a comma-separated list of
+  ``NAME[:WEIGHT]``, summed; default ``last``, the loss above): ``last``; ``layers``, the mean
+  over blocks of the relative MSE of every block's output hidden state (intermediate-layer
+  distillation as in TinyBERT, Jiao et al. 2020); ``pooled``, 1 − cosine of the
+  attention-mask-aware mean-pooled sentence embeddings (the metric ``squeeze evaluate`` reports
+  for encoders; a cosine variant of distilling sentence embeddings directly, which Reimers &
+  Gurevych 2020 do with an MSE). Causal LMs always use the KL above and refuse other terms. Padding positions
+  never count in any term.
+- **Training rows** (``rows`` / ``--rows``): ``packed`` (default): ``nsamples`` × ``seqlen``
+  token windows as ``squeeze compress`` calibrates (``--packing``). ``sentences``: every text row
+  split into sentences, each tokenized on its own with the tokenizer's special tokens (cut to
+  ``seqlen``), batches right-padded with an attention mask; ``nsamples`` (optional) keeps a
+  seeded subset. Sentence-embedding models are used on single sentences, and packed 128-token
+  windows of running text are a different input distribution (other lengths and positions, no
+  ``[SEP]`` per sentence): for all-MiniLM-L6-v2 this is the biggest single gain measured
+  (``bench/README_quality.md``).
+- **Augmentation** (``augment`` / ``--augment``, comma-separated): ``pairs`` (with ``--rows
+  sentences``) adds every two consecutive sentences of a row as one more row; ``drop:P`` removes
+  each token but the first and last with probability P each time a row is drawn (token dropout;
+  the same rows give new, nearby inputs, against over-fitting a small corpus); ``replace:P``
+  replaces each such token with probability P by a random token of the vocabulary (not a special
+  token): the teacher labels any input, so the student also meets the many token embeddings a
+  small corpus never uses (the word-replacement augmentation of TinyBERT's data augmentation,
+  simplified to uniform draws). Both are seeded by ``seed`` and the step, so a resumed run sees
+  the same inputs.
+- **Schedule** (``lr_schedule`` / ``--lr-schedule``, ``warmup`` / ``--warmup``): ``constant``
+  (default) or ``cosine`` decay to 0 at the last step, after ``warmup`` steps of linear warm-up.
 - **What trains.** Every parameter inside the transformer blocks (linears, their biases, norms);
   embeddings and the LM head stay frozen (they are not pruned, and are often tied).
 - **Masks stay.** For every linear in the blocks the zero pattern is recorded before training;
@@ -35,9 +62,11 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import itertools
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -74,10 +103,90 @@ def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> 
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
-def relative_mse(teacher_hidden: torch.Tensor, student_hidden: torch.Tensor) -> torch.Tensor:
-    """‖h_s − h_t‖² / ‖h_t‖² over the whole batch (a scalar)."""
+def relative_mse(teacher_hidden: torch.Tensor, student_hidden: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """‖h_s − h_t‖² / ‖h_t‖² over the whole batch (a scalar); with ``mask`` (B, T) only the
+    positions where it is nonzero count (padding is ignored)."""
     t, s = teacher_hidden.float(), student_hidden.float()
+    if mask is not None:
+        m = (mask != 0).to(t.dtype)[..., None]
+        t, s = t * m, s * m
     return ((s - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12)
+
+
+def layerwise_relative_mse(teacher_states, student_states, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over blocks of :func:`relative_mse` of each block's output hidden state (the
+    intermediate-layer distillation of TinyBERT, Jiao et al. 2020, "TinyBERT: Distilling BERT for
+    Natural Language Understanding", with a relative instead of a plain MSE so every block
+    counts equally whatever its scale). ``*_states``: the per-block outputs, same count."""
+    if len(teacher_states) != len(student_states) or not teacher_states:
+        raise ValueError(f"{len(teacher_states)} teacher vs {len(student_states)} student hidden states")
+    return sum(relative_mse(t, s, mask) for t, s in zip(teacher_states, student_states)) / len(teacher_states)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention-mask-aware mean over tokens (the sentence-transformers pooling): (B, T, H) -> (B, H)."""
+    if mask is None:
+        return hidden.float().mean(1)
+    m = (mask != 0).to(torch.float32)[..., None]
+    return (hidden.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def pooled_cosine_loss(teacher_hidden: torch.Tensor, student_hidden: torch.Tensor,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over rows of 1 − cos(mean-pooled student, mean-pooled teacher): the quantity
+    ``squeeze evaluate`` scores encoders by (its ``cosine_mean`` is 1 minus this on its data)."""
+    t, s = mean_pool(teacher_hidden, mask), mean_pool(student_hidden, mask)
+    return (1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1)).mean()
+
+
+ENCODER_LOSS_TERMS = ("last", "layers", "pooled")
+
+
+def parse_encoder_loss(spec: str) -> dict[str, float]:
+    """``"last"``, ``"layers,pooled:2"``, ... -> {term: weight}. Terms: ``last`` (relative MSE of
+    the last hidden state), ``layers`` (mean relative MSE of every block's output), ``pooled``
+    (1 − cosine of the mean-pooled embeddings); an optional ``:WEIGHT`` (default 1) scales a term."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise SqueezeError(f"--encoder-loss must name one or more of {', '.join(ENCODER_LOSS_TERMS)} "
+                           f"(got {spec!r})")
+    out: dict[str, float] = {}
+    for part in spec.split(","):
+        name, _, w = part.strip().partition(":")
+        if name not in ENCODER_LOSS_TERMS:
+            raise SqueezeError(f"--encoder-loss: unknown term {name!r} in {spec!r}; use a comma-separated list of "
+                               f"{', '.join(ENCODER_LOSS_TERMS)}, each optionally NAME:WEIGHT")
+        try:
+            weight = float(w) if w else 1.0
+        except ValueError:
+            weight = float("nan")
+        if not (weight > 0 and math.isfinite(weight)):
+            raise SqueezeError(f"--encoder-loss: the weight of {name!r} must be a positive number (got {w!r})")
+        if name in out:
+            raise SqueezeError(f"--encoder-loss: {name!r} is given twice in {spec!r}")
+        out[name] = weight
+    return out
+
+
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]*[A-Z0-9])")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split running text at sentence ends (``.``, ``!`` or ``?``, then whitespace, then a capital
+    letter or digit). A heuristic for prose; abbreviations such as "Dr. Smith" split too."""
+    flat = " ".join(text.split())
+    return [p.strip() for p in _SENTENCE_END.split(flat) if p.strip()]
+
+
+def lr_at(step: int, steps: int, lr: float, schedule: str, warmup: int) -> float:
+    """Learning rate of optimisation step ``step`` (0-based): linear warm-up from lr/warmup to lr
+    over the first ``warmup`` steps, then ``constant`` or ``cosine`` decay to 0 at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    done = (step - warmup) / max(steps - warmup, 1)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
 
 
 def zero_masks(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -105,6 +214,107 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
+def collate(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Right-pad ``rows`` (1-D token ids) to one (B, T) batch; the attention mask is ``None`` when
+    every row has the same length (nothing to mask), else 1 on real tokens and 0 on padding."""
+    n = max(len(r) for r in rows)
+    if all(len(r) == n for r in rows):
+        return torch.stack(rows), None
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    return ids, mask
+
+
+def drop_tokens(row: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """``row`` with each token except the first and the last removed with probability ``p``
+    (token dropout: a new, nearby input each time a row is drawn; the first/last tokens are the
+    special tokens for a tokenizer that adds them)."""
+    if p <= 0 or len(row) <= 2:
+        return row
+    keep = torch.rand(len(row), generator=generator) >= p
+    keep[0] = keep[-1] = True
+    return row[keep]
+
+
+def replace_tokens(row: torch.Tensor, p: float, generator: torch.Generator, vocab: torch.Tensor) -> torch.Tensor:
+    """``row`` with each token except the first and the last replaced, with probability ``p``, by
+    a token drawn uniformly from ``vocab`` (1-D ids): the teacher labels any input, so this shows
+    the student token embeddings the small corpus never uses."""
+    if p <= 0 or len(row) <= 2:
+        return row
+    hit = torch.rand(len(row), generator=generator) < p
+    hit[0] = hit[-1] = False
+    out = row.clone()
+    out[hit] = vocab[torch.randint(len(vocab), (int(hit.sum()),), generator=generator)]
+    return out
+
+
+def parse_augment(spec: str | None) -> dict[str, float]:
+    """``None``/``""`` -> {}; ``"pairs,drop:0.1,replace:0.1"`` -> {"pairs": 1.0, "drop": 0.1, "replace": 0.1}."""
+    if spec is None or not str(spec).strip():
+        return {}
+    out: dict[str, float] = {}
+    for part in str(spec).split(","):
+        name, _, v = part.strip().partition(":")
+        if name == "pairs" and not v:
+            out["pairs"] = 1.0
+        elif name in ("drop", "replace"):
+            try:
+                p = float(v)
+            except ValueError:
+                p = float("nan")
+            if not 0 < p < 1:
+                raise SqueezeError(f"--augment {name}:P needs a probability 0 < P < 1 (got {part.strip()!r})")
+            out[name] = p
+        else:
+            raise SqueezeError(f"--augment: unknown item {part.strip()!r}; use a comma-separated list of "
+                               "'pairs' (with --rows sentences), 'drop:P' (token dropout) and 'replace:P' "
+                               "(random-token replacement), 0 < P < 1")
+    return out
+
+
+def sentence_calibration(ckpt: Checkpoint, config, calib: str, nsamples: int | None, seqlen: int, seed: int,
+                         pairs: bool = False, trust_remote_code: bool = False):
+    """Training rows of one sentence each (``--rows sentences``): every text row of ``calib`` split
+    with :func:`split_sentences`, tokenized on its own (with the tokenizer's special tokens) and cut
+    to ``seqlen`` tokens; with ``pairs`` also every two consecutive sentences of a row as one more
+    row. ``nsamples`` keeps a seeded random subset of that many. Rows have their own lengths:
+    batches are padded and masked."""
+    from squeeze.calib.packing import Calibration
+    from squeeze.calib.sources import load_rows
+    from squeeze.compressor import load_tokenizer
+
+    rows = load_rows(calib)
+    if rows.texts is None:
+        raise SqueezeError(f"--rows sentences needs text data, {rows.source} holds token ids; "
+                           "use --rows packed or give text")
+    tok = load_tokenizer(ckpt.path, trust_remote_code)
+    if tok is None:
+        raise SqueezeError(f"--rows sentences needs the model's tokenizer, {ckpt.path} has none; use --rows packed")
+    texts = []
+    for t in rows.texts:
+        sents = split_sentences(t)
+        texts += sents
+        if pairs:
+            texts += [a + " " + b for a, b in itertools.pairwise(sents)]
+    ids = [r[:seqlen] for r in (tok(t, add_special_tokens=True)["input_ids"] for t in texts) if len(r) >= 2]
+    if not ids:
+        raise SqueezeError(f"calibration data {rows.source} has no sentence of at least 2 tokens")
+    if nsamples is not None:
+        if nsamples > len(ids):
+            raise SqueezeError(f"calibration data {rows.source} has {len(ids)} sentence rows, asked for "
+                               f"--nsamples {nsamples}; lower --nsamples or leave it out to use all")
+        pick = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))[:nsamples].sort().values
+        ids = [ids[i] for i in pick.tolist()]
+    vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+    if vocab is not None and max(max(r) for r in ids) >= vocab:
+        raise SqueezeError(f"the tokenizer of {ckpt.path} gives ids past the model's vocab size {vocab}")
+    return Calibration([torch.tensor(r, dtype=torch.long) for r in ids], rows.source,
+                       "sentences+pairs" if pairs else "sentences", seqlen, seed)
+
+
 # -- loading -------------------------------------------------------------------------------------
 def _load_plain(ckpt: Checkpoint, config, trust_remote_code: bool) -> nn.Module:
     """The checkpoint's weights as a plain transformers model (no run-time module swaps: we train
@@ -125,7 +335,7 @@ def _load_plain(ckpt: Checkpoint, config, trust_remote_code: bool) -> nn.Module:
             raise SqueezeError(f"{ckpt.path}: cannot load model ({str(e).splitlines()[0][:160]})") from None
 
 
-def _check_args(steps, lr, batch_size, checkpoint_every) -> None:
+def _check_args(steps, lr, batch_size, checkpoint_every, rows="packed", schedule="constant", warmup=0) -> None:
     if not isinstance(steps, int) or steps < 1:
         raise SqueezeError(f"--steps must be a whole number >= 1 (got {steps!r})")
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
@@ -134,34 +344,60 @@ def _check_args(steps, lr, batch_size, checkpoint_every) -> None:
         raise SqueezeError(f"--batch-size must be >= 1 (got {batch_size!r})")
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise SqueezeError(f"--checkpoint-every must be >= 1 (got {checkpoint_every!r})")
+    if rows not in ("packed", "sentences"):
+        raise SqueezeError(f"--rows must be 'packed' or 'sentences' (got {rows!r})")
+    if schedule not in ("constant", "cosine"):
+        raise SqueezeError(f"--lr-schedule must be 'constant' or 'cosine' (got {schedule!r})")
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or not 0 <= warmup < steps:
+        raise SqueezeError(f"--warmup must be a whole number of steps, 0 <= warmup < --steps {steps} (got {warmup!r})")
 
 
 class _Distiller:
-    def __init__(self, student: nn.Module, teacher: nn.Module, kind: str):
+    def __init__(self, student: nn.Module, teacher: nn.Module, kind: str, terms: dict[str, float] | None = None):
         self.student, self.teacher, self.kind = student, teacher, kind
+        self.terms = terms or {"last": 1.0}
 
-    def _outputs(self, model, ids):
+    def _outputs(self, model, ids, mask):
+        extra = {} if mask is None else {"attention_mask": mask}
         if self.kind == "causal":
-            return model(input_ids=ids, use_cache=False).logits
-        return model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+            return model(input_ids=ids, use_cache=False, **extra).logits
+        out = model(input_ids=ids, output_hidden_states=True, **extra)
+        last = getattr(out, "last_hidden_state", None)
+        return out.hidden_states, out.hidden_states[-1] if last is None else last
 
-    def loss(self, ids: torch.Tensor) -> torch.Tensor:
-        """Mean loss of the batch ``ids`` (B, T); differentiable w.r.t. the student."""
+    def loss(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean loss of the batch ``ids`` (B, T) (``mask``: attention mask, padding ignored);
+        differentiable w.r.t. the student."""
         with torch.no_grad():
-            t = self._outputs(self.teacher, ids)
-        s = self._outputs(self.student, ids)
+            t = self._outputs(self.teacher, ids, mask)
+        s = self._outputs(self.student, ids, mask)
         if self.kind == "causal":
-            return kl_per_token(t, s).mean()
-        return relative_mse(t, s)
+            kl = kl_per_token(t, s)
+            if mask is None:
+                return kl.mean()
+            m = (mask != 0).to(kl.dtype)
+            return (kl * m).sum() / m.sum().clamp_min(1.0)
+        (t_states, t_last), (s_states, s_last) = t, s
+        total = 0.0
+        for term, w in self.terms.items():
+            if term == "last":
+                value = relative_mse(t_states[-1], s_states[-1], mask)
+            elif term == "layers":  # hidden_states[0] is the (frozen) embedding output: blocks only
+                value = layerwise_relative_mse(t_states[1:], s_states[1:], mask)
+            else:
+                value = pooled_cosine_loss(t_last, s_last, mask)
+            total = total + w * value
+        return total
 
     @torch.no_grad()
-    def mean_loss(self, samples: list[torch.Tensor], batch_size: int) -> float:
-        """Token-weighted mean loss over every calibration sample (equal lengths)."""
+    def mean_loss(self, samples: list[torch.Tensor], batch_size: int, pad_id: int = 0) -> float:
+        """Token-weighted mean loss over every calibration sample."""
         total, count = 0.0, 0
         for i in range(0, len(samples), batch_size):
-            ids = torch.stack(samples[i:i + batch_size])
-            total += float(self.loss(ids)) * ids.numel()
-            count += ids.numel()
+            ids, mask = collate(samples[i:i + batch_size], pad_id)
+            n = ids.numel() if mask is None else int(mask.sum())
+            total += float(self.loss(ids, mask)) * n
+            count += n
         return total / max(count, 1)
 
 
@@ -220,12 +456,14 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
             seqlen: int | None = None, seed: int = 0, batch_size: int = 8, checkpoint_every: int = 50,
             packing: str = "auto", resume: bool = False, overwrite: bool = False,
             json_path: str | Path | None = None, trust_remote_code: bool = False, keep_model: bool = False,
-            on_step=None) -> RecoverResult:
+            on_step=None, encoder_loss: str = "last", rows: str = "packed", augment: str | None = None,
+            lr_schedule: str = "constant", warmup: int = 0) -> RecoverResult:
     """Fine-tune the pruned checkpoint ``pruned`` toward ``reference`` (its dense model) for
     ``steps`` Adam steps on ``calib`` data, keeping every zero weight zero, and export to ``out``.
 
     ``on_step(step, total, loss)`` is called after every step. Returns the report (also written
-    to ``json_path``); the recovered model too when ``keep_model``.
+    to ``json_path``); the recovered model too when ``keep_model``. ``encoder_loss``, ``rows``,
+    ``augment``, ``lr_schedule`` and ``warmup``: see the module docstring.
     """
     t_start = time.perf_counter()
     from squeeze.compressor import calibration_for, peak_rss_mb
@@ -234,7 +472,11 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
     from squeeze.loading import read_record
     from squeeze.modeling import WeightMap, load_config
 
-    _check_args(steps, lr, batch_size, checkpoint_every)
+    _check_args(steps, lr, batch_size, checkpoint_every, rows, lr_schedule, warmup)
+    terms = parse_encoder_loss(encoder_loss)
+    aug = parse_augment(augment)
+    if "pairs" in aug and rows != "sentences":
+        raise SqueezeError("--augment pairs needs --rows sentences (it joins consecutive sentences)")
     if reference is None:
         raise SqueezeError("no dense model to distil from: give --reference DENSE_DIR")
     if out is None:
@@ -253,8 +495,23 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
                                f"{key} {b!r} vs {a!r}")
     text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     max_pos = getattr(text_cfg, "max_position_embeddings", None) or 2048
-    nsamples, seqlen = nsamples or 128, seqlen or min(512, max_pos)
-    calibration = calibration_for(ckpt, config, calib, nsamples, seqlen, seed, packing, trust_remote_code)
+    if rows == "sentences":
+        seqlen = seqlen or min(512, max_pos)
+        if seqlen > max_pos:
+            raise SqueezeError(f"--seqlen {seqlen} exceeds the model's context of {max_pos} tokens; lower --seqlen")
+        calibration = sentence_calibration(ckpt, config, calib, nsamples, seqlen, seed, "pairs" in aug,
+                                           trust_remote_code)
+    else:
+        nsamples, seqlen = nsamples or 128, seqlen or min(512, max_pos)
+        calibration = calibration_for(ckpt, config, calib, nsamples, seqlen, seed, packing, trust_remote_code)
+    pad_id = getattr(text_cfg, "pad_token_id", None) or 0
+    vocab_ids = None
+    if "replace" in aug:  # every id of the embedding table but the tokenizer's special tokens
+        from squeeze.compressor import load_tokenizer
+
+        tok = load_tokenizer(ckpt.path, trust_remote_code)
+        special = set(getattr(tok, "all_special_ids", None) or []) | {pad_id}
+        vocab_ids = torch.tensor([i for i in range(text_cfg.vocab_size) if i not in special], dtype=torch.long)
 
     student = _load_plain(ckpt, config, trust_remote_code).eval()
     from squeeze.loading import load
@@ -264,6 +521,11 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
     kind = model_kind(student)
     if model_kind(teacher) != kind:
         raise SqueezeError(f"--reference is a {model_kind(teacher)} model, {ckpt.path} is a {kind} model")
+    if kind == "causal" and terms != {"last": 1.0}:
+        raise SqueezeError(f"--encoder-loss {encoder_loss!r} applies to encoders only; {ckpt.path} is a causal LM, "
+                           "distilled by KL of its next-token distributions")
+    loss_name = "kl" if kind == "causal" else "rel_mse" if terms == {"last": 1.0} else \
+        ",".join(n if w == 1.0 else f"{n}:{w:g}" for n, w in terms.items())
 
     from squeeze.adapters import Adapter
 
@@ -277,11 +539,14 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
     masks = zero_masks({n: p for n, p in params.items() if n in linear_weights})
     zeros_before = int(sum((~m).sum() for m in masks.values()))
     opt = torch.optim.Adam(list(params.values()), lr=lr)
-    distiller = _Distiller(student, teacher, kind)
+    distiller = _Distiller(student, teacher, kind, terms)
     samples = calibration.samples
 
     run_settings = {"pruned": str(ckpt.path.resolve()), "reference": str(ref_ckpt.path.resolve()),
                     "calibration": calibration.digest(), "lr": lr, "batch_size": batch_size, "seed": seed}
+    schedule = {"loss": loss_name, "augment": aug, "lr_schedule": lr_schedule, "warmup": warmup}
+    if schedule != {"loss": loss_name, "augment": {}, "lr_schedule": "constant", "warmup": 0}:
+        run_settings.update(schedule, steps=steps)  # the cosine decay depends on --steps
     fingerprint = _fingerprint(run_settings)
     work = work_dir(out)
     start, resumed_from, loss_before, losses = 0, None, None, []
@@ -294,13 +559,20 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
     elif work.exists():
         shutil.rmtree(work)  # a stale run: without --resume we start over
     if loss_before is None:
-        loss_before = distiller.mean_loss(samples, batch_size)
+        loss_before = distiller.mean_loss(samples, batch_size, pad_id)
 
     t_train = time.perf_counter()
     for step in range(start, steps):
-        ids = torch.stack([samples[i] for i in batch_indices(step, batch_size, len(samples), seed)])  # (B, T)
+        batch = [samples[i] for i in batch_indices(step, batch_size, len(samples), seed)]
+        if "drop" in aug or "replace" in aug:  # a function of seed and step, like the batch order (resume-safe)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * step + 1)
+            batch = [replace_tokens(drop_tokens(r, aug.get("drop", 0.0), g), aug.get("replace", 0.0), g, vocab_ids)
+                     for r in batch]
+        ids, mask = collate(batch, pad_id)  # (B, T), mask None when all rows have one length
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, lr_schedule, warmup)
         opt.zero_grad(set_to_none=True)
-        loss = distiller.loss(ids)
+        loss = distiller.loss(ids, mask)
         if not torch.isfinite(loss):
             raise SqueezeError(f"recovery diverged at step {step + 1} (loss {float(loss)}); lower --lr")
         loss.backward()
@@ -316,18 +588,22 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
                                                       "loss_before": loss_before, "losses": losses})
     train_seconds = time.perf_counter() - t_train
     student.requires_grad_(False)
-    loss_after = distiller.mean_loss(samples, batch_size)
+    loss_after = distiller.mean_loss(samples, batch_size, pad_id)
     zeros_after = int(sum((p.detach()[~masks[n]] == 0).sum() for n, p in params.items() if n in masks))
     if zeros_after != zeros_before:  # cannot happen (masks re-applied every step); never export if it did
         raise SqueezeError(f"internal error: {zeros_before - zeros_after} pruned weights became nonzero")
     del teacher, opt
     gc.collect()
 
-    entry = {"pass": "recover", "reference": str(ref_ckpt.path), "loss": "kl" if kind == "causal" else "rel_mse",
+    entry = {"pass": "recover", "reference": str(ref_ckpt.path), "loss": loss_name,
              "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
              "calibration": calibration.describe(), "trained": "block parameters (embeddings, head frozen)",
              "loss_before": round(loss_before, 6), "loss_after": round(loss_after, 6),
              "pruned_weights_kept_zero": zeros_before}
+    if schedule["lr_schedule"] != "constant" or warmup:
+        entry.update(lr_schedule=lr_schedule, warmup=warmup)
+    if aug:
+        entry["augment"] = aug
     old = read_record(ckpt.path)
     record = {k: v for k, v in old.items() if k not in ("squeeze_version", "torch", "transformers")}
     record["passes"] = list(record.get("passes") or []) + [entry]
@@ -350,6 +626,7 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
     report = {"pruned": str(ckpt.path), "reference": str(ref_ckpt.path), "out": str(out.resolve()),
               "kind": kind, **{k: entry[k] for k in ("loss", "steps", "lr", "batch_size", "seed", "calibration",
                                                      "loss_before", "loss_after")},
+              "lr_schedule": lr_schedule, "warmup": warmup, "augment": aug,
               "resumed_from": resumed_from, "losses": losses, "trainable_params": sum(p.numel() for p in
                                                                                        params.values()),
               "pruned_weights_kept_zero": zeros_before, "files": sizes,
