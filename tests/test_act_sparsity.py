@@ -170,7 +170,7 @@ def test_decode_skips_counting_when_sparse_cannot_pay(tiny_dir, tiny_calib, tmp_
 
     res = squeeze.compress(tiny_dir("llama"), tmp_path / "o", method="teal", act_sparsity=0.3,
                            calib=str(tiny_calib), nsamples=8, seqlen=32)
-    monkeypatch.setattr(act_sparse, "input_sparse_linear", lambda *a, **k: pytest.fail("kernel called"))
+    monkeypatch.setattr(act_sparse, "input_sparse_linear_cpu", lambda *a, **k: pytest.fail("kernel called"))
     ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         _logits(res.model, ids)

@@ -93,10 +93,13 @@ def threshold_from_scores(score: torch.Tensor, sparsity: float) -> float:
     return float(flat.kthvalue(min(k, flat.numel())).values)
 
 
-def mask_threshold(x: torch.Tensor, threshold: float | torch.Tensor, scale: torch.Tensor | None = None
-                   ) -> torch.Tensor:
-    """x with entries whose score is <= threshold zeroed (a threshold of 0 only zeroes zeros)."""
-    return x * (scores(x, scale) > threshold).to(x.dtype)
+def mask_threshold(x: torch.Tensor, threshold: float, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x with entries whose score is <= threshold zeroed (a threshold of 0 only zeroes zeros).
+    The run-time mask of every TEAL/WINA site, so it stays one fused op where it can: decode
+    calls it per site and token (the threshold is compared in x's dtype)."""
+    if scale is None or not scale.numel():
+        return torch.nn.functional.hardshrink(x, float(threshold))
+    return torch.where(scores(x, scale) > threshold, x, 0)
 
 
 def mask_topk(x: torch.Tensor, sparsity: float, scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -140,15 +140,9 @@ class ActSparsifier(nn.Module):
             x = F.linear(x, rot)
         if self.mode == "zero" or sparsity <= 0.0:
             return x  # 0% sparsity is exactly the dense model (up to the rotation)
-        if self.mode == "topk":
-            from squeeze.passes._actsparse_math import mask_topk
+        from squeeze.passes._actsparse_math import mask_threshold, mask_topk
 
-            y = mask_topk(x, sparsity, scale)
-        elif scale is None:
-            # |x| <= t -> 0 in one fused op (the threshold is compared in x's dtype, as before)
-            y = F.hardshrink(x, threshold)
-        else:
-            y = torch.where(x.abs() * scale > threshold, x, 0)
+        y = mask_topk(x, sparsity, scale) if self.mode == "topk" else mask_threshold(x, threshold, scale)
         if self.dense_prefix > 0 and x.dim() >= 2 and x.shape[-2] > DECODE_TOKENS:
             n = math.ceil(self.dense_prefix * x.shape[-2])
             y = torch.cat([x[..., :n, :], y[..., n:, :]], dim=-2)
@@ -217,6 +211,7 @@ class _SparseForward:
     def __init__(self, module: nn.Module):
         self._module = weakref.ref(module)  # weak: the module holds this object
         self.dense = type(module).forward.__get__(module)
+        self._plans: dict = {}
 
     def __deepcopy__(self, memo):
         # copy.deepcopy(model) copies the module first (it is in memo by now): bind to the copy
@@ -233,7 +228,7 @@ class _SparseForward:
         plan = self._plan(sp, tokens, m.weight.dtype)
         if plan is None:
             return self.dense(x)
-        y = input_sparse_linear(x.reshape(tokens, d), _transposed_weight(m), m.bias, dense=self.dense, plan=plan)
+        y = input_sparse_linear_cpu(x.reshape(tokens, d), _transposed_weight(m), m.bias, dense=self.dense, plan=plan)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _plan(self, sp: ActSparsifier, tokens: int, dtype: torch.dtype):
@@ -242,7 +237,7 @@ class _SparseForward:
         them (less when tokens agree); margin 1.25 for the spread between tokens. Cached per
         (tokens, dtype, sparsity) because it runs per linear per decode step."""
         key = (tokens, dtype, sp._gen, id(sp))
-        cache = self.__dict__.setdefault("_plans", {})
+        cache = self._plans
         if key not in cache:
             if len(cache) > 64:
                 cache.clear()
@@ -268,9 +263,3 @@ def _transposed_weight(m: nn.Module) -> torch.Tensor:
         m.__dict__["_squeeze_wt"] = cached
     return cached[1]
 
-
-def input_sparse_linear(x2: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, *, dense=None,
-                        plan=None) -> torch.Tensor:
-    """y = x2 @ wt (+ bias) for x2 [tokens, in] with zeros, wt [in, out]: squeeze.kernels'
-    CPU input-sparse linear (bag / gather / ``dense`` by its measured plan)."""
-    return input_sparse_linear_cpu(x2, wt, bias, dense=dense, plan=plan)
