@@ -236,14 +236,14 @@ def _random_llama(folder: Path, dtype: torch.dtype, layers: int):
 @torch.no_grad()
 def _decode_tps(model, prompt: torch.Tensor, new: int, chunk: int) -> float:
     """Tokens/s of feeding ``new`` tokens ``chunk`` at a time after a cached prompt."""
-    from transformers import DynamicCache
+    from squeeze.compat import cache_kwargs, new_cache
 
-    cache = DynamicCache()
-    model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    cache = new_cache()
+    model(input_ids=prompt, use_cache=True, **cache_kwargs(cache))
     toks = torch.randint(3, 2000, (1, new))
     t = time.perf_counter()
     for i in range(0, new, chunk):
-        model(input_ids=toks[:, i:i + chunk], past_key_values=cache, use_cache=True)
+        model(input_ids=toks[:, i:i + chunk], use_cache=True, **cache_kwargs(cache))
     return new / (time.perf_counter() - t)
 
 

@@ -36,8 +36,8 @@ def build(kind: str):
                               image_size=336, patch_size=14, projection_dim=64)
     text = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=31999, image_seq_length=576)
-    cfg._attn_implementation = "sdpa"
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=31999, image_seq_length=576,
+                      attn_implementation="sdpa")
     torch.manual_seed(0)
     return LlavaForConditionalGeneration(cfg).eval()
 

@@ -20,7 +20,6 @@ The decoding loop is our own (not ``model.generate``) so the random stream is a 
 from __future__ import annotations
 
 import gc
-import inspect
 from collections.abc import Callable
 
 import torch
@@ -68,19 +67,20 @@ def next_tokens(logits: torch.Tensor, mode: str = "greedy", temperature: float =
 def _continue_batch(model, ids: torch.Tensor, k: int, mode: str, temperature: float, top_p: float,
                     generator: torch.Generator, on_token: Callable[[int], None] | None) -> torch.Tensor:
     """Decode ``k`` tokens after every row of ``ids`` (B, P) with the KV cache. Returns (B, k)."""
+    from squeeze.compat import cache_kwargs, new_cache
+
     b = ids.shape[0]
-    out = model(input_ids=ids, use_cache=True)
-    past = out.past_key_values
+    cache = new_cache(model.config)  # the model fills it in place
+    logits = model(input_ids=ids, use_cache=True, **cache_kwargs(cache)).logits
     generated = torch.empty((b, k), dtype=torch.long)
     for t in range(k):
-        nxt = next_tokens(out.logits[:, -1].float(), mode, temperature, top_p, generator)  # (B,)
+        nxt = next_tokens(logits[:, -1].float(), mode, temperature, top_p, generator)  # (B,)
         generated[:, t] = nxt
         if on_token:
             on_token(b)
         if t + 1 < k:
             # rows share a length (no padding), so the model derives positions from the cache
-            out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            logits = model(input_ids=nxt[:, None], use_cache=True, **cache_kwargs(cache)).logits
     return generated
 
 
@@ -98,9 +98,8 @@ def extend_with_generation(model, samples: list[torch.Tensor], k: int, mode: str
     counts = {"prompt_tokens": sum(int(s.numel()) for s in samples), "generated_tokens": 0}
     if k == 0 or not samples:
         return list(samples), counts
-    if "past_key_values" not in inspect.signature(model.forward).parameters:
-        raise SqueezeError(f"{type(model).__name__} cannot generate (no KV cache); --calib-generate needs a "
-                           "causal language model")
+    if not (hasattr(model, "can_generate") and model.can_generate()):
+        raise SqueezeError(f"{type(model).__name__} cannot generate; --calib-generate needs a causal language model")
     generator = torch.Generator().manual_seed(seed)
     by_len: dict[int, list[int]] = {}
     for i, s in enumerate(samples):

@@ -12,7 +12,6 @@ replaced by pass-through recorders.
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from squeeze.calib.packing import Calibration
 from torch import nn
 
 from squeeze.adapters import Adapter, Block
+from squeeze.compat import forward_accepts
 from squeeze.errors import SqueezeError
 
 
@@ -100,7 +100,7 @@ class BlockRunner:
         store: list = []
         for i in range(len(blocks)):
             blocks[i] = _Recorder(i, i == len(blocks) - 1, store)
-        kw = {"use_cache": False} if "use_cache" in inspect.signature(self.model.forward).parameters else {}
+        kw = {"use_cache": False} if forward_accepts(self.model, "use_cache") else {}
         batches = []
         try:
             for ids in self._batches():

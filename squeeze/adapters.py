@@ -143,7 +143,9 @@ def role_of(name_in_block: str) -> str:
 
 
 def _infer_blocks_path(model: nn.Module) -> str:
-    block_types = set(getattr(model, "_no_split_modules", None) or [])
+    from squeeze.compat import no_split_modules
+
+    block_types = no_split_modules(model)
     found = []
     for name, m in model.named_modules():
         if isinstance(m, nn.ModuleList) and len(m) > 0:

@@ -56,15 +56,16 @@ def model_class(config, trust_remote_code: bool = False):
     """The transformers class named by ``config.architectures`` (built-in classes only unless
     remote code is trusted), else the causal-LM auto class, else the base auto class."""
     import transformers
-    from transformers import AutoModel, AutoModelForCausalLM
+
+    from squeeze.compat import auto_class_for
 
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
         if isinstance(cls, type) and issubclass(cls, nn.Module):
             return cls
-    for auto in (AutoModelForCausalLM, AutoModel):
-        if type(config) in auto._model_mapping:
-            return auto._model_mapping[type(config)]
+    cls = auto_class_for(config)
+    if cls is not None:
+        return cls
     if trust_remote_code and getattr(config, "auto_map", None):
         return None  # resolved through the auto class with remote code
     raise SqueezeError(
@@ -75,16 +76,18 @@ def model_class(config, trust_remote_code: bool = False):
 
 def build_skeleton(config, trust_remote_code: bool = False, attn_implementation: str = "eager") -> nn.Module:
     """The model with meta parameters and real buffers, in eval mode."""
+    from squeeze.compat import instantiate
+
     cls = model_class(config, trust_remote_code)
-    config._attn_implementation = attn_implementation
     with params_on_meta(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if cls is None:
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=True,
+                                                     attn_implementation=attn_implementation)
         else:
-            model = cls._from_config(config)
+            model = instantiate(cls, config, attn_implementation)
     return model.eval().requires_grad_(False)
 
 
@@ -100,19 +103,22 @@ class WeightMap:
         self.tied: dict[str, str] = {}
         tied = _tied_pairs(model)
         missing = []
-        renamed = _renamed_checkpoint_keys(model, keys)
         for name, _ in model.named_parameters(remove_duplicate=False):
             for cand in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
                 if cand in keys:
                     self.to_ckpt[name] = cand
                     break
             else:
-                if name in renamed:
-                    self.to_ckpt[name] = renamed[name]
-                elif name in tied:
+                if name in tied:
                     self.tied[name] = tied[name]
                 else:
                     missing.append(name)
+        if missing:  # a legacy layout transformers renames on load (e.g. old LLaVA checkpoints)?
+            from squeeze.compat import checkpoint_renamings
+
+            renamed = checkpoint_renamings(model, keys)
+            self.to_ckpt.update({n: renamed[n] for n in missing if n in renamed})
+            missing = [n for n in missing if n not in renamed]
         if missing:
             raise SqueezeError(
                 f"{ckpt.path}: checkpoint does not match its config: {len(missing)} parameters missing "
@@ -150,39 +156,16 @@ class WeightMap:
             set_param(module, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
 
 
-def _renamed_checkpoint_keys(model: nn.Module, keys: set) -> dict[str, str]:
-    """{model parameter name: checkpoint key} for checkpoints saved in a legacy layout that
-    transformers renames on load (e.g. LLaVA's ``language_model.model.layers`` ->
-    ``model.language_model.layers``); renamings only, never tensor-changing converters."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
-
-        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    except (ImportError, AttributeError, TypeError, ValueError, KeyError):  # pragma: no cover
-        return {}
-    if not renamings:
-        return {}
-    return {rename_source_key(k, renamings, [])[0]: k for k in keys}
-
-
 def _tied_pairs(model: nn.Module) -> dict[str, str]:
     """{tied parameter: source parameter} when the config ties them."""
+    from squeeze.compat import tied_parameters
+
     cfg = getattr(model, "config", None)
     get_text = getattr(cfg, "get_text_config", None)
     text_cfg = get_text() if get_text else cfg
     if not getattr(text_cfg, "tie_word_embeddings", getattr(cfg, "tie_word_embeddings", False)):
         return {}
-    keys = getattr(model, "_tied_weights_keys", None) or {}
-    if isinstance(keys, dict):
-        return dict(keys)
-    out = {}
-    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if inp is not None:
-        src = next(n for n, m in model.named_modules() if m is inp) + ".weight"
-        for k in keys:
-            out[k] = src
-    return out
+    return tied_parameters(model)
 
 
 def set_param(module: nn.Module, dotted: str, value: nn.Parameter) -> None:

@@ -23,10 +23,8 @@ def config(layers: int = 4, attn: str = "sdpa", **text_overrides):
                           "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
                           "max_position_embeddings": 256, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
                           **text_overrides})
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-                      image_seq_length=PATCH_GRID * PATCH_GRID)
-    cfg._attn_implementation = attn
-    return cfg
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                       image_seq_length=PATCH_GRID * PATCH_GRID, attn_implementation=attn)
 
 
 def model(layers: int = 4, seed: int = 0, attn: str = "sdpa", **text_overrides):
@@ -64,8 +62,7 @@ def next_model(layers: int = 4, seed: int = 0):
 
     base = config(layers)
     cfg = LlavaNextConfig(vision_config=base.vision_config, text_config=base.text_config, image_token_id=IMAGE_TOKEN,
-                          image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
-    cfg._attn_implementation = "sdpa"
+                          image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]], attn_implementation="sdpa")
     torch.manual_seed(seed)
     return LlavaNextForConditionalGeneration(cfg).eval()
 

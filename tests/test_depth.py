@@ -137,8 +137,9 @@ def test_early_exit_fixed_and_confidence():
 def test_early_exit_lazy_kv_matches_copied_state():
     # a token exits at layer 1; the next token runs all layers: layer >= 1 caches for the exited
     # position must be computed from the copied-up exit state (CALM policy), checked by hand.
+    from squeeze.compat import new_cache
     from squeeze.depth.early_exit import generate_early_exit
-    from squeeze.depth.stack import Stack, new_cache
+    from squeeze.depth.stack import Stack
 
     model = tiny_model("llama")
     prompt = [5, 6, 7]

@@ -145,13 +145,10 @@ def test_user_errors(pruned, tiny_dir, tiny_calib, tmp_path):
         squeeze.recover(pruned["llama"], pruned["gpt2"], reference=tiny_dir("llama"), **kw)
     with pytest.raises(SqueezeError, match="not a compression method"):
         squeeze.compress(tiny_dir("llama"), tmp_path / "y", method="recover", calib=str(tiny_calib))
-    import inspect
-
-    if "format" in inspect.signature(squeeze.compress).parameters:
-        packed = squeeze.compress(tiny_dir("llama"), tmp_path / "z", method="wanda", pattern="2:4", format="compressed",
-                                  calib=str(tiny_calib), nsamples=4, seqlen=16).out
-        with pytest.raises(SqueezeError, match="compressed 2:4 format"):
-            squeeze.recover(packed, tmp_path / "x", reference=tiny_dir("llama"), **kw)
+    packed = squeeze.compress(tiny_dir("llama"), tmp_path / "z", method="wanda", pattern="2:4", format="compressed",
+                              calib=str(tiny_calib), nsamples=4, seqlen=16).out
+    with pytest.raises(SqueezeError, match="compressed 2:4 format"):
+        squeeze.recover(packed, tmp_path / "x", reference=tiny_dir("llama"), **kw)
 
 
 def test_cli(pruned, tiny_dir, tiny_calib, tmp_path):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
 
+from squeeze.compat import cache_kwargs, new_cache, output_cache
 from squeeze.loading import read_record
 from squeeze.vision import install, uninstall
 from squeeze.vision.pyramiddrop import PyramidDropPolicy, topk_keep
@@ -188,10 +188,10 @@ def test_generation_after_dropping_has_consistent_caches(tiny):
         out = _gen(tiny, ids, pv, n=7, return_dict_in_generate=True)
         assert out.sequences.shape == (2, 24 + 7)
         assert rt.last.layer_lengths == [24, 16, 12, 10]
-        cache = out.past_key_values
+        cache = output_cache(out)
         # every layer holds its stage's kept tokens plus the 6 tokens fed back during decoding
-        assert [cache.layers[i].keys.shape[2] for i in range(4)] == [24 + 6, 16 + 6, 12 + 6, 10 + 6]
-        state = cache._squeeze_token_drop
+        assert [cache.get_seq_length(i) for i in range(4)] == [24 + 6, 16 + 6, 12 + 6, 10 + 6]
+        state = rt.state(cache)
         assert state.total == 30 and [s.orig.shape[1] for s in state.stages] == [30, 22, 18, 16]
         assert state.stages[-1].orig[0, -6:].tolist() == list(range(24, 30))  # original positions continue
     finally:
@@ -204,11 +204,11 @@ def test_decode_step_matches_full_forward_with_the_same_drops(tiny):
     ids, pv = inputs(batch=2, seed=3)
     try:
         rt = install(tiny, PyramidDropPolicy([1, 2, 3], [0.5, 0.25, 0.125]))
-        cache = DynamicCache(config=tiny.config.text_config)
+        cache = new_cache(tiny.config.text_config)
         with torch.no_grad():
-            first = tiny(input_ids=ids, pixel_values=pv, past_key_values=cache, use_cache=True).logits[:, -1]
+            first = tiny(input_ids=ids, pixel_values=pv, use_cache=True, **cache_kwargs(cache)).logits[:, -1]
             nxt = first.argmax(-1, keepdim=True)
-            step = tiny(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+            step = tiny(input_ids=nxt, use_cache=True, **cache_kwargs(cache)).logits[:, -1]
         kept = rt.last.kept
         install(tiny, Replay(kept))
         full = _logits(tiny, torch.cat([ids, nxt], 1), pv, use_cache=False)[:, -1]

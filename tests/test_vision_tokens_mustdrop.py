@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from transformers import DynamicCache
 
+from squeeze.compat import cache_kwargs, layer_kv, new_cache, output_cache
 from squeeze.loading import read_record
 from squeeze.vision import install, uninstall
 from squeeze.vision.mustdrop import (
@@ -30,13 +30,12 @@ def tiny():
 def _cls_importance(m, pv):
     """The vision tower's own (eager) attention of CLS over the patches at its last layer."""
     vt = m.model.vision_tower
-    old = vt.config._attn_implementation
-    vt.config._attn_implementation = "eager"
+    vt.set_attn_implementation("eager")
     try:
         with torch.no_grad():
             att = vt(pv, output_attentions=True).attentions[-1]  # (N, H, 1 + P, 1 + P)
     finally:
-        vt.config._attn_implementation = old
+        vt.set_attn_implementation("sdpa")
     return att[:, :, 0].mean(1)[:, 1:]  # (N, P)
 
 
@@ -121,17 +120,17 @@ def test_key_set_survives_aggressive_dropping_and_caches_are_trimmed(tiny):
     top4 = _cls_importance(tiny, pv)[0].topk(4).indices.sort().values + 3  # image tokens start at 3
     try:
         rt = install(tiny, MustDropPolicy([1, 2], 1.0, 1.0, window=1, key_fraction=0.25))
-        cache = DynamicCache(config=tiny.config.text_config)
+        cache = new_cache(tiny.config.text_config)
         with torch.no_grad():
-            tiny(input_ids=ids, pixel_values=pv, past_key_values=cache, use_cache=True)
+            tiny(input_ids=ids, pixel_values=pv, use_cache=True, **cache_kwargs(cache))
         kept = rt.last.kept[1][0]
         assert [i for i in kept if ids[0, i] == IMAGE_TOKEN] == top4.tolist()  # only the key set is left
         assert rt.last.layer_lengths == [24, 12, 12, 12]
-        assert [cache.layers[i].keys.shape[2] for i in range(4)] == [24, 12, 12, 12]
+        assert [cache.get_seq_length(i) for i in range(4)] == [24, 12, 12, 12]
         out = tiny.generate(input_ids=ids, pixel_values=pv, max_new_tokens=6, min_new_tokens=6, do_sample=False,
                             return_dict_in_generate=True)
         assert out.sequences.shape[1] == 24 + 6
-        assert [out.past_key_values.layers[i].keys.shape[2] for i in range(4)] == [29, 17, 17, 17]
+        assert [output_cache(out).get_seq_length(i) for i in range(4)] == [29, 17, 17, 17]
     finally:
         uninstall(tiny)
 
@@ -157,24 +156,24 @@ def test_trim_cuts_earlier_stages_to_the_survivors(tiny):
     try:
         for trim in (False, True):
             rt = install(tiny, FixedDrops({1: a, 3: b}, trim))
-            caches[trim] = DynamicCache(config=tiny.config.text_config)
+            caches[trim] = new_cache(tiny.config.text_config)
             with torch.no_grad():
-                tiny(input_ids=ids, pixel_values=pv, past_key_values=caches[trim], use_cache=True)
+                tiny(input_ids=ids, pixel_values=pv, use_cache=True, **cache_kwargs(caches[trim]))
         assert rt.last.layer_lengths == [24, 16, 16, 11]
         full, cut = caches[False], caches[True]
-        assert [full.layers[i].keys.shape[2] for i in range(4)] == [24, 16, 16, 11]
-        assert [cut.layers[i].keys.shape[2] for i in range(4)] == [24, 11, 11, 11]
+        assert [full.get_seq_length(i) for i in range(4)] == [24, 16, 16, 11]
+        assert [cut.get_seq_length(i) for i in range(4)] == [24, 11, 11, 11]
         rows = torch.tensor([a.index(i) for i in b])
         for i in (1, 2):  # the trimmed layers hold exactly the survivors' rows of their own cache
-            assert torch.equal(cut.layers[i].keys, full.layers[i].keys[:, :, rows])
-            assert torch.equal(cut.layers[i].values, full.layers[i].values[:, :, rows])
-        assert torch.equal(cut.layers[3].keys, full.layers[3].keys) and torch.equal(cut.layers[0].keys,
-                                                                                   full.layers[0].keys)
-        assert cut._squeeze_token_drop.layer_stage == [0, 2, 2, 2]
+            (ck, cv), (fk, fv) = layer_kv(cut, i), layer_kv(full, i)
+            assert torch.equal(ck, fk[:, :, rows]) and torch.equal(cv, fv[:, :, rows])
+        for i in (0, 3):  # before the first drop and after the last, nothing to trim
+            assert all(torch.equal(c, f) for c, f in zip(layer_kv(cut, i), layer_kv(full, i)))
+        assert rt.state(cut).layer_stage == [0, 2, 2, 2]
         with torch.no_grad():
             nxt = torch.tensor([[7]])
-            step = tiny(input_ids=nxt, past_key_values=cut, use_cache=True).logits
-        assert torch.isfinite(step).all() and [cut.layers[i].keys.shape[2] for i in range(4)] == [25, 12, 12, 12]
+            step = tiny(input_ids=nxt, use_cache=True, **cache_kwargs(cut)).logits
+        assert torch.isfinite(step).all() and [cut.get_seq_length(i) for i in range(4)] == [25, 12, 12, 12]
     finally:
         uninstall(tiny)
 

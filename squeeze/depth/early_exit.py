@@ -20,7 +20,8 @@ import time
 import torch
 from torch import nn
 
-from squeeze.depth.stack import Stack, exit_logits, layer_outputs, new_cache
+from squeeze.compat import new_cache
+from squeeze.depth.stack import Stack, exit_logits, layer_outputs
 from squeeze.errors import SqueezeError
 
 

@@ -19,11 +19,10 @@ are then masked, not truncated): that is what makes cropping after a rejected dr
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
+from squeeze.compat import cache_kwargs, causal_mask, rotary_takes_layer_type
 from squeeze.errors import SqueezeError
 
 # Final norm of each supported causal family, by attribute path on the *ForCausalLM model.
@@ -85,24 +84,6 @@ def layer_outputs(model: nn.Module, input_ids: torch.Tensor, **kwargs) -> tuple[
     return outs, logits
 
 
-def new_cache():
-    from transformers import DynamicCache
-
-    return DynamicCache()
-
-
-def crop_cache(cache, length: int) -> None:
-    """Keep the first ``length`` positions of every cache layer."""
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.shape[-2] > length:
-            layer.keys = layer.keys[..., :length, :]
-            layer.values = layer.values[..., :length, :]
-
-
-def cache_length(cache, layer_idx: int) -> int:
-    return cache.get_seq_length(layer_idx)
-
-
 class Stack:
     """Direct access to the decoder layers of a rotary decoder-only causal LM."""
 
@@ -122,7 +103,7 @@ class Stack:
         else:  # mistral / phi3 style: one mask kind for all layers, sliding when a window is set
             kind = "sliding_attention" if getattr(cfg, "sliding_window", None) else "full_attention"
             self.types = [kind] * self.num_layers
-        self.rotary_per_type = "layer_type" in inspect.signature(base.rotary_emb.forward).parameters
+        self.rotary_per_type = rotary_takes_layer_type(base.rotary_emb)
         self._norm = final_norm(model)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -132,11 +113,8 @@ class Stack:
         return exit_logits(self.model, hidden)
 
     def _mask(self, kind, h, position_ids, cache, layer_idx):
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        fn = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-        return fn(config=self.config, inputs_embeds=h, attention_mask=None, past_key_values=cache,
-                  position_ids=position_ids, layer_idx=layer_idx)
+        return causal_mask(self.config, h, None, cache, position_ids, sliding=kind == "sliding_attention",
+                           layer_idx=layer_idx)
 
     def run(self, h: torch.Tensor, lo: int, hi: int, position_ids: torch.Tensor, cache) -> torch.Tensor:
         """Hidden states after layers ``[lo, hi)`` given the input of layer ``lo``. Every layer in
@@ -155,5 +133,5 @@ class Stack:
         for i in range(lo, hi):
             k = self.types[i]
             h = _output_tensor(self.layers[i](h, attention_mask=masks[k], position_embeddings=pos[k],
-                                              position_ids=position_ids, past_key_values=cache))
+                                              position_ids=position_ids, **cache_kwargs(cache)))
         return h

@@ -8,9 +8,9 @@ averaged over heads. Nothing here changes the model.
 
 from __future__ import annotations
 
-import sys
-
 import torch
+
+from squeeze.errors import SqueezeError
 
 
 def head_mean_probs(q: torch.Tensor, k: torch.Tensor, scale: float, allowed: torch.Tensor) -> torch.Tensor:
@@ -26,8 +26,14 @@ def head_mean_probs(q: torch.Tensor, k: torch.Tensor, scale: float, allowed: tor
     return torch.softmax(logits, -1).nan_to_num(0.0).mean(1)
 
 
-def _rope(attn):
-    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (Su et al., "RoFormer", 2021) in the half-split layout of the
+    Llama / Mistral / Qwen families: x (B, H, N, D), cos/sin (B, N, D) from the model's own
+    rotary module (so its frequency scaling is included). Returns (B, H, N, D)."""
+    assert x.shape[-1] == cos.shape[-1] == sin.shape[-1], (x.shape, cos.shape)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
 
 
 def layer_attention(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query_rows: torch.Tensor,
@@ -48,10 +54,12 @@ def layer_attention(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.T
     if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before rotary
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, Q, D), (B, Hkv, N, D)
-    rope = _rope(attn)
+    if cos.shape[-1] != hd:
+        raise SqueezeError(f"vision-token scoring needs rotary over the whole head ({hd} dims); this model rotates "
+                           f"{cos.shape[-1]} (partial rotary is not supported)")
     take = query_rows[..., None].expand(-1, -1, cos.shape[-1])
-    q, _ = rope(q, q, cos.gather(1, take), sin.gather(1, take))
-    _, k = rope(k, k, cos, sin)
+    q = apply_rotary(q, cos.gather(1, take), sin.gather(1, take))
+    k = apply_rotary(k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     q_order = key_order.gather(1, query_rows)  # (B, Q)
     allowed = key_valid[:, None, :] & (key_order[:, None, :] <= q_order[:, :, None])

@@ -83,21 +83,21 @@ def flops_report(model, text_tokens: int = 64, seed: int = 0) -> dict:
     report its prefill FLOPs per stage and the FLOPs of the next decode step, next to the same
     model without dropping. Drop decisions of attention-threshold rules depend on the input; the
     input here is random (random pixels, random text)."""
-    from transformers import DynamicCache
+    from squeeze.compat import cache_kwargs, new_cache
 
     cfg = model.config
     tcfg = cfg.get_text_config()
     ids, pixels = synthetic_prompt(cfg, text_tokens, seed)
     dtype = next(model.parameters()).dtype
-    cache = DynamicCache(config=tcfg)
+    cache = new_cache(tcfg)
     rt = getattr(model, "squeeze_token_drop", None)
     if rt is not None:
         rt.last = None
-    model(input_ids=ids, pixel_values=pixels.to(dtype), past_key_values=cache, use_cache=True)
+    model(input_ids=ids, pixel_values=pixels.to(dtype), use_cache=True, **cache_kwargs(cache))
     L = tcfg.num_hidden_layers
     T = ids.shape[1]
     lengths = rt.last.layer_lengths if rt is not None and rt.last is not None else [T] * L
-    cached = [cache.layers[i].keys.shape[2] for i in range(L)]
+    cached = [cache.get_seq_length(i) for i in range(L)]
     queries = {}
     if rt is not None:
         per = getattr(rt.policy, "score_queries", None)

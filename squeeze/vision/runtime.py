@@ -8,8 +8,10 @@ gathers the kept rows of the hidden states, the ORIGINAL position ids and the ro
 and builds the causal mask of the shortened sequence. Layers after a boundary therefore store
 only the kept tokens in their KV cache: ``DynamicCache`` keeps keys/values per layer, so
 per-layer lengths may differ. What each stage holds (original index of every slot, whether
-the slot is a valid key) is stored on the cache object, so every decode step builds one mask
-per stage and each layer attends to its own cache.
+the slot is a valid key) is kept by the runtime beside each cache it filled (and follows the
+cache's rows through beam search), so every decode step builds one mask per stage and each
+layer attends to its own cache. Everything this touches of transformers' cache, masks and
+argument names goes through :mod:`squeeze.compat`.
 
 Stage 0 (the layers before the first drop) uses transformers' own mask, so a policy that drops
 nothing reproduces the stock model bit for bit. Batches: rows may keep different numbers of
@@ -24,15 +26,15 @@ dropping, run the stock forward unchanged.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from squeeze import compat
 from squeeze.errors import SqueezeError
 from squeeze.vision.layout import image_token_id
-
-STATE_ATTR = "_squeeze_token_drop"
 
 
 @dataclass
@@ -71,7 +73,7 @@ class Stage:
 
 @dataclass
 class DropState:
-    """Stored on the KV cache: which stage each layer belongs to and what its cache holds."""
+    """Kept beside a KV cache: which stage each layer belongs to and what its cache holds."""
 
     stages: list[Stage]
     layer_stage: list[int]
@@ -114,7 +116,7 @@ class TokenDropRuntime:
         self.config = model.config
         self.text_config = self.lm.config
         self.image_token = image_token_id(model.config)
-        impl = getattr(self.text_config, "_attn_implementation", None) or "eager"
+        impl = compat.attn_implementation(self.text_config)
         if impl not in ("sdpa", "eager"):
             raise SqueezeError(f"vision-token dropping supports sdpa and eager attention, not {impl!r}; load with "
                                "attn_implementation='sdpa'")
@@ -124,6 +126,7 @@ class TokenDropRuntime:
         self.impl = impl
         self.pending: dict | None = None
         self.last: PrefillRecord | None = None
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> DropState
         self._orig_vlm_forward = self.vlm.forward
         self._orig_lm_forward = self.lm.forward
 
@@ -147,26 +150,28 @@ class TokenDropRuntime:
                 h.remove()
             self.pending = None
 
-    def lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                   inputs_embeds=None, use_cache=None, **kwargs):
+    def state(self, cache) -> DropState | None:
+        """What the caches of a prefill that dropped tokens hold (None for a stock cache)."""
+        return self._states.get(cache) if cache is not None else None
+
+    def lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                   use_cache=None, **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPast
 
-        cache = past_key_values
-        state = getattr(cache, STATE_ATTR, None) if cache is not None else None
+        cache = compat.pop_cache(kwargs)  # the caller names it as its transformers release does
+        state = self.state(cache)
         image_mask = (self.pending or {}).get("image_mask")
         fresh = cache is None or cache.get_seq_length() == 0
         if state is None and not (fresh and image_mask is not None and bool(image_mask.any())):
             return self._orig_lm_forward(input_ids=input_ids, attention_mask=attention_mask,
-                                         position_ids=position_ids, past_key_values=past_key_values,
-                                         inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                                         position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                         use_cache=use_cache, **compat.cache_kwargs(cache), **kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.lm.embed_tokens(input_ids)
         if use_cache is None:
             use_cache = getattr(self.text_config, "use_cache", True)
         if use_cache and cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self.text_config)
+            cache = compat.new_cache(self.text_config)
         if attention_mask is not None and attention_mask.ndim != 2:
             raise SqueezeError("vision-token dropping needs a 2-D attention_mask (or none)")
         kwargs.pop("output_hidden_states", None), kwargs.pop("output_attentions", None)
@@ -175,7 +180,7 @@ class TokenDropRuntime:
                                    image_mask, kwargs)
         else:
             hidden = self._decode(inputs_embeds, attention_mask, position_ids, cache, state, kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=self.lm.norm(hidden), past_key_values=cache)
+        return compat.model_output(BaseModelOutputWithPast, last_hidden_state=self.lm.norm(hidden), cache=cache)
 
     # -- masks ------------------------------------------------------------------------------
     def _mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -186,14 +191,11 @@ class TokenDropRuntime:
             ~allowed, torch.finfo(dtype).min)
 
     def _stock_mask(self, embeds, attention_mask, cache, position_ids):
-        from transformers.masking_utils import create_causal_mask
-
-        return create_causal_mask(config=self.text_config, inputs_embeds=embeds, attention_mask=attention_mask,
-                                  past_key_values=cache, position_ids=position_ids)
+        return compat.causal_mask(self.text_config, embeds, attention_mask, cache, position_ids)
 
     def _layer(self, layer, hidden, mask, pos, cos, sin, cache, kwargs):
-        return layer(hidden, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                     use_cache=cache is not None, position_embeddings=(cos, sin), **kwargs)
+        return layer(hidden, attention_mask=mask, position_ids=pos, use_cache=cache is not None,
+                     position_embeddings=(cos, sin), **compat.cache_kwargs(cache), **kwargs)
 
     # -- prefill ----------------------------------------------------------------------------
     def _prefill(self, embeds, attention_mask, position_ids, cache, image_mask, kwargs):
@@ -239,7 +241,7 @@ class TokenDropRuntime:
             state = DropState(stages, layer_stage, T)
             if getattr(self.policy, "trim_after_prefill", False):
                 self._trim(cache, state)
-            setattr(cache, STATE_ATTR, state)
+            self._states[cache] = state
             _follow_batch_ops(cache, state)
         return seq.hidden
 
@@ -259,9 +261,7 @@ class TokenDropRuntime:
             for li, ls in enumerate(state.layer_stage):
                 if ls != s:
                     continue
-                lay = cache.layers[li]
-                g = idx[:, None, :, None].expand(-1, lay.keys.shape[1], -1, lay.keys.shape[-1])
-                lay.keys, lay.values = lay.keys.gather(2, g), lay.values.gather(2, g)
+                compat.gather_positions(cache, li, idx)
                 state.layer_stage[li] = len(state.stages) - 1
 
     # -- decode -----------------------------------------------------------------------------
@@ -304,18 +304,7 @@ def _follow_batch_ops(cache, state: DropState) -> None:
         for st in state.stages:
             st.orig, st.valid = st.orig.repeat_interleave(repeats, 0), st.valid.repeat_interleave(repeats, 0)
 
-    for name, follow in (("reorder_cache", select), ("batch_select_indices", select),
-                         ("batch_repeat_interleave", repeat)):
-        stock = getattr(cache, name, None)
-        if stock is None:
-            continue
-
-        def both(*args, _stock=stock, _follow=follow, **kwargs):
-            out = _stock(*args, **kwargs)
-            _follow(*args, **kwargs)
-            return out
-
-        setattr(cache, name, both)
+    compat.follow_row_ops(cache, select, repeat)
 
 
 def install(model: nn.Module, policy) -> TokenDropRuntime:
