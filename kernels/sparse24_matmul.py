@@ -34,20 +34,23 @@ class DenseWeightCache:
     """Keeps ``unpack_24(values, meta)`` for one layer between calls on the CPU path.
 
     Rebuilt when the (values, meta) tensors change: other storage, or an in-place edit (the tensors'
-    version counters). Holds one dense weight: make one cache per layer.
+    version counters). Holds one dense weight: make one cache per layer. ``transposed=True`` keeps
+    it as a contiguous [K, N] instead (the layout GPT-2's Conv1D multiplies with, so a caller can
+    run the very same GEMM as the dense layer).
     """
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._dense: torch.Tensor | None = None
 
-    def get(self, values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    def get(self, values: torch.Tensor, meta: torch.Tensor, transposed: bool = False) -> torch.Tensor:
         key = (
             values.data_ptr(), meta.data_ptr(), values._version, meta._version,
-            tuple(values.shape), values.dtype, values.device,
+            tuple(values.shape), values.dtype, values.device, transposed,
         )
         if key != self._key or self._dense is None:
-            self._dense = unpack_24(values, meta)
+            w = unpack_24(values, meta)
+            self._dense = w.t().contiguous() if transposed else w
             self._key = key
         return self._dense
 

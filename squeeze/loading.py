@@ -112,6 +112,6 @@ def _swap_sparse24(model, ckpt, packed) -> None:
         dtype = old.weight.dtype
         values = ckpt.get(p["values"]).to(dtype)
         new = Sparse24Linear(values, ckpt.get(p["meta"]), None if old.bias is None else old.bias.data,
-                             p["shape"][1])
+                             p["shape"][1], transposed=p["transposed"])
         owner, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, leaf, new)
