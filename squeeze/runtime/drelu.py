@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from squeeze.kernels.chunk_ffn import chunk_sparse_ffn
+
 VARIANTS = ("drelu", "relu")
 
 
@@ -62,16 +64,6 @@ def mlp_of(block_module: nn.Module, linear_name_in_block: str) -> nn.Module:
 DECODE_TOKENS = 8
 
 
-def _kernel_ffn():
-    """squeeze.kernels' chunk-sparse FFN (gate for every neuron, then up/down only for the
-    neurons active in any token of the chunk; dense above its measured break-even), or None."""
-    try:
-        from squeeze.kernels.chunk_ffn import chunk_sparse_ffn
-    except Exception:  # the kernels package is optional here: fall back to the module's forward
-        return None
-    return chunk_sparse_ffn
-
-
 class _ReluFFNForward:
     """Replaces ``forward`` of a ReLU-fied MLP with separate gate/up/down linears: decode-size
     calls (<= DECODE_TOKENS tokens, no grad, CPU) run the kernels' chunk-sparse FFN, everything
@@ -88,16 +80,16 @@ class _ReluFFNForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.mlp
         tokens = x.numel() // x.shape[-1]
-        kernel = _kernel_ffn()
-        if (kernel is None or tokens > DECODE_TOKENS or tokens == 0 or torch.is_grad_enabled()
-                or x.device.type != "cpu"):
+        if tokens > DECODE_TOKENS or tokens == 0 or torch.is_grad_enabled() or x.device.type != "cpu":
             return self.dense(x)
         wd = m.down_proj.weight
         key = (wd.data_ptr(), wd._version, wd.dtype)
         if self._wdt is None or self._wdt[0] != key:
             self._wdt = (key, wd.detach().t().contiguous())
         x2 = x.reshape(tokens, x.shape[-1])
-        y = kernel(x2, m.gate_proj.weight, m.up_proj.weight, self._wdt[1], self.variant, backend="cpu")
+        # the kernels' chunk-sparse FFN: gate for every neuron, then up/down only for the neurons
+        # active in any token of the chunk (dense above its measured break-even)
+        y = chunk_sparse_ffn(x2, m.gate_proj.weight, m.up_proj.weight, self._wdt[1], self.variant, backend="cpu")
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
