@@ -33,8 +33,19 @@ def _quiet_transformers():
     transformers.utils.logging.disable_progress_bar()
 
 
+def _print_versions(ctx, _param, value):
+    if not value or ctx.resilient_parsing:
+        return
+    from squeeze.versions import versions
+
+    v = versions()
+    click.echo(f"squeeze {v['squeeze_version']} (torch {v['torch']}, transformers {v['transformers']})")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="squeeze")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_versions,
+              help="Show the versions of squeeze, torch and transformers and exit.")
 def cli():
     """squeeze: make transformer checkpoints smaller and faster."""
 

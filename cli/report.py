@@ -121,6 +121,12 @@ def print_info(r: dict) -> None:
                   {True: "yes", False: "NO", None: "-"}[rec.get("promise_ok")])
     console.print(t)
     for k in ("model_type", "architecture", "parameters", "linear_parameters", "zero_fraction_linears",
-              "file_bytes", "squeeze"):
+              "file_bytes"):
         if k in r:
             console.print(f"{k}: {r[k]}")
+    sq = r.get("squeeze")
+    if sq:
+        console.print(f"squeeze passes: {sq['passes']}")
+        console.print(f"calibration: {sq['calibration']}")
+        made = sq.get("made_with") or {}
+        console.print("made with: " + ", ".join(f"{k.removesuffix('_version')} {made.get(k) or '?'}" for k in made))

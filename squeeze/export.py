@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from squeeze import __version__
 from squeeze.checkpoint import INDEX_NAME, Checkpoint
 from squeeze.errors import SqueezeError
+from squeeze.versions import versions
 
 SIDECAR = "squeeze.safetensors"
 RECORD = "squeeze.json"
@@ -159,18 +159,12 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | None, config_u
     if sidecar:
         save_file(sidecar, str(dest / SIDECAR))
         sizes[SIDECAR] = (dest / SIDECAR).stat().st_size
-    record = {"squeeze_version": __version__, "torch": torch.__version__, **_versions(), **record}
+    record = {**versions(), **record}
     (dest / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
     for f in dest.rglob("*"):
         if f.is_file():
             f.chmod(0o644)
     return sizes
-
-
-def _versions() -> dict:
-    import transformers
-
-    return {"transformers": transformers.__version__}
 
 
 class TensorSource:

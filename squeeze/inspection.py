@@ -8,6 +8,7 @@ from squeeze.checkpoint import Checkpoint
 from squeeze.loading import read_record
 from squeeze.modeling import WeightMap, build_skeleton, load_config
 from squeeze.sparsity import fraction_zero, parse_pattern, satisfies_nm
+from squeeze.versions import KEYS as VERSION_KEYS
 
 
 def info(path, trust_remote_code: bool = False) -> dict:
@@ -59,5 +60,5 @@ def info(path, trust_remote_code: bool = False) -> dict:
         "format": "compressed-2:4" if packed else "dense",
         "linears": linears,
         "squeeze": {"passes": record.get("passes"), "calibration": record.get("calibration"),
-                    "version": record.get("squeeze_version")} if record else None,
+                    "made_with": {k: record.get(k) for k in VERSION_KEYS}} if record else None,
     }

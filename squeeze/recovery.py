@@ -78,6 +78,7 @@ from torch import nn
 
 from squeeze.checkpoint import Checkpoint
 from squeeze.errors import SqueezeError
+from squeeze.versions import without_versions
 
 STATE_JSON = "state.json"
 
@@ -605,7 +606,7 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
     if aug:
         entry["augment"] = aug
     old = read_record(ckpt.path)
-    record = {k: v for k, v in old.items() if k not in ("squeeze_version", "torch", "transformers")}
+    record = without_versions(old)
     record["passes"] = list(record.get("passes") or []) + [entry]
     record.setdefault("source", {"path": str(ckpt.path), "model_type": config.model_type})
 

@@ -9,6 +9,14 @@ from squeeze.cli.main import main
 import squeeze
 
 
+def test_version_names_the_libraries_that_decide_the_numbers(capsys):
+    import transformers
+
+    main(["--version"])
+    out = capsys.readouterr().out.strip()
+    assert out == f"squeeze {squeeze.__version__} (torch {torch.__version__}, transformers {transformers.__version__})"
+
+
 def test_recipe_two_passes_one_sweep(tiny_dir, tiny_calib, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump([
@@ -39,6 +47,13 @@ def test_cli_compress_info_eval(tiny_dir, tiny_calib, tmp_path, capsys):
     assert all(r["promise_ok"] and r["fits_2_4"] for r in info["linears"].values())
     assert info["squeeze"]["passes"][0]["pass"] == "wanda"
     assert info["zero_fraction_linears"] == 0.5
+    import transformers
+
+    made = {"squeeze_version": squeeze.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    assert info["squeeze"]["made_with"] == made  # what produced the export, read from its squeeze.json
+    assert all(json.loads((out / "squeeze.json").read_text())[k] == v for k, v in made.items())
+    main(["info", str(out)])
+    assert f"made with: squeeze {squeeze.__version__}, torch {torch.__version__}" in capsys.readouterr().out
     main(["eval", str(out), "--data", str(tiny_calib), "--reference", str(tiny_dir("llama")), "--json",
           str(tmp_path / "e.json")])
     ev = json.loads((tmp_path / "e.json").read_text())

@@ -153,7 +153,6 @@ def write_pruned(ckpt, dest: Path, prefix: str, removed: list[int], L: int, reco
     """Write the checkpoint without ``removed`` blocks into ``dest`` (a staging folder)."""
     from safetensors.torch import save_file
 
-    from squeeze import __version__
     from squeeze.checkpoint import INDEX_NAME
 
     keep = [i for i in range(L) if i not in set(removed)]
@@ -191,10 +190,9 @@ def write_pruned(ckpt, dest: Path, prefix: str, removed: list[int], L: int, reco
         rel = f.relative_to(ckpt.path)
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, dest / rel)
-    import transformers
+    from squeeze.versions import versions
 
-    full = {"squeeze_version": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            **record}
+    full = {**versions(), **record}
     (dest / "squeeze.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
 
 

@@ -62,6 +62,7 @@ def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=
     from squeeze.depth.stack import Stack
     from squeeze.export import RECORD, check_output_dir, commit, staging_dir, write_checkpoint
     from squeeze.loading import load, read_record
+    from squeeze.versions import without_versions
 
     ckpt = Checkpoint(model_dir)
     record = read_record(ckpt.path)
@@ -92,7 +93,7 @@ def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=
         os.replace(tmp, f)
         where = str(ckpt.path)
     else:
-        new_record = {**{k: v for k, v in record.items() if k not in ("squeeze_version", "torch", "transformers")},
+        new_record = {**without_versions(record),
                       "source": record.get("source", str(ckpt.path)), "passes": record.get("passes", []),
                       RECORD_KEY: chosen}
         sidecar = None
