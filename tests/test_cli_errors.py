@@ -129,6 +129,7 @@ def test_input_checkpoint_untouched(tiny_dir, tiny_calib, tmp_path):
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
 
 
+@pytest.mark.slow  # a subprocess pays the full import
 def test_entry_point_exit_code(tmp_path):
     """The installed console script: a user mistake gives exit 2 and one line, no traceback."""
     exe = shutil.which("squeeze") or str(__import__("pathlib").Path(sys.executable).parent / "squeeze")

@@ -30,6 +30,7 @@ def test_stories_wanda_matches_anchor_exactly(tmp_path):
     assert kl == pytest.approx(0.839, rel=0.02)
 
 
+@pytest.mark.slow
 def test_minilm_wanda_50_keeps_embeddings(minilm_dir, tmp_path):
     """Wanda 50% on all-MiniLM-L6-v2 with the built-in corpus (64 x 128 tokens), scored on 240
     held-out sentences. Measured: mean cosine 0.868 (min 0.781); magnitude 50% gives 0.765 (min 0.615).

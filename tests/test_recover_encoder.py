@@ -149,6 +149,7 @@ def test_padded_batch_loss_equals_unpadded_rows(tiny_dir):
 
 
 # -- end to end --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sentence_rows_recover_minilm(minilm_dir, tmp_path):
     """The real tokenizer: per-sentence rows, every new option at once; masks unchanged, recorded."""
     from safetensors.torch import load_file

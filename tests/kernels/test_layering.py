@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import squeeze.kernels
 
 KERNELS_DIR = Path(squeeze.kernels.__file__).parent
@@ -62,6 +63,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # a subprocess pays the full import
 def test_cpu_paths_work_without_triton(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _NO_TRITON], capture_output=True, text=True, env=env, timeout=300, check=False)
