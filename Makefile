@@ -42,8 +42,8 @@ test-latest:
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/pip install -q -U pip setuptools wheel packaging
 	echo "torch==$(TORCH)" > .venv-latest/torch.txt
-	.venv-latest/bin/pip install -q -U --upgrade-strategy eager -c .venv-latest/torch.txt \
-	    $$(.venv-latest/bin/python tools/deps.py latest)
+	.venv-latest/bin/python tools/deps.py latest > .venv-latest/latest.txt
+	.venv-latest/bin/pip install -q -U --upgrade-strategy eager -c .venv-latest/torch.txt -r .venv-latest/latest.txt
 	.venv-latest/bin/pip install -q --no-deps --no-build-isolation -e .
 	.venv-latest/bin/squeeze --version
 	HF_HUB_OFFLINE=1 .venv-latest/bin/python -m pytest -q -W error::FutureWarning -W error::DeprecationWarning:transformers

@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
     if cmd == "floors":
         print("\n".join(floors()))
     elif cmd == "latest":
-        print(" ".join(f"'{r}'" for r in latest()))
+        print("\n".join(latest()))
     elif cmd == "check":
         problems = check()
         print("\n".join(problems) or f"{LOCK.name} agrees with pyproject.toml")
