@@ -138,10 +138,34 @@ def causal_mask(config, inputs_embeds: torch.Tensor, attention_mask, cache, posi
     return fn(config, inputs_embeds, attention_mask, cache, position_ids=position_ids, layer_idx=layer_idx)
 
 
-def rotary_takes_layer_type(rotary_emb: nn.Module) -> bool:
-    """Whether a model's rotary module computes one table per layer type (Gemma 3's
-    ``forward(x, position_ids, layer_type)``, since 5.0) rather than one for all layers."""
-    return "layer_type" in inspect.signature(rotary_emb.forward).parameters
+_PER_TYPE_ROTARY: dict[type, bool] = {}
+
+
+def rotary(rotary_emb: nn.Module, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
+    """(cos, sin) from a model's rotary module, each (B, T, D), for the layers of ``layer_type``.
+
+    Relies on ``rotary_emb(x, position_ids)``, or ``rotary_emb(x, position_ids, layer_type)`` for
+    modules that keep one table per layer type (Gemma 3, since 5.0), told apart by signature."""
+    kind = type(rotary_emb)
+    if kind not in _PER_TYPE_ROTARY:
+        _PER_TYPE_ROTARY[kind] = "layer_type" in inspect.signature(rotary_emb.forward).parameters
+    if _PER_TYPE_ROTARY[kind]:
+        return rotary_emb(x, position_ids, layer_type)
+    return rotary_emb(x, position_ids)
+
+
+def run_decoder_layer(layer: nn.Module, hidden: torch.Tensor, *, attention_mask, position_ids: torch.Tensor,
+                      position_embeddings: tuple[torch.Tensor, torch.Tensor], cache, **kwargs) -> torch.Tensor:
+    """One decoder layer called as the model's own forward calls it; returns its hidden states.
+
+    Relies on the decoder layers of the rotary families taking ``(hidden_states, attention_mask=,
+    position_ids=, position_embeddings=(cos, sin), <cache>=, use_cache=)`` (5.0 to 5.24; the cache
+    keyword renamed in 5.24) and returning the hidden states (a tuple whose first item they are
+    in older releases)."""
+    out = layer(hidden, attention_mask=attention_mask, position_ids=position_ids,
+                position_embeddings=position_embeddings, use_cache=cache is not None, **cache_kwargs(cache),
+                **kwargs)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def attn_implementation(config) -> str:

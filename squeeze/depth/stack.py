@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from squeeze.compat import cache_kwargs, causal_mask, rotary_takes_layer_type
+from squeeze.compat import causal_mask, rotary, run_decoder_layer
 from squeeze.errors import SqueezeError
 
 # Final norm of each supported causal family, by attribute path on the *ForCausalLM model.
@@ -103,7 +103,6 @@ class Stack:
         else:  # mistral / phi3 style: one mask kind for all layers, sliding when a window is set
             kind = "sliding_attention" if getattr(cfg, "sliding_window", None) else "full_attention"
             self.types = [kind] * self.num_layers
-        self.rotary_per_type = rotary_takes_layer_type(base.rotary_emb)
         self._norm = final_norm(model)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -125,13 +124,9 @@ class Stack:
             position_ids = position_ids[None]
         kinds = set(self.types[lo:hi])
         masks = {k: self._mask(k, h, position_ids, cache, lo) for k in kinds}
-        if self.rotary_per_type:
-            pos = {k: self.base.rotary_emb(h, position_ids, k) for k in kinds}
-        else:
-            pe = self.base.rotary_emb(h, position_ids)
-            pos = {k: pe for k in kinds}
+        pos = {k: rotary(self.base.rotary_emb, h, position_ids, k) for k in kinds}
         for i in range(lo, hi):
             k = self.types[i]
-            h = _output_tensor(self.layers[i](h, attention_mask=masks[k], position_embeddings=pos[k],
-                                              position_ids=position_ids, **cache_kwargs(cache)))
+            h = run_decoder_layer(self.layers[i], h, attention_mask=masks[k], position_ids=position_ids,
+                                  position_embeddings=pos[k], cache=cache)
         return h

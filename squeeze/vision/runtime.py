@@ -194,8 +194,8 @@ class TokenDropRuntime:
         return compat.causal_mask(self.text_config, embeds, attention_mask, cache, position_ids)
 
     def _layer(self, layer, hidden, mask, pos, cos, sin, cache, kwargs):
-        return layer(hidden, attention_mask=mask, position_ids=pos, use_cache=cache is not None,
-                     position_embeddings=(cos, sin), **compat.cache_kwargs(cache), **kwargs)
+        return compat.run_decoder_layer(layer, hidden, attention_mask=mask, position_ids=pos,
+                                        position_embeddings=(cos, sin), cache=cache, **kwargs)
 
     # -- prefill ----------------------------------------------------------------------------
     def _prefill(self, embeds, attention_mask, position_ids, cache, image_mask, kwargs):
@@ -204,7 +204,7 @@ class TokenDropRuntime:
         if position_ids is None:
             position_ids = torch.arange(T, device=dev)[None].expand(B, T)
         position_ids = position_ids.expand(B, T)
-        cos, sin = self.lm.rotary_emb(embeds, position_ids=position_ids)
+        cos, sin = compat.rotary(self.lm.rotary_emb, embeds, position_ids)
         valid = attention_mask.bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
         image = image_mask.to(dev) & valid
         seq = Seq(embeds, torch.arange(T, device=dev).expand(B, T), valid, image,
@@ -272,7 +272,7 @@ class TokenDropRuntime:
         if position_ids is None:
             position_ids = new_orig
         position_ids = position_ids.expand(B, T)
-        cos, sin = self.lm.rotary_emb(embeds, position_ids=position_ids)
+        cos, sin = compat.rotary(self.lm.rotary_emb, embeds, position_ids)
         if attention_mask is not None and attention_mask.shape[1] != state.total + T:
             raise SqueezeError("attention_mask does not cover the cached and new tokens")
         new_valid = attention_mask[:, -T:].bool() if attention_mask is not None else \
