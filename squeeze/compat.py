@@ -131,7 +131,8 @@ def causal_mask(config, inputs_embeds: torch.Tensor, attention_mask, cache, posi
     Relies on ``transformers.masking_utils.create_causal_mask`` / ``create_sliding_window_causal_mask``
     taking ``(config, inputs_embeds, attention_mask, cache, position_ids, ..., layer_idx=)``: the
     cache is passed by position because its keyword was renamed in 5.24; ``position_ids`` replaced
-    ``cache_position`` in 5.10."""
+    ``cache_position`` in 5.10 and ``layer_idx`` (size the mask on that layer's cache) came in 5.14,
+    which is why 5.14 is squeeze's floor."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     fn = create_sliding_window_causal_mask if sliding else create_causal_mask
