@@ -1,13 +1,15 @@
 """The sequential block runner.
 
-Embed once, then block by block: load the block -> statistics forward (hooks feed each pass)
--> decide -> apply -> propagation forward, so the next block sees the compressed model's
+Embed once, then block by block: load the block -> statistics forward (hooks feed each block
+pass) -> decide -> apply -> propagation forward, so the next block sees the compressed model's
 activations -> hand the block's tensors to the export spill -> release it. Only one block's
 weights and the calibration activations are in memory at a time.
 
 Each block's call arguments (attention masks, rotary embeddings; they differ between layers of
 models such as Gemma 2/3) are recorded once, in a single forward of the model whose blocks are
-replaced by pass-through recorders.
+replaced by pass-through recorders. Passes see a block only through
+:class:`squeeze.passes.base.BlockContext`; a pass that needs every block's statistics before the
+first block changes (OWL) gets a dense pre-sweep (``survey``/``plan``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from squeeze.adapters import Adapter, Block
 from squeeze.compat import forward_accepts
 from squeeze.errors import SqueezeError
+from squeeze.passes.base import Batch, BlockContext, BlockPass, SweepInfo, block_output
 
 
 class _StopForward(Exception):
@@ -47,26 +50,16 @@ class _Recorder(nn.Module):
 
 
 @dataclass
-class Batch:
-    hidden: torch.Tensor  # (B, T, C)
-    calls: list  # per block: (extra positional args, kwargs)
-
-
-@dataclass
 class RunResult:
     linears: dict = field(default_factory=dict)  # per-linear report
     seconds: dict = field(default_factory=dict)
     forwards_per_block: int = 0
 
 
-def _outputs(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 class BlockRunner:
-    def __init__(self, model: nn.Module, adapter: Adapter, weights, passes: list, calib: Calibration | None,
-                 dtype: torch.dtype = torch.float32, keep: bool = True, spill=None, on_block=None,
-                 batch_tokens: int = 4096):
+    def __init__(self, model: nn.Module, adapter: Adapter, weights, passes: list[BlockPass],
+                 calib: Calibration | None, dtype: torch.dtype = torch.float32, keep: bool = True, spill=None,
+                 on_block=None, batch_tokens: int = 4096):
         self.model, self.adapter, self.weights, self.passes = model, adapter, weights, passes
         self.calib, self.dtype, self.keep, self.spill, self.on_block = calib, dtype, keep, spill, on_block
         self.batch_tokens = batch_tokens
@@ -119,6 +112,38 @@ class BlockRunner:
                 blocks[i] = b
         return batches
 
+    def _load(self, i: int) -> Block:
+        self.weights.materialize(self.model, f"{self.adapter.blocks_path}.{i}", self.dtype)
+        return self.adapter.block(i)
+
+    def _propagate(self, ctx: BlockContext) -> None:
+        for k, b in enumerate(ctx.batches):
+            b.hidden = ctx.replay(batch=k)
+            if not torch.isfinite(b.hidden).all():
+                raise SqueezeError(
+                    f"non-finite activations after block {ctx.index} during calibration; the model or the "
+                    "compression diverged (check the checkpoint, or prune less)")
+
+    # -- the dense pre-sweep -----------------------------------------------------------------
+    @torch.no_grad()
+    def _survey(self, surveyors: list[BlockPass]) -> None:
+        """Every block of the dense model, loaded and released one at a time: each surveying
+        pass measures it (``survey``), then plans from all the measurements (``plan``)."""
+        if self.calib is None:
+            raise SqueezeError(f"{surveyors[0].name} needs calibration data (--calib)")
+        batches = self._capture()
+        values: dict[int, list] = {id(p): [] for p in surveyors}
+        n = len(self.adapter)
+        for i in range(n):
+            ctx = BlockContext(self._load(i), batches)
+            for p in surveyors:
+                values[id(p)].append(p.survey(ctx))
+            if i < n - 1:
+                self._propagate(ctx)
+            self.weights.release(ctx.block.module)
+        for p in surveyors:
+            p.plan(values[id(p)])
+
     # -- the sweep -------------------------------------------------------------------------
     @torch.no_grad()
     def run(self) -> RunResult:
@@ -129,41 +154,41 @@ class BlockRunner:
         for name in self.adapter.non_block_modules():
             if name != head:
                 self.weights.materialize(self.model, name, self.dtype)
+        info = SweepInfo(self.adapter, len(self.adapter), self.calib is not None)
         for p in self.passes:
-            p.setup(self)
+            p.prepare(info)
+        surveyors = [p for p in self.passes if p.wants_survey]
+        if surveyors:
+            self._survey(surveyors)
         batches = self._capture() if self.calib is not None else []
         self.result.seconds["capture"] = time.perf_counter() - t0
         stages = self._stages()
+        wants_dense = any(p.wants_dense for p in self.passes)
         n = len(self.adapter)
         for i in range(n):
             block_t0 = time.perf_counter()
-            self.weights.materialize(self.model, f"{self.adapter.blocks_path}.{i}", self.dtype)
-            block = self.adapter.block(i)
+            block = self._load(i)
+            ctx = BlockContext(block, batches)
+            if wants_dense:
+                ctx.dense = {name: lin.weight.detach().float().clone() for name, lin in block.linears.items()}
             forwards = 0
             for stage in stages:
-                work = [(p, p.targets(block)) for p in stage]
-                if not any(t for _, t in work):
+                work = [p for p in stage if p.targets(block)]
+                if not work:
                     continue
-                if any(p.observed(block) or p.wants_block_io for p in stage):
+                if any(p.observed(block) for p in work):
                     if self.calib is None:
-                        raise SqueezeError(f"{stage[0].name} needs calibration data (--calib)")
-                    self._stats_forward(block, batches, stage)
+                        raise SqueezeError(f"{work[0].name} needs calibration data (--calib)")
+                    self._stats_forward(ctx, work)
                     forwards += 1
-                for p, targets in work:
-                    for lin in targets:
-                        p.apply(block, lin, p.decide(block, lin))
-                    p.end_block(block)
+                for p in work:
+                    p.apply(ctx, p.decide(ctx))
+                    self._promise(ctx, p)
             if batches and i < n - 1:
-                for b in batches:
-                    rest, kwargs = b.calls[i]
-                    b.hidden = _outputs(block.module(b.hidden, *rest, **kwargs))
-                    if not torch.isfinite(b.hidden).all():
-                        raise SqueezeError(
-                            f"non-finite activations after block {i} during calibration; the model or the "
-                            "compression diverged (check the checkpoint, or prune less)")
+                self._propagate(ctx)
                 forwards += 1
             self.result.forwards_per_block = max(self.result.forwards_per_block, forwards)
-            self._record(block)
+            self._record(ctx)
             if self.spill is not None:
                 self.spill(block)
             if not self.keep:
@@ -173,8 +198,6 @@ class BlockRunner:
                 self.on_block(i, n, time.perf_counter() - block_t0)
         if self.keep and head:
             self.weights.materialize(self.model, head, self.dtype)
-        for p in self.passes:
-            p.finish(self)
         self.result.seconds["total"] = time.perf_counter() - t0
         return self.result
 
@@ -185,7 +208,8 @@ class BlockRunner:
             return None
         return next(n for n, m in self.model.named_modules() if m is head)
 
-    def _stats_forward(self, block: Block, batches: list[Batch], stage: list) -> None:
+    def _stats_forward(self, ctx: BlockContext, stage: list[BlockPass]) -> None:
+        block = ctx.block
         wanted: dict[str, list] = {}
         for p in stage:
             for lin in p.observed(block):
@@ -196,41 +220,38 @@ class BlockRunner:
             lin = block.linears[name]
 
             def hook(module, inputs, output, lin=lin, ps=ps):
-                # linears sharing an input get the very same x object (passes may memoise on it)
+                # linears sharing an input get the very same x object (statistics memoise on it)
                 if memo.get("src") is not inputs[0]:
                     memo["src"], memo["x"] = inputs[0], lin.inputs_2d(inputs[0]).float()
                 x = memo["x"]
                 y = output.reshape(-1, output.shape[-1]).float()
                 for p in ps:
-                    p.observe(block, lin, x, y)
+                    p.observe(ctx, lin, x, y)
 
             handles.append(lin.module.register_forward_hook(hook))
         try:
-            for b in batches:
-                rest, kwargs = b.calls[block.index]
-                out = _outputs(block.module(b.hidden, *rest, **kwargs))
-                for p in stage:
-                    if p.wants_block_io:
-                        p.observe_block(block, b.hidden, out)
+            for k in range(len(ctx.batches)):
+                ctx.replay(batch=k)
         finally:
             for h in handles:
                 h.remove()
 
-    def _record(self, block: Block) -> None:
+    def _promise(self, ctx: BlockContext, p: BlockPass) -> None:
+        if p.promise():
+            for lin in p.targets(ctx.block):
+                ctx.promises[lin.name] = {"pass": p.name, **p.promise_for(ctx.block, lin)}
+
+    def _record(self, ctx: BlockContext) -> None:
         from squeeze.sparsity import fraction_zero, parse_pattern, satisfies_nm
 
-        for p in self.passes:
-            if not p.promise():
-                continue
-            for lin in p.targets(block):
-                promise = p.promise_for(lin)
-                w = lin.weight
-                rec = {"role": lin.role, "shape": list(w.shape), "sparsity": round(fraction_zero(w), 6),
-                       "pass": p.name, **promise}
-                if "pattern" in promise:
-                    n, m = parse_pattern(promise["pattern"])
-                    dim = 0 if promise.get("pattern_axis") == "out" else 1  # N:M groups along in (default) or out
-                    rec["pattern_ok"] = satisfies_nm(w, n, m, dim=dim)
-                    if w.shape[dim] % m:
-                        rec["dense_tail_columns" if dim else "dense_tail_rows"] = w.shape[dim] % m
-                self.result.linears[lin.name] = rec
+        for name, promise in ctx.promises.items():
+            lin = ctx.block.linears[name]
+            w = lin.weight
+            rec = {"role": lin.role, "shape": list(w.shape), "sparsity": round(fraction_zero(w), 6), **promise}
+            if "pattern" in promise:
+                n, m = parse_pattern(promise["pattern"])
+                dim = 0 if promise.get("pattern_axis") == "out" else 1  # N:M groups along in (default) or out
+                rec["pattern_ok"] = satisfies_nm(w, n, m, dim=dim)
+                if w.shape[dim] % m:
+                    rec["dense_tail_columns" if dim else "dense_tail_rows"] = w.shape[dim] % m
+            self.result.linears[name] = rec

@@ -16,6 +16,7 @@ from squeeze.errors import SqueezeError
 from squeeze.export import Spill, check_output_dir, commit, staging_dir, write_checkpoint
 from squeeze.formats import COMPRESSED_KIND, LAYOUT, check_format
 from squeeze.modeling import WeightMap, build_skeleton, load_config
+from squeeze.passes.base import BlockPass, ModelContext
 from squeeze.recipe import build_passes, flags_recipe, read_recipe
 
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -122,23 +123,30 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         else flags_recipe(method, pattern, sparsity, **pass_settings)
     if repair:  # a mask-repair pass (e.g. dsnot) after the recipe; it follows the last pruning pass's pattern
         entries = entries + [{"pass": repair}]
-    passes = build_passes(entries, defaults={"targets": targets, "ignore": ignore, "strict": strict or None})
+    methods = build_passes(entries, defaults={"targets": targets, "ignore": ignore, "strict": strict or None})
+    passes = [m for m in methods if isinstance(m, BlockPass)]
+    stages = [st for m in methods for st in m.stages()]
 
     config = load_config(ckpt, trust_remote_code)
     nsamples = nsamples or 128
     seqlen = seqlen or min(512, _context_of(config) or 512)
     skeleton = build_skeleton(config, trust_remote_code, attn_implementation="sdpa")
     adapter = Adapter(skeleton)
+    for m in methods:
+        why = m.unsupported(adapter)
+        if why:
+            raise SqueezeError(why)
     weights = WeightMap(skeleton, ckpt)
     calibration = None
-    if any(p.needs_calibration for p in passes):
+    if any(m.needs_calibration for m in methods):
         calibration = calibration_for(ckpt, config, calib, nsamples, seqlen, seed, packing, trust_remote_code)
         if calib_generate:  # RAC: the dense model continues every prompt (see squeeze.calib.generate)
             from squeeze.calib.generate import generate_calibration
 
             generate_calibration(ckpt.path, calibration, calib_generate, calib_generate_mode,
                                  calib_generate_temperature, calib_generate_top_p, trust_remote_code, on_generate)
-    if any(p.needs_whole_model for p in passes):
+    whole_model = any(st.needs_weights for st in stages)  # a model stage works on every block at once
+    if whole_model:
         keep_in_memory = True
     if keep_in_memory is None:
         import psutil
@@ -146,18 +154,28 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         fp32_bytes = sum(p.numel() for p in skeleton.parameters()) * 4
         keep_in_memory = fp32_bytes < 0.25 * psutil.virtual_memory().available
 
-    from squeeze.calib.runner import BlockRunner
+    from squeeze.calib.runner import BlockRunner, RunResult
 
     with staging_dir(out) as tmp:
         spill = Spill(tmp / ".spill", weights, export_dtype, format)
-        runner = BlockRunner(skeleton, adapter, weights, passes, calibration, keep=keep_in_memory, spill=spill,
-                             on_block=on_block)
-        result = runner.run()
+        result = RunResult()
+        if passes:
+            runner = BlockRunner(skeleton, adapter, weights, passes, calibration, keep=keep_in_memory, spill=spill,
+                                 on_block=on_block)
+            result = runner.run()
+        elif whole_model:
+            weights.materialize(skeleton, "", torch.float32)
+        stage_ctx = ModelContext(skeleton, adapter, ckpt, calibration, torch.float32, {})
+        for st in stages:
+            st.run(stage_ctx)
+        if whole_model:  # the stages changed weights the sweep already spilled: hand the new ones over
+            for i in range(len(adapter)):
+                spill(adapter.block(i))
         report = {
             "model": str(ckpt.path) if not is_default else f"{defaults.DEFAULT_NAME} ({ckpt.path})",
             "out": str(out.resolve()),
             "adapter": adapter.describe(),
-            "passes": [p.describe() for p in passes],
+            "passes": [m.describe() for m in methods],
             "calibration": calibration.describe() if calibration else None,
             "linears": result.linears,
             "summary": _summary(result.linears),
@@ -179,8 +197,8 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     report["size_bytes"] = {"source": ckpt.weight_bytes(), "export": sum(sizes.values())}
     report["seconds"] = round(time.perf_counter() - t_start, 3)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    for p in passes:
-        report.setdefault("pass_reports", {}).update(getattr(p, "report", {}) or {})
+    for m in [*methods, *stages]:
+        report.setdefault("pass_reports", {}).update(m.report or {})
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
     return CompressResult(out, report, skeleton if keep_in_memory else None)

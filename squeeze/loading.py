@@ -1,7 +1,7 @@
 """``squeeze.load``: a transformers model from an export, with squeeze's run-time state applied.
 
-The weights load through plain ``from_pretrained`` (safetensors only). Then every pass recorded
-in ``squeeze.json`` gets its ``on_load`` hook (to swap in run-time modules), and tensors from
+The weights load through plain ``from_pretrained`` (safetensors only). Then every method recorded
+in ``squeeze.json`` gets its run-time installed (:mod:`squeeze.runtime.spec`), and tensors from
 the ``squeeze.safetensors`` sidecar (thresholds and other run-time buffers) are loaded by name.
 """
 
@@ -49,10 +49,9 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     else:
         model = _from_pretrained(ckpt, config, dtype, attn_implementation, trust_remote_code)
     if record:
-        from squeeze.passes import get_pass
+        from squeeze.runtime.spec import install
 
-        for entry in record.get("passes", []):
-            get_pass(entry["pass"]).on_load(model, entry, ckpt.path, record)
+        install(model, record, str(ckpt.path / RECORD))
         sidecar = ckpt.path / SIDECAR
         if sidecar.is_file():
             from safetensors.torch import load_file

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from squeeze.errors import SqueezeError
-from squeeze.passes.base import Pass, get_pass
+from squeeze.passes.base import PRESETS, Method, get_pass
 
 
 def read_recipe(path: str | Path) -> list[dict]:
@@ -31,14 +31,21 @@ def read_recipe(path: str | Path) -> list[dict]:
     return data
 
 
-def build_passes(entries: list[dict], defaults: dict | None = None) -> list[Pass]:
-    """Instantiate passes; ``defaults`` (e.g. --targets/--ignore) fill settings a pass accepts
-    and the entry does not set."""
+def build_passes(entries: list[dict], defaults: dict | None = None) -> list[Method]:
+    """Instantiate methods; a preset name (e.g. ``dass``) expands to its configured method first;
+    ``defaults`` (e.g. --targets/--ignore) fill settings a method accepts and the entry does not set."""
+    import dataclasses
+
+    import squeeze.passes  # noqa: F401  (registers the built-in methods and presets)
+
     passes = []
     for entry in entries:
         entry = dict(entry)
-        cls = get_pass(str(entry.pop("pass")))
-        import dataclasses
+        name = str(entry.pop("pass"))
+        if name in PRESETS:
+            entry = PRESETS[name](entry)
+            name = str(entry.pop("pass"))
+        cls = get_pass(name)
 
         accepted = {f.name for f in dataclasses.fields(cls.Settings)}
         for k, v in (defaults or {}).items():

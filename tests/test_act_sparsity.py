@@ -7,7 +7,7 @@ import torch
 
 import squeeze
 from squeeze.errors import SqueezeError
-from squeeze.passes._actsparse_math import (
+from squeeze.algorithms.actsparse import (
     column_norms,
     greedy_allocation,
     mask_threshold,
@@ -242,7 +242,7 @@ def test_cli_compress_and_activation_stats(tiny_dir, tiny_calib, tmp_path):
 
 
 def test_orthogonal_transform_math():
-    from squeeze.passes._actsparse_math import orthogonal_transform
+    from squeeze.algorithms.actsparse import orthogonal_transform
 
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(8, 16, generator=g), torch.randn(4, 16, generator=g)]  # 12 rows < 16: rank 12

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from squeeze.passes._dass_math import down_mask, up_mask, up_scores
+from squeeze.algorithms.dass import down_mask, up_mask, up_scores
 from squeeze.sparsity import satisfies_nm
 
 # intermediate channel mean squares; their 4th roots (||X_int,i||^(1/2)) are 2,1,1,2,1,2,2,1
@@ -64,15 +64,15 @@ def test_dass_pass_records_output_axis_for_gate_up(arch, tiny_dir, tiny_calib, t
     info = squeeze.info(out) if hasattr(squeeze, "info") else None
     if info is not None:
         assert all(v.get("promise_ok") for v in info["linears"].values())
-    record = json.loads((out / "squeeze.json").read_text())
-    assert record["passes"][0]["attn_method"] == "wanda"
+    record = json.loads((out / "squeeze.json").read_text())  # dass = wanda with DaSS scoring of the MLP
+    assert record["passes"][0]["pass"] == "wanda" and record["passes"][0]["mlp_scoring"] == "dass"
 
 
 def test_dass_rejects_a_non_pruning_attn_method():
     from squeeze.errors import SqueezeError
-    from squeeze.passes import get_pass
+    from squeeze.recipe import build_passes
 
     with pytest.raises(SqueezeError, match="attn_method"):
-        get_pass("dass")(pattern="2:4", attn_method="dsnot")
+        build_passes([{"pass": "dass", "pattern": "2:4", "attn_method": "dsnot"}])
     with pytest.raises(SqueezeError, match="unknown method"):
-        get_pass("dass")(pattern="2:4", attn_method="nope")
+        build_passes([{"pass": "dass", "pattern": "2:4", "attn_method": "nope"}])

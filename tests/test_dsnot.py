@@ -4,7 +4,7 @@ the pass / --repair wiring."""
 import pytest
 import torch
 
-from squeeze.passes._dsnot_math import dsnot_repair
+from squeeze.algorithms.dsnot import dsnot_repair
 from squeeze.sparsity import nm_mask, satisfies_nm, unstructured_mask, wanda_scores
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from squeeze.errors import SqueezeError
-from squeeze.passes._owl import allocate, outlier_ratio
+from squeeze.algorithms.owl import allocate, outlier_ratio
 
 
 def test_outlier_ratio_by_hand():

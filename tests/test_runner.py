@@ -12,14 +12,15 @@ import squeeze
 from squeeze.adapters import Adapter
 from squeeze.checkpoint import Checkpoint
 from squeeze.modeling import WeightMap, build_skeleton, load_config
-from squeeze.passes.base import Pass
+from squeeze.passes.base import BlockPass
 
 
-class BlockOutputs(Pass):
+class BlockOutputs(BlockPass):
+    """Records each block's output on its calibration inputs (ctx.replay)."""
+
     name = "test-block-outputs"
-    wants_block_io = True
 
-    def setup(self, run):
+    def prepare(self, sweep):
         self.outs = {}
 
     def targets(self, block):
@@ -28,14 +29,11 @@ class BlockOutputs(Pass):
     def observed(self, block):
         return []
 
-    def observe_block(self, block, x, y):
-        self.outs.setdefault(block.index, []).append(y.clone())
+    def decide(self, ctx):
+        return [ctx.replay(batch=k).clone() for k in range(len(ctx.batches))]
 
-    def decide(self, block, linear):
-        return None
-
-    def apply(self, block, linear, decision):
-        pass
+    def apply(self, ctx, outputs):
+        self.outs[ctx.index] = outputs
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2", "bert", "opt"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from squeeze.errors import SqueezeError
-from squeeze.passes._sparsegpt_math import prepare_hessian, reconstruction_loss, sparsegpt_prune
+from squeeze.algorithms.sparsegpt import prepare_hessian, reconstruction_loss, sparsegpt_prune
 from squeeze.sparsity import satisfies_nm
 
 

@@ -1,58 +1,164 @@
-"""The Pass protocol and registry.
+"""Method roles and the registry.
 
-A pass is one compression method. The runner drives every pass the same way, block by block::
+A registered method (a recipe entry ``{pass: NAME, ...settings}``) plays one or both roles:
 
-    setup(run)                         once, before the sweep (model-level preparation)
-    for each block:
-        targets(block)                 the linears it will change in this block
-        observed(block)                the linears whose inputs/outputs it wants to see
-        observe(block, linear, x, y)   called during the statistics forward (x: [tokens, in])
-        observe_block(block, x, y)     block input/output, if ``wants_block_io``
-        decide(block, linear)          -> a decision (mask, threshold, ...)
-        apply(block, linear, decision) -> changes the module
-        end_block(block)               release per-block statistics
-    finish(run)                        model-level wrap-up
-    describe()                         what export records in squeeze.json
+- a **block pass** works block by block inside the calibration sweep of
+  :class:`squeeze.calib.runner.BlockRunner`::
 
-Consecutive passes share one statistics forward; a pass with ``fresh_statistics = True`` starts
-a new one, so it observes the block as already changed by the passes before it. The runner
-never branches on a pass's name: passes register with :func:`register`.
+      prepare(sweep)                       once: the adapter, the number of blocks
+      survey(ctx) -> value; plan(values)   optional dense pre-sweep (``wants_survey``), e.g. OWL
+      for each block (ctx: BlockContext):
+          targets(block)                   the linears it changes
+          observed(block)                  the linears whose inputs/outputs it wants to see
+          observe(ctx, linear, x, y)       during the statistics forward (x: [tokens, in])
+          decide(ctx) -> decision          for the whole block
+          apply(ctx, decision)             changes the block's modules
+
+  Per-block state lives in ``ctx.scratch(self)`` and dies with the block. The context also gives
+  the block's calibration inputs and call arguments (``ctx.batches``), ``ctx.replay()`` to run the
+  block as it is now, the weights as they were when the block was loaded (``ctx.dense``) and what
+  the passes before promised for each linear (``ctx.promises``), so no pass reaches into the
+  runner or into other passes.
+- a **model stage** (:class:`ModelStage`) does whole-model work after the sweep (recovery
+  training, installing a run-time policy) on a :class:`ModelContext`.
+
+Consecutive block passes share one statistics forward; a pass with ``fresh_statistics = True``
+starts a new one, so it observes the block as already changed by the passes before it. What an
+export needs at load time is keyed by the recorded method name in :mod:`squeeze.runtime.spec`.
+The runner never branches on a method's name: methods register with :func:`register`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from squeeze.adapters import Block, Linear
+from squeeze.adapters import Adapter, Block, Linear
 from squeeze.errors import SqueezeError
 
-REGISTRY: dict[str, type[Pass]] = {}
+REGISTRY: dict[str, type[Method]] = {}
 
 
 def register(cls):
-    """Class decorator: make a pass available by its ``name`` in recipes and ``--method``."""
+    """Class decorator: make a method available by its ``name`` in recipes and ``--method``."""
     REGISTRY[cls.name] = cls
     return cls
 
 
-def get_pass(name: str) -> type[Pass]:
-    import squeeze.passes  # noqa: F401  (registers the built-in passes)
+def get_pass(name: str) -> type[Method]:
+    import squeeze.passes  # noqa: F401  (registers the built-in methods)
 
     if name not in REGISTRY:
-        raise SqueezeError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
+        raise SqueezeError(f"unknown method {name!r}; available: {', '.join(sorted([*REGISTRY, *PRESETS]))}")
     return REGISTRY[name]
 
 
-class Pass:
+# -- what a block pass is given ------------------------------------------------------------------
+@dataclass
+class Batch:
+    """Calibration inputs of one block: hidden states and the block's call arguments."""
+
+    hidden: torch.Tensor  # (B, T, C)
+    calls: list  # per block: (extra positional args, kwargs)
+
+
+def block_output(out) -> torch.Tensor:
+    """The hidden state of a decoder/encoder layer's return value (a tensor or a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _slice_batch(obj, batch: int, keep: int):
+    """Keep the first ``keep`` sequences of every tensor whose leading dim is the batch."""
+    if isinstance(obj, torch.Tensor):
+        return obj[:keep] if obj.dim() and obj.shape[0] == batch and batch > 1 else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_slice_batch(o, batch, keep) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _slice_batch(v, batch, keep) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class SweepInfo:
+    """What a block pass may know about the whole sweep before it starts."""
+
+    adapter: Adapter
+    num_blocks: int
+    calibrated: bool  # calibration data is present
+
+
+@dataclass
+class BlockContext:
+    block: Block
+    batches: list[Batch]  # this block's inputs (the compressed model's activations so far)
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)  # linear weights when the block was loaded
+    promises: dict[str, dict] = field(default_factory=dict)  # linear name -> promise of the passes so far
+    _scratch: dict = field(default_factory=dict)
+
+    @property
+    def index(self) -> int:
+        return self.block.index
+
+    def scratch(self, owner) -> dict:
+        """Per-block working memory of ``owner`` (statistics, cached decisions)."""
+        return self._scratch.setdefault(id(owner), {})
+
+    def call(self, i: int = 0, tokens: int | None = None):
+        """(hidden, args, kwargs) of batch ``i``, cut to its first sequences holding at least
+        ``tokens`` tokens (all of it when None)."""
+        b = self.batches[i]
+        rest, kwargs = b.calls[self.block.index]
+        n, t = b.hidden.shape[:2]
+        keep = n if tokens is None else max(1, min(n, -(-tokens // max(t, 1))))
+        return b.hidden[:keep], _slice_batch(rest, n, keep), _slice_batch(dict(kwargs), n, keep)
+
+    def replay(self, tokens: int | None = None, batch: int = 0) -> torch.Tensor:
+        """Run the block as it is now on (the first ``tokens`` tokens of) calibration batch
+        ``batch``; returns its output hidden state. Greedy searches call it once per trial."""
+        hidden, rest, kwargs = self.call(batch, tokens)
+        hidden = hidden.to(next(self.block.module.parameters()).dtype)
+        return block_output(self.block.module(hidden, *rest, **kwargs))
+
+    def input_stats(self, linears: list[Linear]) -> dict:
+        """Per-channel input statistics of ``linears`` over every calibration batch (one forward
+        of the block as it is now)."""
+        from squeeze.calib.stats import ChannelStats
+
+        stats = {lin.name: ChannelStats(lin.in_features) for lin in linears}
+        handles = [lin.module.register_forward_hook(
+            lambda mod, inp, out, lin=lin: stats[lin.name].update(lin.inputs_2d(inp[0]).float())) for lin in linears]
+        try:
+            for i in range(len(self.batches)):
+                self.replay(batch=i)
+        finally:
+            for h in handles:
+                h.remove()
+        return stats
+
+
+@dataclass
+class ModelContext:
+    """What a model stage is given: the whole model in memory and what the sweep used."""
+
+    model: torch.nn.Module
+    adapter: Adapter
+    source: Any  # the source Checkpoint (read only)
+    calibration: Any  # squeeze.calib.Calibration or None
+    dtype: torch.dtype
+    report: dict  # stage reports go here, keyed by method name
+
+
+# -- the method base -------------------------------------------------------------------------------
+class Method:
     name: ClassVar[str] = "?"
     needs_calibration: ClassVar[bool] = True
-    fresh_statistics: ClassVar[bool] = False
-    wants_block_io: ClassVar[bool] = False
-    needs_whole_model: ClassVar[bool] = False  # finish() works on the whole model: keep blocks in memory
+    # Example settings (recipe entries without "pass"; a list of entries for a recipe of several):
+    # the conformance grid runs every one on every architecture the method applies to.
+    examples: ClassVar[tuple] = ()
 
     @dataclasses.dataclass
     class Settings:
@@ -70,8 +176,8 @@ class Pass:
         self.settings = self.Settings(**settings)
         self._check_regex("targets")
         self._check_regex("ignore")
+        self.report: dict = {}
         self.validate()
-        self.records: dict[str, dict] = {}
 
     def _check_regex(self, attr):
         value = getattr(self.settings, attr, None)
@@ -84,50 +190,82 @@ class Pass:
     def validate(self) -> None:
         """Check settings; raise SqueezeError with a clear message."""
 
-    # -- protocol --------------------------------------------------------------------------
-    def setup(self, run) -> None:
-        self.run = run
+    @classmethod
+    def unsupported(cls, adapter: Adapter) -> str | None:
+        """Why this method cannot run on the model ``adapter`` describes (None: it can)."""
+        return None
+
+    def selects(self, linear_name: str) -> bool:
+        """Whether ``--targets``/``--ignore`` select a linear."""
+        t, ig = self.settings.targets, self.settings.ignore
+        return (not t or bool(re.search(t, linear_name))) and not (ig and re.search(ig, linear_name))
+
+    def stages(self) -> list[ModelStage]:
+        """The model stages this method runs after the sweep."""
+        return []
+
+    def describe(self) -> dict:
+        return {"pass": self.name, **{k: v for k, v in dataclasses.asdict(self.settings).items() if v is not None}}
+
+
+class BlockPass(Method):
+    fresh_statistics: ClassVar[bool] = False
+    wants_survey: ClassVar[bool] = False  # survey() each block in a dense pre-sweep, then plan()
+    wants_dense: ClassVar[bool] = False  # ctx.dense: the block's weights before any pass changed them
+
+    def prepare(self, sweep: SweepInfo) -> None:
+        self.sweep = sweep
+
+    def survey(self, ctx: BlockContext) -> Any:
+        raise NotImplementedError
+
+    def plan(self, values: list) -> None:
+        raise NotImplementedError
 
     def targets(self, block: Block) -> list[Linear]:
-        t, ig = self.settings.targets, self.settings.ignore
-        return [lin for name, lin in block.linears.items()
-                if (not t or re.search(t, name)) and not (ig and re.search(ig, name))]
+        return [lin for name, lin in block.linears.items() if self.selects(name)]
 
     def observed(self, block: Block) -> list[Linear]:
         return self.targets(block)
 
-    def observe(self, block: Block, linear: Linear, x: torch.Tensor, y: torch.Tensor) -> None:
+    def observe(self, ctx: BlockContext, linear: Linear, x: torch.Tensor, y: torch.Tensor) -> None:
         pass
 
-    def observe_block(self, block: Block, x: torch.Tensor, y: torch.Tensor) -> None:
-        pass
-
-    def decide(self, block: Block, linear: Linear) -> Any:
+    def decide(self, ctx: BlockContext) -> Any:
         raise NotImplementedError
 
-    def apply(self, block: Block, linear: Linear, decision: Any) -> None:
+    def apply(self, ctx: BlockContext, decision: Any) -> None:
         raise NotImplementedError
-
-    def end_block(self, block: Block) -> None:
-        pass
-
-    def finish(self, run) -> None:
-        pass
-
-    @classmethod
-    def on_load(cls, model, entry: dict, path, record: dict) -> None:
-        """Called by ``squeeze.load`` for each recorded pass: swap in run-time modules, register
-        buffers (their values then load from the sidecar). Weight-only passes need nothing."""
 
     def promise(self) -> dict:
         """The weight pattern this pass guarantees on its targets, e.g. {"pattern": "2:4"}."""
         return {}
 
-    def promise_for(self, linear: Linear) -> dict:
+    def promise_for(self, block: Block, linear: Linear) -> dict:
         """The promise for one target linear (default: the pass-wide :meth:`promise`). Passes
         whose promise differs per linear override it, e.g. a per-layer ``sparsity_target`` or
         ``pattern_axis: "out"`` for N:M groups along the output dimension."""
         return self.promise()
 
-    def describe(self) -> dict:
-        return {"pass": self.name, **{k: v for k, v in dataclasses.asdict(self.settings).items() if v is not None}}
+
+class ModelStage(Method):
+    needs_calibration: ClassVar[bool] = False
+    needs_weights: ClassVar[bool] = True  # False: works on the config / skeleton only
+
+    def stages(self) -> list[ModelStage]:
+        return [self]
+
+    def run(self, ctx: ModelContext) -> None:
+        raise NotImplementedError
+
+
+# Recipe names that expand to a configured method (one mechanism, a familiar name).
+PRESETS: dict[str, Any] = {}
+
+
+def preset(name: str):
+    """Function decorator: ``fn(settings) -> recipe entry`` makes ``name`` usable in recipes."""
+    def deco(fn):
+        PRESETS[name] = fn
+        return fn
+    return deco

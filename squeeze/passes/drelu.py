@@ -34,9 +34,8 @@ import torch.nn.functional as F
 
 from squeeze.adapters import Adapter, Block, Linear
 from squeeze.errors import SqueezeError
-from squeeze.passes.base import Pass, register
-from squeeze.runtime.act_sparse import ActSparsifier, block_sites, install
-from squeeze.runtime.drelu import VARIANTS, convert_mlp, mlp_of
+from squeeze.passes.base import BlockPass, ModelContext, ModelStage, register
+from squeeze.runtime.drelu import VARIANTS, convert_block
 
 
 def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -142,12 +141,12 @@ def _progress(enabled: bool):
 
 
 @register
-class DRelu(Pass):
+class DRelu(BlockPass):
     name = "drelu"
-    needs_whole_model = True  # recovery distils the whole model in finish()
+    examples = ({"variant": "drelu"}, {"variant": "relu"}, {"variant": "drelu", "recover_steps": 2, "batch": 2})
 
     @dataclasses.dataclass
-    class Settings(Pass.Settings):
+    class Settings(BlockPass.Settings):
         variant: str = "drelu"  # drelu: relu(gate)*relu(up) | relu: relu(gate)*up
         recover_steps: int = 0
         lr: float = 1e-4
@@ -170,15 +169,12 @@ class DRelu(Pass):
     def needs_calibration(self):  # rows to distil on (and to measure sparsity / KL)
         return self.settings.recover_steps > 0
 
-    def setup(self, run) -> None:
-        super().setup(run)
-        if not run.adapter.gated_mlp:
-            raise SqueezeError(f"drelu needs a gated MLP (gate/up projections); {run.adapter.model_type} has a "
-                               "plain fc1/fc2 MLP: use teal or wina for activation sparsity there")
-        if self.settings.recover_steps > 0 and not run.keep:
-            raise SqueezeError("drelu recovery trains the whole model and needs it in memory; this model was "
-                               "judged too large (keep_in_memory=False): use --recover-steps 0")
-        self.report = {}
+    @classmethod
+    def unsupported(cls, adapter: Adapter) -> str | None:
+        if not adapter.gated_mlp:
+            return (f"drelu needs a gated MLP (gate/up projections); {adapter.model_type} has a plain fc1/fc2 "
+                    "MLP: use teal or wina for activation sparsity there")
+        return None
 
     def targets(self, block: Block) -> list[Linear]:
         return [lin for lin in super().targets(block) if lin.role in ("gate", "gate_up")]
@@ -186,41 +182,18 @@ class DRelu(Pass):
     def observed(self, block: Block) -> list[Linear]:
         return []
 
-    def decide(self, block: Block, linear: Linear):
+    def decide(self, ctx):
         return self.settings.variant
 
-    def apply(self, block: Block, linear: Linear, variant) -> None:
-        _convert_block(block, linear, variant)
+    def apply(self, ctx, variant) -> None:
+        for gate in self.targets(ctx.block):
+            try:
+                convert_block(ctx.block, gate, variant)
+            except ValueError as e:
+                raise SqueezeError(f"drelu: {ctx.block.name}: {e}") from None
 
-    def finish(self, run) -> None:
-        s = self.settings
-        if s.recover_steps <= 0 or run.calib is None:
-            return
-        from squeeze.loading import load
-
-        model, adapter = run.model, run.adapter
-        samples = list(run.calib.samples)
-        lengths = {int(x.numel()) for x in samples}
-        if len(lengths) != 1:
-            raise SqueezeError("drelu recovery needs equal-length calibration rows (use --packing concat)")
-        teacher = load(run.weights.ckpt.path, dtype=run.dtype).eval().requires_grad_(False)
-        held = samples[: s.eval_rows]
-        rep = {"variant": s.variant, "down_input_zero_before": round(_down_zero_fraction(model, adapter, held), 4),
-               "kl_before": round(_mean_kl(model, teacher, held), 5)}
-        params = {n: p for n, p in model.named_parameters() if n.startswith(adapter.blocks_path + ".")}
-        resume = Path(s.resume) if s.resume else _default_resume(run, s)
-        resume.parent.mkdir(parents=True, exist_ok=True)
-        rep["train"] = recover(model, teacher, samples, params, s.recover_steps, float(s.lr), s.batch, s.seed,
-                               resume, s.save_every, s.progress)
-        rep["down_input_zero_after"] = round(_down_zero_fraction(model, adapter, held), 4)
-        rep["kl_after"] = round(_mean_kl(model, teacher, held), 5)
-        rep["measured_on"] = f"first {len(held)} calibration rows"
-        if run.spill is not None:  # the sweep spilled the untrained blocks: hand the trained ones over
-            for i in range(len(adapter)):
-                run.spill(adapter.block(i))
-        if resume.is_file():
-            resume.unlink()
-        self.report = {self.name: rep}
+    def stages(self) -> list[ModelStage]:
+        return [DReluRecovery(self)] if self.settings.recover_steps > 0 else []
 
     def describe(self) -> dict:
         d = super().describe()
@@ -230,41 +203,48 @@ class DRelu(Pass):
                         "runs the original activation on these weights and is WRONG")
         return d
 
-    @classmethod
-    def on_load(cls, model, entry: dict, path, record: dict) -> None:
-        import re
 
-        adapter = Adapter(model)
-        t, ig = entry.get("targets"), entry.get("ignore")
-        for i in range(len(adapter)):
-            block = adapter.block(i)
-            for lin in block.linears.values():
-                if lin.role in ("gate", "gate_up") and (not t or re.search(t, lin.name)) \
-                        and not (ig and re.search(ig, lin.name)):
-                    _convert_block(block, lin, entry.get("variant", "drelu"))
+class DReluRecovery(ModelStage):
+    """The model stage of ``drelu`` with ``recover_steps``: whole-model distillation of the
+    ReLU-fied model toward the original (KL of the next-token distributions)."""
+
+    name = "drelu"
+
+    def __init__(self, owner: DRelu):
+        self.settings, self.report = owner.settings, {}
+
+    def run(self, ctx: ModelContext) -> None:
+        s = self.settings
+        if ctx.calibration is None:
+            return
+        from squeeze.loading import load
+
+        model, adapter = ctx.model, ctx.adapter
+        samples = list(ctx.calibration.samples)
+        lengths = {int(x.numel()) for x in samples}
+        if len(lengths) != 1:
+            raise SqueezeError("drelu recovery needs equal-length calibration rows (use --packing concat)")
+        teacher = load(ctx.source.path, dtype=ctx.dtype).eval().requires_grad_(False)
+        held = samples[: s.eval_rows]
+        rep = {"variant": s.variant, "down_input_zero_before": round(_down_zero_fraction(model, adapter, held), 4),
+               "kl_before": round(_mean_kl(model, teacher, held), 5)}
+        params = {n: p for n, p in model.named_parameters() if n.startswith(adapter.blocks_path + ".")}
+        resume = Path(s.resume) if s.resume else _default_resume(ctx, s)
+        resume.parent.mkdir(parents=True, exist_ok=True)
+        rep["train"] = recover(model, teacher, samples, params, s.recover_steps, float(s.lr), s.batch, s.seed,
+                               resume, s.save_every, s.progress)
+        rep["down_input_zero_after"] = round(_down_zero_fraction(model, adapter, held), 4)
+        rep["kl_after"] = round(_mean_kl(model, teacher, held), 5)
+        rep["measured_on"] = f"first {len(held)} calibration rows"
+        if resume.is_file():
+            resume.unlink()
+        self.report = {self.name: rep}
 
 
-def _convert_block(block: Block, gate: Linear, variant: str) -> None:
-    inner = gate.name[len(block.name) + 1:]
-    mlp = mlp_of(block.module, inner)
-    prefix = inner.rpartition(".")[0]
-    mine = [lin for lin in block.linears.values()
-            if lin.role in ("gate", "up", "gate_up") and lin.name[len(block.name) + 1:].rpartition(".")[0] == prefix]
-    try:
-        convert_mlp(mlp, mine, variant)
-    except ValueError as e:
-        raise SqueezeError(f"drelu: {block.name}: {e}") from None
-    # Mark the (now naturally sparse) MLP intermediate so decode skips its zeros.
-    sites = block_sites({n: lin for n, lin in block.linears.items() if lin.name[len(block.name) + 1:]
-                         .rpartition(".")[0] == prefix}, ("mlp_mid",))
-    for host, consumers in sites.values():
-        if "act_sparse" not in host.module._modules:
-            install(host, consumers, ActSparsifier(host.in_features, mode="zero").to(host.module.weight.device))
-
-
-def _default_resume(run, settings) -> Path:
-    key = {"src": str(Path(run.weights.ckpt.path).resolve()), **dataclasses.asdict(settings),
-           "calib": [int(x.numel()) for x in run.calib.samples][:4], "n": len(run.calib.samples)}
+def _default_resume(ctx: ModelContext, settings) -> Path:
+    samples = ctx.calibration.samples
+    key = {"src": str(Path(ctx.source.path).resolve()), **dataclasses.asdict(settings),
+           "calib": [int(x.numel()) for x in samples][:4], "n": len(samples)}
     key.pop("progress", None)
     h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "squeeze" / "drelu"

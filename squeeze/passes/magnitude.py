@@ -1,16 +1,17 @@
 """Magnitude pruning: score |W_ij|, no calibration data (the classic baseline, e.g. Han et al. 2015)."""
 
 from squeeze.passes.base import register
-from squeeze.passes.pruning import PruningPass
+from squeeze.passes.pruning import ScorePruningPass
 
 
 @register
-class Magnitude(PruningPass):
+class Magnitude(ScorePruningPass):
     name = "magnitude"
     needs_calibration = False
+    examples = ({"pattern": "2:4"}, {"sparsity": 0.5})
 
-    def observed(self, block):
+    def own_observed(self, block):
         return []
 
-    def scores(self, block, linear):
+    def scores(self, ctx, linear):
         return linear.weight.abs().float()

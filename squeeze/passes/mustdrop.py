@@ -1,20 +1,21 @@
-"""The ``mustdrop`` pass: no weight changes; records MustDrop-style settings in ``squeeze.json``
-and installs the token-dropping runtime at ``squeeze.load`` (see :mod:`squeeze.vision.mustdrop`)."""
+"""The ``mustdrop`` method: no weight changes; records MustDrop-style settings in ``squeeze.json``
+and ``squeeze.load`` installs the token-dropping runtime (see :mod:`squeeze.vision.mustdrop`)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from squeeze.passes.base import Pass, register
-from squeeze.passes.pyramiddrop import TokenDropPass, _num_list
+from squeeze.passes.base import Method, register
+from squeeze.passes.pyramiddrop import TokenDropStage, _num_list
 
 
 @register
-class MustDropPass(TokenDropPass):
+class MustDrop(TokenDropStage):
     name = "mustdrop"
+    examples = ({}, {"layers": "1", "trim_cache": False})
 
     @dataclasses.dataclass
-    class Settings(Pass.Settings):
+    class Settings(Method.Settings):
         layers: list | None = None  # prefill drop layers; default 2, 6, 10, 14 of 32, scaled
         global_threshold: float = 0.001
         individual_threshold: float = 0.001

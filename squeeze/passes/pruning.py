@@ -1,5 +1,17 @@
-"""Shared base for weight-pruning passes: settings (pattern or sparsity), mask application and
-the promise recorded in squeeze.json. Subclasses only say how a weight is scored."""
+"""Shared base for weight-pruning passes: settings (pattern or sparsity), the OWL layer budget,
+DaSS scoring of MLP linears, and the promise recorded in squeeze.json. Subclasses only say how
+a linear is observed and pruned (:meth:`PruningPass.observe_linear`, :meth:`PruningPass.prune`).
+
+Composition lives here, so every pruning method gets it:
+
+- ``sparsity_profile: owl`` (Yin et al. 2023, :mod:`squeeze.algorithms.owl`): a dense pre-sweep
+  (``survey``) measures each block's outlier ratio of Wanda scores; ``plan`` turns them into
+  per-layer sparsities averaging the target.
+- ``mlp_scoring: dass`` (Guo et al. 2024, :mod:`squeeze.algorithms.dass`): the MLP's gate/up
+  (and fc1) are masked by DaSS scores grouped along the output dimension and down (fc2) by Wanda
+  with the intermediate norms; every other linear is pruned by the method itself. The recipe
+  name ``dass`` is this option on ``attn_method`` (default wanda).
+"""
 
 from __future__ import annotations
 
@@ -8,20 +20,26 @@ import dataclasses
 import torch
 
 from squeeze.adapters import Block, Linear
+from squeeze.algorithms.dass import down_mask, up_mask
+from squeeze.algorithms.owl import allocate, outlier_ratio
+from squeeze.calib.stats import ChannelStats
 from squeeze.errors import SqueezeError
-from squeeze.passes.base import Pass
-from squeeze.sparsity import check_sparsity, mask_from_scores, parse_pattern
+from squeeze.passes.base import REGISTRY, BlockContext, BlockPass, get_pass, preset
+from squeeze.sparsity import check_sparsity, mask_from_scores, parse_pattern, wanda_scores
+
+UP_ROLES = ("gate", "up", "gate_up")
 
 
-class PruningPass(Pass):
+class PruningPass(BlockPass):
     @dataclasses.dataclass
-    class Settings(Pass.Settings):
+    class Settings(BlockPass.Settings):
         pattern: str | None = None
         sparsity: float | None = None
         strict: bool = False
         sparsity_profile: str | None = None  # None/"uniform", or "owl" (unstructured only)
         owl_m: float | None = None  # OWL outlier threshold: score > owl_m x mean (default 5)
         owl_lambda: float | None = None  # OWL spread: per-layer sparsity within s ± owl_lambda (default 0.08)
+        mlp_scoring: str | None = None  # None, or "dass": DaSS masks for the MLP linears
 
     def validate(self) -> None:
         s = self.settings
@@ -32,23 +50,35 @@ class PruningPass(Pass):
             s.sparsity = check_sparsity(s.sparsity)
         if s.sparsity_profile not in (None, "uniform", "owl"):
             raise SqueezeError(f"{self.name}: bad sparsity_profile {s.sparsity_profile!r}: use uniform or owl")
+        if s.mlp_scoring not in (None, "dass"):
+            raise SqueezeError(f"{self.name}: bad mlp_scoring {s.mlp_scoring!r}: use dass (or leave it out)")
         if s.sparsity_profile == "owl":
             if self.nm:
                 raise SqueezeError(f"{self.name}: --sparsity-profile owl is for unstructured --sparsity, "
                                    "not N:M patterns")
             self.needs_calibration = True  # the outlier ratios come from calibration activations
+        if s.mlp_scoring == "dass":
+            self.needs_calibration = True  # the intermediate channel norms
         self.layer_sparsity: list[float] | None = None
 
-    def setup(self, run) -> None:
-        super().setup(run)
-        if self.settings.sparsity_profile == "owl":
-            from squeeze.passes._owl import allocate, dense_outlier_ratios
+    @property
+    def wants_survey(self) -> bool:
+        return self.settings.sparsity_profile == "owl"
 
-            s = self.settings
-            ratios = dense_outlier_ratios(run, self, 5.0 if s.owl_m is None else float(s.owl_m))
-            self.layer_sparsity = allocate(ratios, s.sparsity, 0.08 if s.owl_lambda is None else float(s.owl_lambda))
-            self.report = {self.name: {"owl_outlier_ratio": [round(r, 6) for r in ratios],
-                                       "owl_layer_sparsity": [round(x, 6) for x in self.layer_sparsity]}}
+    # -- OWL: survey the dense model, then plan per-layer sparsities --------------------------
+    def survey(self, ctx: BlockContext) -> float:
+        lins = self.targets(ctx.block)
+        if not lins:
+            return 0.0
+        stats = ctx.input_stats(lins)
+        m = 5.0 if self.settings.owl_m is None else float(self.settings.owl_m)
+        return outlier_ratio([wanda_scores(lin.weight.float(), stats[lin.name].mean_sq()) for lin in lins], m)
+
+    def plan(self, ratios: list[float]) -> None:
+        s = self.settings
+        self.layer_sparsity = allocate(ratios, s.sparsity, 0.08 if s.owl_lambda is None else float(s.owl_lambda))
+        self.report = {self.name: {"owl_outlier_ratio": [round(r, 6) for r in ratios],
+                                   "owl_layer_sparsity": [round(x, 6) for x in self.layer_sparsity]}}
 
     def sparsity_for(self, linear: Linear) -> float | None:
         """The unstructured target of this linear (its layer's OWL share, or the uniform one)."""
@@ -56,6 +86,28 @@ class PruningPass(Pass):
             return self.layer_sparsity[linear.block_index]
         return self.settings.sparsity
 
+    # -- DaSS: which linear gets which rule ----------------------------------------------------
+    def _down_of(self, block: Block) -> Linear | None:
+        downs = block.by_role("down")
+        return downs[0] if len(downs) == 1 else None
+
+    def dass_rule(self, block: Block, lin: Linear) -> str | None:
+        """"up" / "down" when DaSS masks ``lin``, None when the method's own rule prunes it. A
+        block whose MLP cannot be matched (no single down whose input is gate/up's output)
+        falls back to the own rule."""
+        if self.settings.mlp_scoring != "dass":
+            return None
+        down = self._down_of(block)
+        if down is None:
+            return None
+        if lin.role == "down":
+            return "down"
+        parts = 2 if lin.role == "gate_up" else 1
+        if lin.role in UP_ROLES and lin.out_features == parts * down.in_features:
+            return "up"
+        return None
+
+    # -- the block-pass protocol --------------------------------------------------------------
     def targets(self, block: Block) -> list[Linear]:
         lins = super().targets(block)
         if self.nm and self.settings.strict:
@@ -67,22 +119,83 @@ class PruningPass(Pass):
                     )
         return lins
 
-    def scores(self, block: Block, linear: Linear) -> torch.Tensor:
+    def own_observed(self, block: Block) -> list[Linear]:
+        """Targets whose inputs the method's own rule needs (all, unless it needs no data)."""
+        return [lin for lin in self.targets(block) if self.dass_rule(block, lin) is None]
+
+    def observed(self, block: Block) -> list[Linear]:
+        lins = self.own_observed(block)
+        down = self._down_of(block)
+        if any(self.dass_rule(block, lin) for lin in self.targets(block)) and down not in lins:
+            lins = lins + [down]  # the intermediate norms, even when down itself is not pruned
+        return lins
+
+    def observe(self, ctx: BlockContext, linear: Linear, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.settings.mlp_scoring == "dass" and linear.role == "down":
+            ctx.scratch(self).setdefault("dass", ChannelStats(x.shape[-1])).update(x)
+        if linear in self.own_observed(ctx.block):
+            self.observe_linear(ctx, linear, x)
+
+    def observe_linear(self, ctx: BlockContext, linear: Linear, x: torch.Tensor) -> None:
+        """Accumulate what :meth:`prune` needs into ``ctx.scratch(self)``."""
+
+    def prune(self, ctx: BlockContext, linear: Linear) -> torch.Tensor:
+        """A bool keep-mask, or the new (pruned) weight, for one linear."""
         raise NotImplementedError
 
-    def decide(self, block: Block, linear: Linear) -> torch.Tensor:
-        return mask_from_scores(self.scores(block, linear), self.nm, self.sparsity_for(linear))
+    def decide(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
+        out = {}
+        for lin in self.targets(ctx.block):
+            rule = self.dass_rule(ctx.block, lin)
+            if rule is None:
+                out[lin.name] = self.prune(ctx, lin)
+                continue
+            norms = ctx.scratch(self)["dass"].mean_sq()
+            s, w = self.sparsity_for(lin), lin.weight.float()
+            out[lin.name] = down_mask(w, norms, self.nm, s) if rule == "down" else \
+                up_mask(w, norms, self.nm, s, parts=2 if lin.role == "gate_up" else 1)
+        return out
 
-    def apply(self, block: Block, linear: Linear, mask: torch.Tensor) -> None:
-        linear.weight.mul_(mask.to(linear.weight.dtype))
+    def apply(self, ctx: BlockContext, decision: dict[str, torch.Tensor]) -> None:
+        for name, d in decision.items():
+            lin = ctx.block.linears[name]
+            if d.dtype == torch.bool:
+                lin.weight.mul_(d.to(lin.weight.dtype))
+            else:
+                lin.set_weight(d)
 
     def promise(self) -> dict:
         if self.nm:
             return {"pattern": f"{self.nm[0]}:{self.nm[1]}"}
         return {"sparsity": self.settings.sparsity}
 
-    def promise_for(self, linear: Linear) -> dict:
+    def promise_for(self, block: Block, linear: Linear) -> dict:
         if self.layer_sparsity is not None:
             target = round(self.sparsity_for(linear), 6)
             return {"sparsity": target, "sparsity_target": target, "sparsity_profile": "owl"}
-        return self.promise()
+        p = self.promise()
+        if self.nm and self.dass_rule(block, linear) == "up":
+            p = {**p, "pattern_axis": "out"}
+        return p
+
+
+class ScorePruningPass(PruningPass):
+    """A pruning method that only scores weights; the mask keeps the best per row / N:M group."""
+
+    def scores(self, ctx: BlockContext, linear: Linear) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prune(self, ctx: BlockContext, linear: Linear) -> torch.Tensor:
+        return mask_from_scores(self.scores(ctx, linear), self.nm, self.sparsity_for(linear))
+
+
+@preset("dass")
+def dass(settings: dict) -> dict:
+    """``{pass: dass, attn_method: M, ...}`` = ``{pass: M, mlp_scoring: dass, ...}`` (M: wanda by default)."""
+    settings = dict(settings)
+    method = str(settings.pop("attn_method", "wanda"))
+    cls = get_pass(method)
+    if not issubclass(cls, PruningPass):
+        raise SqueezeError(f"dass: attn_method {method!r} is not a weight-pruning pass; use e.g. "
+                           f"{', '.join(sorted(n for n, c in REGISTRY.items() if issubclass(c, PruningPass)))}")
+    return {"pass": method, "mlp_scoring": "dass", **settings}

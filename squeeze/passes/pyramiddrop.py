@@ -1,12 +1,14 @@
-"""The ``pyramiddrop`` pass: no weight changes; records the stage plan in ``squeeze.json`` and
-installs the token-dropping runtime at ``squeeze.load`` (see :mod:`squeeze.vision.pyramiddrop`)."""
+"""The ``pyramiddrop`` method: no weight changes; a model stage that checks the model and
+resolves the stage plan, recorded in ``squeeze.json``; ``squeeze.load`` installs the
+token-dropping runtime (see :mod:`squeeze.vision.pyramiddrop`)."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from squeeze.adapters import Adapter
 from squeeze.errors import SqueezeError
-from squeeze.passes.base import Pass, register
+from squeeze.passes.base import Method, ModelContext, ModelStage, register
 
 
 def _num_list(value, name, cast):
@@ -22,34 +24,28 @@ def _num_list(value, name, cast):
         raise SqueezeError(f"bad {name} {value!r}: expected a comma-separated list of numbers") from None
 
 
-class TokenDropPass(Pass):
-    """Shared shape of the vision-token passes: nothing to calibrate, no linear touched."""
+class TokenDropStage(ModelStage):
+    """Shared shape of the vision-token methods: nothing to calibrate, no weight touched."""
 
-    needs_calibration = False
-
-    def targets(self, block):
-        return []
+    needs_weights = False
 
     def policy(self):
         raise NotImplementedError
 
-    def setup(self, run) -> None:
-        super().setup(run)
-        model = run.model
-        if not hasattr(getattr(model, "model", None), "language_model"):
-            raise SqueezeError(f"{self.name} needs a LLaVA-family model (model_type llava / llava_next), got "
-                               f"{getattr(model.config, 'model_type', '?')!r}")
+    @classmethod
+    def unsupported(cls, adapter: Adapter) -> str | None:
         from squeeze.vision.layout import image_token_id
 
-        image_token_id(model.config)
-        self.resolved_layers = self.policy().layers(len(run.adapter))
+        if adapter.model_type not in ("llava", "llava_next"):
+            return f"{cls.name} needs a LLaVA-family model (model_type llava / llava_next), got {adapter.model_type!r}"
+        try:
+            image_token_id(adapter.config)
+        except SqueezeError as e:
+            return str(e)
+        return None
 
-    @classmethod
-    def on_load(cls, model, entry: dict, path, record: dict) -> None:
-        from squeeze.vision.runtime import install
-
-        settings = {k: v for k, v in entry.items() if k in {f.name for f in dataclasses.fields(cls.Settings)}}
-        install(model, cls(**settings).policy())
+    def run(self, ctx: ModelContext) -> None:
+        self.resolved_layers = self.policy().layers(len(ctx.adapter))
 
     def describe(self) -> dict:
         out = super().describe()
@@ -59,11 +55,12 @@ class TokenDropPass(Pass):
 
 
 @register
-class PyramidDropPass(TokenDropPass):
+class PyramidDrop(TokenDropStage):
     name = "pyramiddrop"
+    examples = ({}, {"layers": "1", "ratios": "0.5"})
 
     @dataclasses.dataclass
-    class Settings(Pass.Settings):
+    class Settings(Method.Settings):
         layers: list | None = None  # boundary layers; default quarters of the language model
         ratios: list | None = None  # keep ratio (of the original image tokens) at each boundary; default 0.5^i
 

@@ -3,7 +3,7 @@
 Frantar & Alistarh (2023), "SparseGPT: Massive Language Models Can Be Accurately Pruned in
 One-Shot". Per linear: H = (2/n)·Σ x xᵀ over the calibration tokens (float64), dampening
 ``dampening``·mean(diag H), upper Cholesky of H⁻¹, columns swept in blocks of ``blocksize``
-with lazy batch updates; the math is in :mod:`squeeze.passes._sparsegpt_math`.
+with lazy batch updates; the math is in :mod:`squeeze.algorithms.sparsegpt`.
 
 Like the reference and llm-compressor, every linear of a block is calibrated on one statistics
 forward of the block as it was before any of its linears were pruned (the block's input is
@@ -18,7 +18,7 @@ import torch
 
 from squeeze.calib.stats import Hessian
 from squeeze.errors import SqueezeError
-from squeeze.passes._sparsegpt_math import sparsegpt_prune
+from squeeze.algorithms.sparsegpt import sparsegpt_prune
 from squeeze.passes.base import register
 from squeeze.passes.pruning import PruningPass
 
@@ -26,6 +26,8 @@ from squeeze.passes.pruning import PruningPass
 @register
 class SparseGPT(PruningPass):
     name = "sparsegpt"
+    examples = ({"pattern": "2:4"}, {"sparsity": 0.5, "blocksize": 16},
+                {"pattern": "2:4", "mlp_scoring": "dass"})
 
     @dataclasses.dataclass
     class Settings(PruningPass.Settings):
@@ -44,23 +46,13 @@ class SparseGPT(PruningPass):
         if not s.dampening > 0:
             raise SqueezeError(f"sparsegpt: dampening must be > 0 (e.g. 0.01), got {s.dampening}")
 
-    def setup(self, run):
-        super().setup(run)
-        self.hessians: dict[str, Hessian] = {}
+    def observe_linear(self, ctx, linear, x):
+        ctx.scratch(self).setdefault(linear.name, Hessian(x.shape[-1])).update(x)
 
-    def observe(self, block, linear, x, y):
-        self.hessians.setdefault(linear.name, Hessian(x.shape[-1])).update(x)
-
-    def decide(self, block, linear) -> torch.Tensor:
+    def prune(self, ctx, linear) -> torch.Tensor:
         s = self.settings
-        h = self.hessians.pop(linear.name)
+        h = ctx.scratch(self).pop(linear.name)
         W, _ = sparsegpt_prune(linear.weight.float(), h.matrix(),
                                sparsity=None if self.nm else self.sparsity_for(linear), nm=self.nm,
                                blocksize=s.blocksize, dampening=s.dampening)
         return W
-
-    def apply(self, block, linear, new_weight: torch.Tensor) -> None:
-        linear.set_weight(new_weight)
-
-    def end_block(self, block):
-        self.hessians.clear()

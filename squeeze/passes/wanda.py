@@ -7,23 +7,19 @@ consecutive input columns). No weight update.
 
 from squeeze.calib.stats import ChannelStats
 from squeeze.passes.base import register
-from squeeze.passes.pruning import PruningPass
+from squeeze.passes.pruning import ScorePruningPass
 from squeeze.sparsity import wanda_scores
 
 
 @register
-class Wanda(PruningPass):
+class Wanda(ScorePruningPass):
     name = "wanda"
+    examples = ({"pattern": "2:4"}, {"pattern": "4:8"}, {"sparsity": 0.5},
+                {"sparsity": 0.5, "sparsity_profile": "owl"}, {"pattern": "2:4", "mlp_scoring": "dass"},
+                [{"pass": "wanda", "pattern": "2:4"}, {"pass": "dsnot"}])
 
-    def setup(self, run):
-        super().setup(run)
-        self.stats: dict[str, ChannelStats] = {}
+    def observe_linear(self, ctx, linear, x):
+        ctx.scratch(self).setdefault(linear.name, ChannelStats(x.shape[-1])).update(x)
 
-    def observe(self, block, linear, x, y):
-        self.stats.setdefault(linear.name, ChannelStats(x.shape[-1])).update(x)
-
-    def scores(self, block, linear):
-        return wanda_scores(linear.weight.float(), self.stats[linear.name].mean_sq())
-
-    def end_block(self, block):
-        self.stats.clear()
+    def scores(self, ctx, linear):
+        return wanda_scores(linear.weight.float(), ctx.scratch(self)[linear.name].mean_sq())

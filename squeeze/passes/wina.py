@@ -9,7 +9,7 @@ norms are a registered buffer of each site's sparsifier (saved in the export's s
 ``transform=true`` (``--set transform=true``) adds the paper's orthogonal transform: each block's
 shared attention input and MLP input are rotated by V from the SVD of their stacked consumers
 (q;k;v, gate;up), whose weights are rotated to match, so those columns are orthogonal and the
-scores use the singular values (:func:`squeeze.passes._actsparse_math.orthogonal_transform`; at
+scores use the singular values (:func:`squeeze.algorithms.actsparse.orthogonal_transform`; at
 0% sparsity the model's outputs are unchanged). The export then stores rotated weights: only
 ``squeeze.load`` runs it correctly. Not combinable with weight pruning (the rotation densifies).
 """
@@ -22,3 +22,5 @@ from squeeze.passes.base import register
 class Wina(ActSparsityPass):
     name = "wina"
     weighted = True
+    examples = ({"act_sparsity": 0.5}, {"act_sparsity": 0.5, "transform": True},
+                [{"pass": "wanda", "pattern": "2:4"}, {"pass": "wina", "act_sparsity": 0.3}])

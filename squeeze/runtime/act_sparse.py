@@ -29,12 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from squeeze.adapters import Adapter
+from squeeze.algorithms.actsparse import (
+    ROLE_TO_SITE,
+    ROTATED_SITES,
+    SCALE_ROLES,
+    SITES,
+    mask_threshold,
+    mask_topk,
+    parse_sites,
+    scores,
+    threshold_from_scores,
+)
 from squeeze.kernels.cpu_input_sparse import input_sparse_linear_cpu, plan_for
-
-# The site vocabulary and the masks live with the pass math (squeeze.passes._actsparse_math); they
-# are imported lazily because importing squeeze.passes registers every pass, and the passes
-# import this module.
-SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
 
 DECODE_TOKENS = 8
 MODES = ("threshold", "topk", "zero")
@@ -129,8 +136,6 @@ class ActSparsifier(nn.Module):
 
     def _mask(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrate_to is not None:
-            from squeeze.passes._actsparse_math import scores, threshold_from_scores
-
             rot = self._consts(x.dtype)[3]
             z = x if rot is None else F.linear(x, rot)
             scale = self.scale if self.scale.numel() else None
@@ -140,8 +145,6 @@ class ActSparsifier(nn.Module):
             x = F.linear(x, rot)
         if self.mode == "zero" or sparsity <= 0.0:
             return x  # 0% sparsity is exactly the dense model (up to the rotation)
-        from squeeze.passes._actsparse_math import mask_threshold, mask_topk
-
         y = mask_topk(x, sparsity, scale) if self.mode == "topk" else mask_threshold(x, threshold, scale)
         if self.dense_prefix > 0 and x.dim() >= 2 and x.shape[-2] > DECODE_TOKENS:
             n = math.ceil(self.dense_prefix * x.shape[-2])
@@ -152,8 +155,6 @@ class ActSparsifier(nn.Module):
 # -- sites -------------------------------------------------------------------------------------
 def block_sites(linears: dict, sites=SITES) -> dict[str, tuple]:
     """{site: (host Linear, [consumer Linears])} for the adapter ``Linear``s of one block."""
-    from squeeze.passes._actsparse_math import ROLE_TO_SITE, SCALE_ROLES
-
     out = {}
     for site in sites:
         consumers = [lin for lin in linears.values() if ROLE_TO_SITE.get(lin.role) == site]
@@ -194,6 +195,28 @@ def uninstall(consumers) -> None:
             del m.__dict__["forward"]
         if "act_sparse" in m._modules:
             del m._modules["act_sparse"]
+
+
+def install_recorded(model: nn.Module, entry: dict, record: dict) -> None:
+    """Run-time spec of ``teal`` / ``wina`` records: empty sparsifiers on every site the pass
+    touched; their buffers (threshold, sparsity, WINA scale and rotation) then load from the
+    sidecar by name."""
+    import re
+
+    sites_wanted = parse_sites(entry.get("sites", ",".join(SITES)))
+    mode = entry.get("mode", "threshold")
+    prefix = float(entry.get("dense_prefix", 0.01))
+    weighted = bool(entry.get("weighted", entry["pass"] == "wina"))
+    rotated_sites = ROTATED_SITES if entry.get("transform") else ()
+    t, ig = entry.get("targets"), entry.get("ignore")
+    adapter = Adapter(model)
+    for i in range(len(adapter)):
+        block = adapter.block(i)
+        for site, (host, consumers) in block_sites(block.linears, sites_wanted).items():
+            consumers = [c for c in consumers if (not t or re.search(t, c.name)) and not (ig and re.search(ig, c.name))]
+            if consumers:
+                sp = ActSparsifier(host.in_features, mode, weighted, prefix, rotated=site in rotated_sites)
+                install(host, consumers, sp.to(host.module.weight.device))
 
 
 def sparsifiers(model: nn.Module) -> dict[str, ActSparsifier]:

@@ -3,7 +3,7 @@
 Song et al. (2024), "Turbo Sparse: Achieving LLM SOTA Performance with Minimal Activated
 Parameters": dReLU, y = W_down(ReLU(W_gate x) * ReLU(W_up x)), makes most intermediate neurons
 exactly zero. ``config.hidden_act`` cannot express dReLU (and the export keeps the original
-config), so the conversion is applied by ``squeeze.load`` (the pass's ``on_load``): the MLP's
+config), so the conversion is applied by ``squeeze.load`` (:func:`install_recorded`): the MLP's
 activation module is swapped for ``nn.ReLU`` and, for dReLU, a forward hook applies ReLU to the
 up projection's output (for a fused gate_up projection: to all of it). No parameter or buffer
 changes, so the state_dict keys are those of the original model. Plain ``from_pretrained`` of
@@ -101,3 +101,39 @@ def install_fast_path(mlp: nn.Module, variant: str) -> bool:
     if "forward" not in mlp.__dict__:
         mlp.forward = _ReluFFNForward(mlp, variant)
     return True
+
+
+def convert_block(block, gate, variant: str) -> None:
+    """ReLU-fy the MLP that the adapter ``Linear`` ``gate`` (gate or fused gate_up) belongs to in
+    ``block``, and mark its (now naturally sparse) intermediate so decode skips its zeros."""
+    from squeeze.runtime.act_sparse import ActSparsifier, block_sites, install
+
+    inner = gate.name[len(block.name) + 1:]
+    mlp = mlp_of(block.module, inner)
+    prefix = inner.rpartition(".")[0]
+    mine = {n: lin for n, lin in block.linears.items() if lin.name[len(block.name) + 1:].rpartition(".")[0] == prefix}
+    convert_mlp(mlp, [lin for lin in mine.values() if lin.role in ("gate", "up", "gate_up")], variant)
+    for host, consumers in block_sites(mine, ("mlp_mid",)).values():
+        if "act_sparse" not in host.module._modules:
+            install(host, consumers, ActSparsifier(host.in_features, mode="zero").to(host.module.weight.device))
+
+
+def install_recorded(model: nn.Module, entry: dict, record: dict) -> None:
+    """Run-time spec of ``drelu`` records: re-apply the ReLU-fied MLP to every recorded target."""
+    import re
+
+    from squeeze.adapters import Adapter
+
+    adapter = Adapter(model)
+    t, ig = entry.get("targets"), entry.get("ignore")
+    for i in range(len(adapter)):
+        block = adapter.block(i)
+        for lin in block.linears.values():
+            if lin.role in ("gate", "gate_up") and (not t or re.search(t, lin.name)) \
+                    and not (ig and re.search(ig, lin.name)):
+                try:
+                    convert_block(block, lin, entry.get("variant", "drelu"))
+                except ValueError as e:
+                    from squeeze.errors import SqueezeError
+
+                    raise SqueezeError(f"drelu: {block.name}: {e}") from None

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from squeeze.errors import SqueezeError
+
 SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
 ROLE_TO_SITE = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "qkv": "attn_in", "o": "attn_out",
                 "gate": "mlp_in", "up": "mlp_in", "gate_up": "mlp_in", "down": "mlp_mid"}
@@ -28,6 +30,15 @@ SCALE_ROLES = {"attn_in": ("k", "qkv", "q", "v"), "attn_out": ("o",), "mlp_in": 
 
 # Sites WINA's orthogonal transform rotates: the inputs shared by several consumers (q/k/v, gate/up).
 ROTATED_SITES = ("attn_in", "mlp_in")
+
+
+def parse_sites(value: str) -> tuple:
+    """``"attn_in,mlp_mid"`` -> the site names, checked against :data:`SITES`."""
+    sites = tuple(s.strip() for s in str(value).split(",") if s.strip())
+    bad = [s for s in sites if s not in SITES]
+    if bad or not sites:
+        raise SqueezeError(f"bad sites {value!r}: use a comma list of {', '.join(SITES)}")
+    return sites
 
 
 def orthogonal_transform(weights: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
