@@ -182,13 +182,18 @@ def test_decode_skips_counting_when_sparse_cannot_pay(tiny_dir, tiny_calib, tmp_
 
 
 def test_prune_then_sparsify_recipe(tiny_dir, tiny_calib, tmp_path):
-    """Weight pruning then TEAL in one recipe: TEAL observes the pruned block (fresh statistics)."""
+    """Weight pruning then TEAL in one recipe: TEAL calibrates on the pruned block (it replays the
+    block as changed by the passes before it)."""
     out = tmp_path / "o"
+    kw = dict(calib=str(tiny_calib), nsamples=4, seqlen=32)
     res = squeeze.compress(tiny_dir("llama"), out, recipe=[{"pass": "wanda", "sparsity": 0.5},
-                                                            {"pass": "teal", "act_sparsity": 0.4}],
-                           calib=str(tiny_calib), nsamples=4, seqlen=32)
+                                                            {"pass": "teal", "act_sparsity": 0.4}], **kw)
+    alone = squeeze.compress(tiny_dir("llama"), tmp_path / "t", method="teal", act_sparsity=0.4, **kw)
     assert res.report["summary"]["sparsity"] == pytest.approx(0.5, abs=0.01)
-    assert res.report["forwards_per_block"] >= 3  # wanda stats, teal stats (fresh), propagation
+    assert res.report["forwards_per_block"] == 2  # wanda's statistics, propagation (TEAL replays)
+    after, before = res.report["pass_reports"]["teal"]["0"], alone.report["pass_reports"]["teal"]["0"]
+    assert after["attn_in"]["threshold"] == before["attn_in"]["threshold"]  # the block's input: same
+    assert after["mlp_mid"]["threshold"] != before["mlp_mid"]["threshold"]  # downstream of pruned weights
     loaded = squeeze.load(out)
     ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
