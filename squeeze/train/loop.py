@@ -129,7 +129,7 @@ def train(params: dict[str, nn.Parameter], loss_at: Callable[[int], torch.Tensor
                 opt.zero_grad(set_to_none=True)
                 loss = loss_at(step)
                 if not torch.isfinite(loss):
-                    raise SqueezeError(f"{what} diverged at step {step + 1} (loss {float(loss)}); lower --lr")
+                    raise SqueezeError(f"{what} diverged at step {step + 1} (loss {float(loss.detach())}); lower --lr")
                 loss.backward()
                 apply_masks(params, masks, grads=True)
                 if optimisation.clip is not None:
