@@ -225,9 +225,10 @@ def _state(run, settings) -> tuple[Path, dict]:
     """(resume folder, what identifies the run): the model, calibration data and the settings that
     change the result. The default folder is keyed by that identity, in ~/.cache/squeeze/drelu/,
     so a rerun of the same command finds and continues it."""
-    identity = {"src": str(Path(run.weights.ckpt.path).resolve()), "calib": run.calib.digest(), "dtype": str(run.dtype),
+    identity = {"src": str(Path(run.weights.ckpt.path).resolve()), "calib": run.calib.digest(),
+                "dtype": str(run.dtype),
                 **{k: v for k, v in dataclasses.asdict(settings).items() if k not in _NOT_TRAINING}}
     if settings.resume:
         return Path(settings.resume), identity
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "squeeze" / "drelu" / fingerprint(identity), \
-        identity
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "squeeze" / "drelu" / fingerprint(identity), identity

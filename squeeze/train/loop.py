@@ -115,7 +115,8 @@ def train(params: dict[str, nn.Parameter], loss_at: Callable[[int], torch.Tensor
             meta = load_state(folder, params, opt, fp, what)
             start, losses, base = meta["step"], meta["losses"], meta["baseline"]
             if start > steps:
-                raise SqueezeError(f"the checkpoint in {folder} is at step {start}, past --steps {steps}; raise --steps")
+                raise SqueezeError(f"the checkpoint in {folder} is at step {start}, past --steps {steps}; "
+                                   "raise --steps")
         elif folder.exists():
             shutil.rmtree(folder)  # a stale run: without resume we start over
     if base is None:
