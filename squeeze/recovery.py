@@ -17,7 +17,7 @@ for (vllm-project/llm-compressor#1028), kept deliberately small:
   attention-mask-aware mean-pooled sentence embeddings (the metric ``squeeze evaluate`` reports
   for encoders; a cosine variant of distilling sentence embeddings directly, which Reimers &
   Gurevych 2020 do with an MSE). Causal LMs always use the KL above and refuse other terms. Padding positions
-  never count in any term.
+  never count in any term. The losses live in :mod:`squeeze.train.losses`.
 - **Training rows** (``rows`` / ``--rows``): ``packed`` (default): ``nsamples`` × ``seqlen``
   token windows as ``squeeze compress`` calibrates (``--packing``). ``sentences``: every text row
   split into sentences, each tokenized on its own with the tokenizer's special tokens (cut to
@@ -39,16 +39,13 @@ for (vllm-project/llm-compressor#1028), kept deliberately small:
   (default) or ``cosine`` decay to 0 at the last step, after ``warmup`` steps of linear warm-up.
 - **What trains.** Every parameter inside the transformer blocks (linears, their biases, norms);
   embeddings and the LM head stay frozen (they are not pruned, and are often tied).
-- **Masks stay.** For every linear in the blocks the zero pattern is recorded before training;
-  each step the gradient of those entries is zeroed *and* the weights are multiplied by the mask
-  after the optimizer step. The second is what makes it provable: Adam's update is
-  m/(√v+ε), which is exactly zero when m is, but re-applying the mask does not rely on that.
-  Nonzero weights may become tiny but never exactly zero by this procedure; zeros stay zeros,
-  so N:M patterns and sparsity promised in ``squeeze.json`` still hold.
+- **Masks stay.** For every linear in the blocks the zero pattern is recorded before training
+  and re-applied to gradients and weights every step (:mod:`squeeze.train.loop`): zeros stay
+  zeros, so N:M patterns and sparsity promised in ``squeeze.json`` still hold.
 - **Deterministic and resumable.** The model runs in eval mode (no dropout); the batch order of
   step ``s`` is a function of ``seed`` and ``s`` alone. Every ``checkpoint_every`` steps the
-  trainable tensors and Adam's moments are written (safetensors + JSON, no pickle) to the work
-  folder ``<out parent>/.<out name>.recover-work/``; ``resume=True`` continues from there and
+  training state is written (:mod:`squeeze.train.state`: safetensors + JSON, no pickle) to the
+  work folder ``<out parent>/.<out name>.recover-work/``; ``resume=True`` continues from there and
   gives the same result as an uninterrupted run. The folder is removed after a successful export.
 - **Export** goes through the same atomic machinery as ``squeeze compress`` (staging folder,
   rename), keeps the pruned checkpoint's sharding, dtypes, tokenizer and sidecar, and appends a
@@ -61,11 +58,9 @@ compress sweep), so this is meant for models that fit in RAM a few times over.
 from __future__ import annotations
 
 import gc
-import hashlib
 import itertools
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -79,9 +74,6 @@ from torch import nn
 from squeeze.checkpoint import Checkpoint
 from squeeze.errors import SqueezeError
 from squeeze.versions import without_versions
-
-STATE_JSON = "state.json"
-
 
 @dataclass
 class RecoverResult:
@@ -97,50 +89,6 @@ def work_dir(out: str | Path) -> Path:
 
 
 # -- pure pieces ---------------------------------------------------------------------------------
-def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) in nats, per position. logits: (B, T, V) -> (B, T)."""
-    logp = torch.log_softmax(teacher_logits.float(), -1)
-    logq = torch.log_softmax(student_logits.float(), -1)
-    return (logp.exp() * (logp - logq)).sum(-1)
-
-
-def relative_mse(teacher_hidden: torch.Tensor, student_hidden: torch.Tensor,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
-    """‖h_s − h_t‖² / ‖h_t‖² over the whole batch (a scalar); with ``mask`` (B, T) only the
-    positions where it is nonzero count (padding is ignored)."""
-    t, s = teacher_hidden.float(), student_hidden.float()
-    if mask is not None:
-        m = (mask != 0).to(t.dtype)[..., None]
-        t, s = t * m, s * m
-    return ((s - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12)
-
-
-def layerwise_relative_mse(teacher_states, student_states, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over blocks of :func:`relative_mse` of each block's output hidden state (the
-    intermediate-layer distillation of TinyBERT, Jiao et al. 2020, "TinyBERT: Distilling BERT for
-    Natural Language Understanding", with a relative instead of a plain MSE so every block
-    counts equally whatever its scale). ``*_states``: the per-block outputs, same count."""
-    if len(teacher_states) != len(student_states) or not teacher_states:
-        raise ValueError(f"{len(teacher_states)} teacher vs {len(student_states)} student hidden states")
-    return sum(relative_mse(t, s, mask) for t, s in zip(teacher_states, student_states)) / len(teacher_states)
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention-mask-aware mean over tokens (the sentence-transformers pooling): (B, T, H) -> (B, H)."""
-    if mask is None:
-        return hidden.float().mean(1)
-    m = (mask != 0).to(torch.float32)[..., None]
-    return (hidden.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
-def pooled_cosine_loss(teacher_hidden: torch.Tensor, student_hidden: torch.Tensor,
-                       mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over rows of 1 − cos(mean-pooled student, mean-pooled teacher): the quantity
-    ``squeeze evaluate`` scores encoders by (its ``cosine_mean`` is 1 minus this on its data)."""
-    t, s = mean_pool(teacher_hidden, mask), mean_pool(student_hidden, mask)
-    return (1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1)).mean()
-
-
 ENCODER_LOSS_TERMS = ("last", "layers", "pooled")
 
 
@@ -177,55 +125,6 @@ def split_sentences(text: str) -> list[str]:
     letter or digit). A heuristic for prose; abbreviations such as "Dr. Smith" split too."""
     flat = " ".join(text.split())
     return [p.strip() for p in _SENTENCE_END.split(flat) if p.strip()]
-
-
-def lr_at(step: int, steps: int, lr: float, schedule: str, warmup: int) -> float:
-    """Learning rate of optimisation step ``step`` (0-based): linear warm-up from lr/warmup to lr
-    over the first ``warmup`` steps, then ``constant`` or ``cosine`` decay to 0 at ``steps``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if schedule == "constant":
-        return lr
-    done = (step - warmup) / max(steps - warmup, 1)
-    return lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
-
-
-def zero_masks(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{name: bool mask of entries allowed to be nonzero} = where the weight is nonzero now."""
-    return {n: p.detach() != 0 for n, p in params.items()}
-
-
-def apply_masks(params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor], grads: bool) -> None:
-    """Zero the pruned entries of the gradients (``grads=True``) or of the weights."""
-    with torch.no_grad():
-        for n, m in masks.items():
-            t = params[n].grad if grads else params[n].data
-            if t is not None:
-                t.mul_(m)
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """Sample indices of optimisation step ``step``: consecutive slices of a seeded permutation per
-    epoch (a function of seed and step only, so a resumed run sees the same batches)."""
-    out = []
-    for g in range(step * batch_size, (step + 1) * batch_size):
-        epoch, pos = divmod(g, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(perm[pos]))
-    return out
-
-
-def collate(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Right-pad ``rows`` (1-D token ids) to one (B, T) batch; the attention mask is ``None`` when
-    every row has the same length (nothing to mask), else 1 on real tokens and 0 on padding."""
-    n = max(len(r) for r in rows)
-    if all(len(r) == n for r in rows):
-        return torch.stack(rows), None
-    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), n), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = r, 1
-    return ids, mask
 
 
 def drop_tokens(row: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -353,104 +252,6 @@ def _check_args(steps, lr, batch_size, checkpoint_every, rows="packed", schedule
         raise SqueezeError(f"--warmup must be a whole number of steps, 0 <= warmup < --steps {steps} (got {warmup!r})")
 
 
-class _Distiller:
-    def __init__(self, student: nn.Module, teacher: nn.Module, kind: str, terms: dict[str, float] | None = None):
-        self.student, self.teacher, self.kind = student, teacher, kind
-        self.terms = terms or {"last": 1.0}
-
-    def _outputs(self, model, ids, mask):
-        extra = {} if mask is None else {"attention_mask": mask}
-        if self.kind == "causal":
-            return model(input_ids=ids, use_cache=False, **extra).logits
-        out = model(input_ids=ids, output_hidden_states=True, **extra)
-        last = getattr(out, "last_hidden_state", None)
-        return out.hidden_states, out.hidden_states[-1] if last is None else last
-
-    def loss(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean loss of the batch ``ids`` (B, T) (``mask``: attention mask, padding ignored);
-        differentiable w.r.t. the student."""
-        with torch.no_grad():
-            t = self._outputs(self.teacher, ids, mask)
-        s = self._outputs(self.student, ids, mask)
-        if self.kind == "causal":
-            kl = kl_per_token(t, s)
-            if mask is None:
-                return kl.mean()
-            m = (mask != 0).to(kl.dtype)
-            return (kl * m).sum() / m.sum().clamp_min(1.0)
-        (t_states, t_last), (s_states, s_last) = t, s
-        total = 0.0
-        for term, w in self.terms.items():
-            if term == "last":
-                value = relative_mse(t_states[-1], s_states[-1], mask)
-            elif term == "layers":  # hidden_states[0] is the (frozen) embedding output: blocks only
-                value = layerwise_relative_mse(t_states[1:], s_states[1:], mask)
-            else:
-                value = pooled_cosine_loss(t_last, s_last, mask)
-            total = total + w * value
-        return total
-
-    @torch.no_grad()
-    def mean_loss(self, samples: list[torch.Tensor], batch_size: int, pad_id: int = 0) -> float:
-        """Token-weighted mean loss over every calibration sample."""
-        total, count = 0.0, 0
-        for i in range(0, len(samples), batch_size):
-            ids, mask = collate(samples[i:i + batch_size], pad_id)
-            n = ids.numel() if mask is None else int(mask.sum())
-            total += float(self.loss(ids, mask)) * n
-            count += n
-        return total / max(count, 1)
-
-
-# -- checkpoints for --resume --------------------------------------------------------------------
-def _fingerprint(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _save_state(folder: Path, step: int, params: dict[str, nn.Parameter], opt: torch.optim.Adam,
-                meta: dict) -> None:
-    """Tensors first (a new file per step), then the JSON that points at them, each renamed into
-    place, so a crash at any moment leaves the previous checkpoint usable."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for n, p in params.items():
-        tensors[f"param/{n}"] = p.detach().contiguous()
-        st = opt.state.get(p, {})
-        if st:
-            tensors[f"exp_avg/{n}"] = st["exp_avg"].contiguous()
-            tensors[f"exp_avg_sq/{n}"] = st["exp_avg_sq"].contiguous()
-    name = f"state-{step:08d}.safetensors"
-    save_file(tensors, str(folder / (name + ".tmp")))
-    os.replace(folder / (name + ".tmp"), folder / name)
-    (folder / (STATE_JSON + ".tmp")).write_text(json.dumps({**meta, "step": step, "tensors": name}, indent=2))
-    os.replace(folder / (STATE_JSON + ".tmp"), folder / STATE_JSON)
-    for old in folder.glob("state-*.safetensors"):
-        if old.name != name:
-            old.unlink()
-
-
-def _load_state(folder: Path, params: dict[str, nn.Parameter], opt: torch.optim.Adam, fingerprint: str) -> dict:
-    from safetensors.torch import load_file
-
-    meta = json.loads((folder / STATE_JSON).read_text())
-    if meta.get("fingerprint") != fingerprint:
-        raise SqueezeError(f"{folder} holds a checkpoint of a different recovery run (other model, data or "
-                           "settings); drop --resume to start over")
-    tensors = load_file(str(folder / meta["tensors"]))
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[f"param/{n}"])
-    state = {}
-    for i, (n, _) in enumerate(params.items()):
-        if f"exp_avg/{n}" in tensors:
-            state[i] = {"step": torch.tensor(float(meta["step"])), "exp_avg": tensors[f"exp_avg/{n}"],
-                        "exp_avg_sq": tensors[f"exp_avg_sq/{n}"]}
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-    return meta
-
-
 # -- the API -------------------------------------------------------------------------------------
 def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str | Path | None = None,
             calib: str = "builtin", steps: int = 100, lr: float = 1e-4, nsamples: int | None = None,
@@ -529,71 +330,40 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
         ",".join(n if w == 1.0 else f"{n}:{w:g}" for n, w in terms.items())
 
     from squeeze.adapters import Adapter
+    from squeeze.train.batches import batch_indices, collate
+    from squeeze.train.distill import Distiller
+    from squeeze.train.loop import Optimisation, train
 
     adapter = Adapter(student)
     student.requires_grad_(False)
     prefix = adapter.blocks_path + "."
     params = {n: p for n, p in student.named_parameters() if n.startswith(prefix)}
-    for p in params.values():
-        p.requires_grad_(True)
     linear_weights = {f"{name}.weight" for i in range(len(adapter)) for name in adapter.block(i).linears}
-    masks = zero_masks({n: p for n, p in params.items() if n in linear_weights})
-    zeros_before = int(sum((~m).sum() for m in masks.values()))
-    opt = torch.optim.Adam(list(params.values()), lr=lr)
-    distiller = _Distiller(student, teacher, kind, terms)
+    distiller = Distiller(student, teacher, kind, terms)
     samples = calibration.samples
 
-    run_settings = {"pruned": str(ckpt.path.resolve()), "reference": str(ref_ckpt.path.resolve()),
-                    "calibration": calibration.digest(), "lr": lr, "batch_size": batch_size, "seed": seed}
-    schedule = {"loss": loss_name, "augment": aug, "lr_schedule": lr_schedule, "warmup": warmup}
-    if schedule != {"loss": loss_name, "augment": {}, "lr_schedule": "constant", "warmup": 0}:
-        run_settings.update(schedule, steps=steps)  # the cosine decay depends on --steps
-    fingerprint = _fingerprint(run_settings)
-    work = work_dir(out)
-    start, resumed_from, loss_before, losses = 0, None, None, []
-    if resume and (work / STATE_JSON).is_file():
-        meta = _load_state(work, params, opt, fingerprint)
-        start = resumed_from = meta["step"]
-        loss_before, losses = meta["loss_before"], meta["losses"]
-        if start > steps:
-            raise SqueezeError(f"the checkpoint in {work} is at step {start}, past --steps {steps}; raise --steps")
-    elif work.exists():
-        shutil.rmtree(work)  # a stale run: without --resume we start over
-    if loss_before is None:
-        loss_before = distiller.mean_loss(samples, batch_size, pad_id)
-
-    t_train = time.perf_counter()
-    for step in range(start, steps):
+    def loss_at(step: int) -> torch.Tensor:
         batch = [samples[i] for i in batch_indices(step, batch_size, len(samples), seed)]
         if "drop" in aug or "replace" in aug:  # a function of seed and step, like the batch order (resume-safe)
             g = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * step + 1)
             batch = [replace_tokens(drop_tokens(r, aug.get("drop", 0.0), g), aug.get("replace", 0.0), g, vocab_ids)
                      for r in batch]
-        ids, mask = collate(batch, pad_id)  # (B, T), mask None when all rows have one length
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, lr_schedule, warmup)
-        opt.zero_grad(set_to_none=True)
-        loss = distiller.loss(ids, mask)
-        if not torch.isfinite(loss):
-            raise SqueezeError(f"recovery diverged at step {step + 1} (loss {float(loss)}); lower --lr")
-        loss.backward()
-        apply_masks(params, masks, grads=True)
-        opt.step()
-        apply_masks(params, masks, grads=False)
-        value = float(loss.detach())
-        losses.append(round(value, 6))
-        if on_step:
-            on_step(step + 1, steps, value)
-        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            _save_state(work, step + 1, params, opt, {"fingerprint": fingerprint, "settings": run_settings,
-                                                      "loss_before": loss_before, "losses": losses})
-    train_seconds = time.perf_counter() - t_train
-    student.requires_grad_(False)
+        return distiller.loss(*collate(batch, pad_id))  # (B, T) ids, mask None when all rows have one length
+
+    identity = {"pruned": str(ckpt.path.resolve()), "reference": str(ref_ckpt.path.resolve()),
+                "calibration": calibration.digest(), "batch_size": batch_size, "seed": seed, "loss": loss_name,
+                "augment": aug}
+    trained = train(params, loss_at, steps, Optimisation(lr, "adam", lr_schedule, warmup),
+                    keep_zero=[n for n in params if n in linear_weights], folder=work_dir(out), resume=resume,
+                    identity=identity, save_every=checkpoint_every, on_step=on_step, what="recovery",
+                    baseline=lambda: {"loss_before": distiller.mean_loss(samples, batch_size, pad_id)})
+    loss_before, masks = trained.baseline["loss_before"], trained.masks
+    zeros_before = int(sum((~m).sum() for m in masks.values()))
     loss_after = distiller.mean_loss(samples, batch_size, pad_id)
     zeros_after = int(sum((p.detach()[~masks[n]] == 0).sum() for n, p in params.items() if n in masks))
     if zeros_after != zeros_before:  # cannot happen (masks re-applied every step); never export if it did
         raise SqueezeError(f"internal error: {zeros_before - zeros_after} pruned weights became nonzero")
-    del teacher, opt
+    del teacher
     gc.collect()
 
     entry = {"pass": "recover", "reference": str(ref_ckpt.path), "loss": loss_name,
@@ -601,7 +371,7 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
              "calibration": calibration.describe(), "trained": "block parameters (embeddings, head frozen)",
              "loss_before": round(loss_before, 6), "loss_after": round(loss_after, 6),
              "pruned_weights_kept_zero": zeros_before}
-    if schedule["lr_schedule"] != "constant" or warmup:
+    if lr_schedule != "constant" or warmup:
         entry.update(lr_schedule=lr_schedule, warmup=warmup)
     if aug:
         entry["augment"] = aug
@@ -622,16 +392,16 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
     with staging_dir(out) as tmp:
         sizes = write_checkpoint(ckpt, tmp, TensorSource(ckpt, tensors), {}, record, sidecar)
         commit(tmp, out)
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(work_dir(out), ignore_errors=True)
 
     report = {"pruned": str(ckpt.path), "reference": str(ref_ckpt.path), "out": str(out.resolve()),
               "kind": kind, **{k: entry[k] for k in ("loss", "steps", "lr", "batch_size", "seed", "calibration",
                                                      "loss_before", "loss_after")},
               "lr_schedule": lr_schedule, "warmup": warmup, "augment": aug,
-              "resumed_from": resumed_from, "losses": losses, "trainable_params": sum(p.numel() for p in
-                                                                                       params.values()),
+              "resumed_from": trained.start or None, "losses": [round(v, 6) for v in trained.losses],
+              "trainable_params": sum(p.numel() for p in params.values()),
               "pruned_weights_kept_zero": zeros_before, "files": sizes,
-              "train_seconds": round(train_seconds, 3), "seconds": round(time.perf_counter() - t_start, 3),
+              "train_seconds": round(trained.seconds, 3), "seconds": round(time.perf_counter() - t_start, 3),
               "peak_rss_mb": round(peak_rss_mb(), 1)}
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -17,15 +17,16 @@ early exit and self-speculative decoding (:mod:`squeeze.depth.speculative`) acce
 - optional **distillation**: each exit also matches the original model's next-token
   distribution, KL(teacher || exit).
 
-Training is bounded (``steps``), seeded (batches and dropout masks come from per-step seeds, so a
-resumed run sees the same data), checkpointed every ``save_every`` steps next to the output and
-resumable, and the result is exported atomically as a plain checkpoint.
+Training runs on the shared loop (:mod:`squeeze.train`): bounded (``steps``), seeded (batches and
+dropout masks come from per-step seeds, so a resumed run sees the same data), AdamW with a short
+warm-up and gradient clipping, checkpointed every ``save_every`` steps next to the output
+(``.<out name>.layerskip-state/``) and resumable; the result is exported atomically as a plain
+checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from torch import nn
 
 from squeeze.depth.stack import _output_tensor, exit_logits
 from squeeze.errors import SqueezeError
+from squeeze.train.losses import kl_per_token
 
 
 # -- pure schedule / loss math ---------------------------------------------------------------
@@ -86,9 +88,7 @@ def early_exit_loss(model: nn.Module, hiddens: list[torch.Tensor], labels: torch
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         loss_l = ce
         if teacher_logits is not None and distill_weight:
-            t = torch.log_softmax(teacher_logits.float(), -1)
-            kl = (t.exp() * (t - torch.log_softmax(logits, -1))).sum(-1).mean()
-            loss_l = loss_l + distill_weight * kl
+            loss_l = loss_l + distill_weight * kl_per_token(teacher_logits, logits).mean()
         total = total + float(s) * loss_l
         per_layer.append(float(ce.detach()))
     return total, per_layer
@@ -155,28 +155,6 @@ class LayerSkipConfig:
             raise SqueezeError("--batch-size, --save-every and rotation must be >= 1")
 
 
-class _Updated:
-    """Duck-typed ``Spill`` for :func:`squeeze.export.write_checkpoint`: trained tensors by
-    checkpoint key, cast back to each tensor's source dtype."""
-
-    def __init__(self, model, ckpt):
-        from squeeze.checkpoint import SAFETENSORS_DTYPES
-        from squeeze.modeling import WeightMap
-
-        self.ckpt, self.sidecar = ckpt, {}
-        wm = WeightMap(model, ckpt)
-        params = dict(model.named_parameters(remove_duplicate=False))
-        self.tensors = {key: params[name].detach() for name, key in wm.to_ckpt.items()}
-        self._dtypes = SAFETENSORS_DTYPES
-
-    def cast(self, key, t):
-        return t.to(self._dtypes.get(self.ckpt.dtype_of(key), t.dtype)) if t.is_floating_point() else t
-
-    def get(self, key):
-        t = self.tensors.get(key)
-        return None if t is None else self.cast(key, t).contiguous()
-
-
 def state_dir(out: Path) -> Path:
     out = Path(out)
     return out.parent / f".{out.name}.layerskip-state"
@@ -187,8 +165,12 @@ def finetune(model_dir, out, calib: str = "builtin", distill_from=None, resume: 
     """Run the LayerSkip recipe on ``model_dir`` and export to ``out``. ``progress(step, steps,
     loss)`` is called after every step. Returns a report (losses, timings)."""
     from squeeze.checkpoint import Checkpoint
-    from squeeze.export import check_output_dir, commit, staging_dir, write_checkpoint
+    from squeeze.export import TensorSource, check_output_dir, commit, staging_dir, write_checkpoint
     from squeeze.loading import load
+    from squeeze.modeling import WeightMap
+    from squeeze.train.batches import batch_indices
+    from squeeze.train.loop import Optimisation, train
+    from squeeze.train.state import has_state
 
     cfg = LayerSkipConfig(**settings)
     cfg.validate()
@@ -210,66 +192,51 @@ def finetune(model_dir, out, calib: str = "builtin", distill_from=None, resume: 
     teacher = None
     if distill_from is not None:
         teacher = load(distill_from, dtype=torch.float32).eval().requires_grad_(False)
-    model.train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    warmup = max(1, cfg.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    model.train()
     rates = dropout_rates(L, cfg.p_max)
     dropper = LayerDropout(blocks, rates)
-    start, history = 0, []
     sdir = state_dir(Path(out))
-    if resume and (sdir / "state.pt").is_file():
-        st = torch.load(sdir / "state.pt", weights_only=True)
-        if st["config"] != asdict(cfg):
-            raise SqueezeError(f"{sdir}: saved run used other settings {st['config']}; drop --resume or match them")
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        start, history = int(st["step"]), list(st["history"])
-    elif resume:
+    if resume and not has_state(sdir):
         raise SqueezeError(f"--resume: no saved state at {sdir}")
-    t0 = time.perf_counter()
+
+    def loss_at(step: int) -> torch.Tensor:
+        batch = data[batch_indices(step, cfg.batch_size, data.shape[0], cfg.seed, "any")]
+        dropper.seed(cfg.seed * 1_000_003 + step + 7)
+        hiddens, _ = _forward_hiddens(model, batch[:, :-1])
+        tl = None
+        if teacher is not None:
+            with torch.no_grad():
+                tl = teacher(input_ids=batch[:, :-1], use_cache=False).logits
+        ids = enabled_exits(L, step, cfg.steps, cfg.curriculum, cfg.rotation)
+        return early_exit_loss(model, hiddens, batch[:, 1:], ids, cfg.scale, cfg.e_scale, tl,
+                               cfg.distill_weight if teacher is not None else 0.0)[0]
+
+    identity = {"model": str(ckpt.path.resolve()), "calibration": calib_info, "distill_from": str(distill_from),
+                **{k: v for k, v in asdict(cfg).items() if k != "save_every"}}
     try:
-        for step in range(start, cfg.steps):
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            batch = data[torch.randint(0, data.shape[0], (cfg.batch_size,), generator=g)]
-            dropper.seed(cfg.seed * 1_000_003 + step + 7)
-            hiddens, _ = _forward_hiddens(model, batch[:, :-1])
-            labels = batch[:, 1:]
-            tl = None
-            if teacher is not None:
-                with torch.no_grad():
-                    tl = teacher(input_ids=batch[:, :-1], use_cache=False).logits
-            ids = enabled_exits(L, step, cfg.steps, cfg.curriculum, cfg.rotation)
-            loss, _ = early_exit_loss(model, hiddens, labels, ids, cfg.scale, cfg.e_scale, tl,
-                                              cfg.distill_weight if teacher is not None else 0.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            history.append(float(loss.detach()))
-            if progress:
-                progress(step + 1, cfg.steps, history[-1])
-            if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                _save_state(sdir, model, opt, sched, step + 1, history, cfg)
+        trained = train(dict(model.named_parameters()), loss_at, cfg.steps,
+                        Optimisation(cfg.lr, "adamw", warmup=max(1, cfg.steps // 20), clip=1.0), folder=sdir,
+                        resume=resume, identity=identity, save_every=cfg.save_every, on_step=progress,
+                        what="layerskip")
     finally:
         dropper.remove()
     model.eval()
+    history = trained.losses
     entry = {"pass": "layerskip", **asdict(cfg), "dropout_rates": rates,
              "distill_from": str(distill_from) if distill_from else None}
     prior = list((getattr(model, "squeeze_record", {}) or {}).get("passes", []))
     record = {"source": str(ckpt.path), "passes": prior + [entry], "calibration": calib_info,
               "training": {"steps": cfg.steps, "first_loss": history[0] if history else None,
-                           "final_loss": history[-1] if history else None,
-                           "seconds": time.perf_counter() - t0}}
+                           "final_loss": history[-1] if history else None, "seconds": trained.seconds}}
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under each of their names
+    tensors = {key: params[name].detach() for name, key in WeightMap(model, ckpt).to_ckpt.items()}
     with staging_dir(Path(out)) as tmp:
-        write_checkpoint(ckpt, tmp, _Updated(model, ckpt), {}, record)
+        write_checkpoint(ckpt, tmp, TensorSource(ckpt, tensors), {}, record)
         commit(tmp, Path(out))
     import shutil
 
     shutil.rmtree(sdir, ignore_errors=True)
-    return {"out": str(out), "steps": cfg.steps, "resumed_from": start, "losses": history,
+    return {"out": str(out), "steps": cfg.steps, "resumed_from": trained.start, "losses": history,
             "dropout_rates": rates, **record["training"]}
 
 
@@ -277,11 +244,3 @@ def _forward_hiddens(model, ids):
     from squeeze.depth.stack import layer_outputs
 
     return layer_outputs(model, ids)
-
-
-def _save_state(sdir: Path, model, opt, sched, step, history, cfg):
-    sdir.mkdir(parents=True, exist_ok=True)
-    tmp = sdir / "state.pt.tmp"
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step, "history": history, "config": asdict(cfg)}, tmp)
-    tmp.replace(sdir / "state.pt")  # atomic: a crash mid-save keeps the previous state

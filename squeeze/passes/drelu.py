@@ -6,43 +6,38 @@ Parameters". SwiGLU ``down(silu(gate x) * up x)`` becomes ``down(relu(gate x) * 
 of the gate, for comparison); most intermediate neurons then are exactly zero, which the
 input-sparse decode path of :mod:`squeeze.runtime.act_sparse` skips.
 
-Why a pass whose ``finish`` trains: the conversion itself is per block (``apply`` swaps the
-activation), but recovery is whole-model distillation (KL(original || converted) of the
-next-token distributions on the calibration rows), which needs every block in memory at once.
-The runner keeps the model when it fits (``run.keep``); ``finish`` then trains the block
-parameters (embeddings and head frozen), re-hands every block to the export spill so the
-trained weights are what is written, and records sparsity and KL before/after. It refuses
-(clear error) when the runner streams blocks. The paper's recovery is ~150B tokens of
-continued pre-training; here a bounded number of steps on the calibration data.
+Two roles: the conversion is a block pass (``apply`` swaps the activation block by block);
+recovery (``recover_steps``) is a model stage, whole-model distillation (KL(original ||
+converted) of the next-token distributions on the calibration rows), so ``squeeze.compress``
+keeps every block in memory, runs it after the sweep, and exports the trained weights. It trains
+the block parameters (embeddings and head frozen) and records sparsity and KL before/after. The
+paper's recovery is ~150B tokens of continued pre-training; here a bounded number of steps on
+the calibration data.
 
-Resumable: every ``save_every`` steps the trainable tensors, Adam state and step are written to
-``resume`` (default: a file in ``~/.cache/squeeze/drelu/`` keyed by the source checkpoint and
-settings); a rerun of the same command continues from it; it is removed after success.
+Resumable (:mod:`squeeze.train`): every ``save_every`` steps the training state is written to the
+folder ``resume`` (default: ``~/.cache/squeeze/drelu/<fingerprint>/``, keyed by the source checkpoint,
+calibration data and settings); a rerun of the same command continues from it; it is removed
+after success.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
-import json
 import os
-import time
+import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from squeeze.adapters import Adapter, Block, Linear
 from squeeze.errors import SqueezeError
 from squeeze.passes.base import BlockPass, ModelContext, ModelStage, register
 from squeeze.runtime.drelu import VARIANTS, convert_block
-
-
-def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """Mean KL(teacher || student) over tokens of [..., vocab] logits (nats/token)."""
-    t = F.log_softmax(teacher_logits.float(), -1)
-    s = F.log_softmax(student_logits.float(), -1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+from squeeze.train.batches import batch_indices
+from squeeze.train.distill import Distiller
+from squeeze.train.loop import Optimisation, train
+from squeeze.train.state import fingerprint
 
 
 def _down_zero_fraction(model, adapter: Adapter, rows: list[torch.Tensor]) -> float:
@@ -65,79 +60,44 @@ def _down_zero_fraction(model, adapter: Adapter, rows: list[torch.Tensor]) -> fl
     return zeros / max(total, 1)
 
 
-@torch.no_grad()
-def _mean_kl(student, teacher, rows) -> float:
-    return sum(float(kl_per_token(teacher(input_ids=r[None]).logits, student(input_ids=r[None]).logits))
-               for r in rows) / max(len(rows), 1)
+_NOT_TRAINING = ("resume", "save_every", "eval_rows", "progress")  # settings that do not change the result
 
 
-def recover(student, teacher, samples: list[torch.Tensor], params: dict, steps: int, lr: float, batch: int,
-            seed: int = 0, resume: Path | None = None, save_every: int = 50, progress: bool = True) -> dict:
-    """Distil ``student`` toward ``teacher`` for ``steps`` AdamW steps on ``samples`` (equal-length
-    token rows), training only ``params`` ({name: Parameter}). Returns the loss trace summary."""
-    names = sorted(params)
-    for p in params.values():
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW([params[n] for n in names], lr=lr, weight_decay=0.0)
-    start, losses = 0, []
-    if resume is not None and resume.is_file():
-        state = torch.load(resume, map_location="cpu", weights_only=True)
-        with torch.no_grad():
-            for n in names:
-                params[n].copy_(state["params"][n])
-        opt.load_state_dict(state["optim"])
-        start, losses = int(state["step"]), list(state["losses"])
+def _recover(model, teacher, samples: list[torch.Tensor], params: dict, s, folder: Path, identity: dict) -> dict:
+    """Distil ``model`` toward ``teacher`` (KL of the next-token distributions) for
+    ``s.recover_steps`` AdamW steps (gradient norm clipped to 1, linear warm-up over the first
+    tenth of the steps, at most 20) on ``samples`` (equal-length token rows), training only
+    ``params`` ({name: Parameter}); a state in ``folder`` of the same run (``identity``) is
+    continued. Returns the loss summary."""
     data = torch.stack(samples)
-    warmup = max(1, min(20, steps // 10))
-    sched = lambda s: min(1.0, (s + 1) / warmup)
-    bar = _progress(progress)
-    task = bar.add_task("dReLU recovery", total=steps, completed=start) if bar else None
-    t0 = time.perf_counter()
-    try:
-        if bar:
-            bar.start()
-        for step in range(start, steps):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # batch of step s depends on s only
-            idx = torch.randperm(len(data), generator=g)[:batch]
-            ids = data[idx]
-            with torch.no_grad():
-                t_logits = teacher(input_ids=ids).logits
-            with torch.enable_grad():
-                loss = kl_per_token(t_logits, student(input_ids=ids).logits)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_([params[n] for n in names], 1.0)
-            for group in opt.param_groups:
-                group["lr"] = lr * sched(step)
-            opt.step()
-            losses.append(float(loss))
-            if bar:
-                bar.update(task, advance=1, description=f"dReLU recovery  KL {losses[-1]:.4f}")
-            if resume is not None and ((step + 1) % save_every == 0) and step + 1 < steps:
-                tmp = resume.with_suffix(".tmp")
-                torch.save({"step": step + 1, "losses": losses, "optim": opt.state_dict(),
-                            "params": {n: params[n].detach() for n in names}}, tmp)
-                os.replace(tmp, resume)
-    finally:
-        if bar:
-            bar.stop()
-        for p in params.values():
-            p.requires_grad_(False)
-            p.grad = None
-    return {"steps": steps, "resumed_from": start, "seconds": round(time.perf_counter() - t0, 2),
+    distiller = Distiller(model, teacher)
+    steps = s.recover_steps
+    optimisation = Optimisation(float(s.lr), "adamw", warmup=max(1, min(20, steps // 10)), clip=1.0)
+    with _progress(s.progress, steps) as on_step:
+        trained = train({n: params[n] for n in sorted(params)},
+                        lambda step: distiller.loss(data[batch_indices(step, s.batch, len(data), s.seed, "distinct")]),
+                        steps, optimisation, folder=folder, resume=True, identity=identity, save_every=s.save_every,
+                        on_step=on_step, what="drelu recovery")
+    losses = trained.losses
+    return {"steps": steps, "resumed_from": trained.start, "seconds": round(trained.seconds, 2),
             "loss_first": round(losses[0], 5) if losses else None,
             "loss_last10": round(sum(losses[-10:]) / max(len(losses[-10:]), 1), 5) if losses else None}
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return None
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int):
+    """A rich progress bar as the loop's ``on_step`` callback (``None`` when disabled)."""
     try:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     except ImportError:  # pragma: no cover
-        return None
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    transient=False)
+        enabled = False
+    if not enabled:
+        yield None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=False) as bar:
+        task = bar.add_task("dReLU recovery", total=total)
+        yield lambda step, steps, loss: bar.update(task, completed=step, description=f"dReLU recovery  KL {loss:.4f}")
 
 
 @register
@@ -152,7 +112,7 @@ class DRelu(BlockPass):
         lr: float = 1e-4
         batch: int = 4  # sequences per step
         seed: int = 0
-        resume: str | None = None  # checkpoint file; default: ~/.cache/squeeze/drelu/<hash>.pt
+        resume: str | None = None  # state folder; default: ~/.cache/squeeze/drelu/<fingerprint>/
         save_every: int = 50
         eval_rows: int = 8  # calibration rows used for the before/after sparsity and KL
         progress: bool = True
@@ -226,26 +186,27 @@ class DReluRecovery(ModelStage):
             raise SqueezeError("drelu recovery needs equal-length calibration rows (use --packing concat)")
         teacher = load(ctx.source.path, dtype=ctx.dtype).eval().requires_grad_(False)
         held = samples[: s.eval_rows]
+        judge = Distiller(model, teacher)
         rep = {"variant": s.variant, "down_input_zero_before": round(_down_zero_fraction(model, adapter, held), 4),
-               "kl_before": round(_mean_kl(model, teacher, held), 5)}
+               "kl_before": round(judge.mean_loss(held, 1), 5)}
         params = {n: p for n, p in model.named_parameters() if n.startswith(adapter.blocks_path + ".")}
-        resume = Path(s.resume) if s.resume else _default_resume(ctx, s)
-        resume.parent.mkdir(parents=True, exist_ok=True)
-        rep["train"] = recover(model, teacher, samples, params, s.recover_steps, float(s.lr), s.batch, s.seed,
-                               resume, s.save_every, s.progress)
+        folder, identity = _state(ctx, s)
+        rep["train"] = _recover(model, teacher, samples, params, s, folder, identity)
         rep["down_input_zero_after"] = round(_down_zero_fraction(model, adapter, held), 4)
-        rep["kl_after"] = round(_mean_kl(model, teacher, held), 5)
+        rep["kl_after"] = round(judge.mean_loss(held, 1), 5)
         rep["measured_on"] = f"first {len(held)} calibration rows"
-        if resume.is_file():
-            resume.unlink()
+        shutil.rmtree(folder, ignore_errors=True)
         self.report = {self.name: rep}
 
 
-def _default_resume(ctx: ModelContext, settings) -> Path:
-    samples = ctx.calibration.samples
-    key = {"src": str(Path(ctx.source.path).resolve()), **dataclasses.asdict(settings),
-           "calib": [int(x.numel()) for x in samples][:4], "n": len(samples)}
-    key.pop("progress", None)
-    h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "squeeze" / "drelu"
-    return base / f"{h}.pt"
+def _state(ctx: ModelContext, settings) -> tuple[Path, dict]:
+    """(resume folder, what identifies the run): the model, calibration data and the settings that
+    change the result. The default folder is keyed by that identity, in ~/.cache/squeeze/drelu/,
+    so a rerun of the same command finds and continues it."""
+    identity = {"src": str(Path(ctx.source.path).resolve()), "calib": ctx.calibration.digest(),
+                "dtype": str(ctx.dtype),
+                **{k: v for k, v in dataclasses.asdict(settings).items() if k not in _NOT_TRAINING}}
+    if settings.resume:
+        return Path(settings.resume), identity
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "squeeze" / "drelu" / fingerprint(identity), identity
