@@ -1,5 +1,5 @@
 """The ``mustdrop`` pass: no weight changes; records MustDrop-style settings in ``squeeze.json``
-and installs the token-dropping runtime at ``squeeze.load`` (see :mod:`squeeze.vision.mustdrop`)."""
+and installs the token-dropping runtime at ``squeeze.load`` (see :mod:`squeeze.runtime.mustdrop`)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class MustDropPass(TokenDropPass):
         self.policy()
 
     def policy(self):
-        from squeeze.vision.mustdrop import MustDropPolicy
+        from squeeze.runtime.mustdrop import MustDropPolicy
 
         s = self.settings
         return MustDropPolicy(s.layers, s.global_threshold, s.individual_threshold, s.merge_threshold, s.window,

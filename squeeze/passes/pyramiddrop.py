@@ -1,5 +1,5 @@
 """The ``pyramiddrop`` pass: no weight changes; records the stage plan in ``squeeze.json`` and
-installs the token-dropping runtime at ``squeeze.load`` (see :mod:`squeeze.vision.pyramiddrop`)."""
+installs the token-dropping runtime at ``squeeze.load`` (see :mod:`squeeze.runtime.pyramiddrop`)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class TokenDropPass(Pass):
 
     @classmethod
     def on_load(cls, model, entry: dict, path, record: dict) -> None:
-        from squeeze.vision.runtime import install
+        from squeeze.runtime.token_drop import install
 
         settings = {k: v for k, v in entry.items() if k in {f.name for f in dataclasses.fields(cls.Settings)}}
         install(model, cls(**settings).policy())
@@ -73,14 +73,14 @@ class PyramidDropPass(TokenDropPass):
         self.policy()
 
     def policy(self):
-        from squeeze.vision.pyramiddrop import PyramidDropPolicy
+        from squeeze.runtime.pyramiddrop import PyramidDropPolicy
 
         return PyramidDropPolicy(self.settings.layers, self.settings.ratios)
 
     def describe(self) -> dict:
         out = super().describe()
         if getattr(self, "resolved_layers", None) is not None and self.settings.ratios is None:
-            from squeeze.vision.pyramiddrop import default_ratios
+            from squeeze.runtime.pyramiddrop import default_ratios
 
             out["ratios"] = default_ratios(len(self.resolved_layers))
         return out

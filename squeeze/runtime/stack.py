@@ -64,7 +64,8 @@ def exit_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _output_tensor(out):
+def block_output(out):
+    """The hidden states a block's forward returned (some families return a tuple)."""
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -75,7 +76,7 @@ def layer_outputs(model: nn.Module, input_ids: torch.Tensor, **kwargs) -> tuple[
 
     blocks = Adapter(model).blocks
     outs: list[torch.Tensor] = []
-    handles = [b.register_forward_hook(lambda m, a, o: outs.append(_output_tensor(o))) for b in blocks]
+    handles = [b.register_forward_hook(lambda m, a, o: outs.append(block_output(o))) for b in blocks]
     try:
         logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits
     finally:
