@@ -134,10 +134,14 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     if any(p.needs_calibration for p in passes):
         calibration = calibration_for(ckpt, config, calib, nsamples, seqlen, seed, packing, trust_remote_code)
         if calib_generate:  # RAC: the dense model continues every prompt (see squeeze.calib.generate)
-            from squeeze.calib.generate import generate_calibration
+            from squeeze.calib.generate import check_settings, generate_calibration
+            from squeeze.loading import load
 
-            generate_calibration(ckpt.path, calibration, calib_generate, calib_generate_mode,
-                                 calib_generate_temperature, calib_generate_top_p, trust_remote_code, on_generate)
+            check_settings(calib_generate, calib_generate_mode, calib_generate_temperature, calib_generate_top_p)
+            dense = load(ckpt.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+            generate_calibration(dense, calibration, calib_generate, calib_generate_mode,
+                                 calib_generate_temperature, calib_generate_top_p, on_generate)
+            del dense  # the whole dense model lives for this step only; the sweep streams blocks
     if any(p.needs_whole_model for p in passes):
         keep_in_memory = True
     if keep_in_memory is None:
@@ -155,6 +159,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         result = runner.run()
         report = {
             "model": str(ckpt.path) if not is_default else f"{defaults.DEFAULT_NAME} ({ckpt.path})",
+            "model_path": str(ckpt.path),  # "model" is for display; this is the folder itself
             "out": str(out.resolve()),
             "adapter": adapter.describe(),
             "passes": [p.describe() for p in passes],
