@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from squeeze.compat import new_cache
-from squeeze.runtime.stack import Stack, exit_logits, layer_outputs
 from squeeze.errors import SqueezeError
+from squeeze.runtime.stack import Stack, exit_logits, layer_outputs
 
 
 def confidence(logits: torch.Tensor, measure: str = "top1") -> float:
