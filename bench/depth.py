@@ -56,7 +56,7 @@ def train(src, out, steps, **kw):
 
 def exit_section(work, steps):
     import squeeze
-    from squeeze.depth.early_exit import exit_quality
+    from squeeze.runtime.early_exit import exit_quality
 
     trained = work / "stories-layerskip"
     train(STORIES, trained, steps, batch_size=8, seqlen=256, nsamples=256, lr=1e-3, p_max=0.2,
@@ -73,7 +73,7 @@ def exit_section(work, steps):
 
 
 def speed_sweep(model, prompts, new_tokens, exit_layers, ks, repeats=3, do_sample=False):
-    from squeeze.depth.speculative import generate
+    from squeeze.runtime.speculative import generate
 
     def run(**kw):
         best, res = None, None
@@ -144,7 +144,7 @@ def big_section(work, steps, new_tokens, nprompts, hidden, layers):
     rep = train(src, trained, steps, batch_size=8, seqlen=128, nsamples=256, lr=1e-3, p_max=0.2, e_scale=1.0)
     model = squeeze.load(trained)
     n_params = sum(p.numel() for p in model.parameters())
-    from squeeze.depth.early_exit import exit_quality
+    from squeeze.runtime.early_exit import exit_quality
 
     q = exit_quality(model, rows(EVAL, 16))
     print(f"\n{trained.name}: {n_params / 1e6:.1f}M params; per-layer exit accuracy "

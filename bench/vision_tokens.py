@@ -43,8 +43,8 @@ def build(kind: str):
 
 
 def policies(num_layers: int):
-    from squeeze.vision.mustdrop import MustDropPolicy
-    from squeeze.vision.pyramiddrop import PyramidDropPolicy
+    from squeeze.runtime.mustdrop import MustDropPolicy
+    from squeeze.runtime.pyramiddrop import PyramidDropPolicy
 
     return {"none": None, "pyramiddrop (defaults)": PyramidDropPolicy(),
             "mustdrop (defaults)": MustDropPolicy(),
@@ -53,7 +53,7 @@ def policies(num_layers: int):
 
 @torch.no_grad()
 def run(kind: str, repeats: int, text_tokens: int, new_tokens: int) -> list[dict]:
-    from squeeze.vision import install, uninstall
+    from squeeze.runtime.token_drop import install, uninstall
     from squeeze.vision.flops import flops_report, synthetic_prompt
 
     m = build(kind)

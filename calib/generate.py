@@ -19,7 +19,6 @@ The decoding loop is our own (not ``model.generate``) so the random stream is a 
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 
 import torch
@@ -117,36 +116,32 @@ def extend_with_generation(model, samples: list[torch.Tensor], k: int, mode: str
     return out, counts
 
 
-def generate_calibration(model_path, calibration, k: int, mode: str = "sample", temperature: float = 1.0,
-                         top_p: float = 1.0, trust_remote_code: bool = False, on_token=None):
-    """Load the dense checkpoint at ``model_path``, extend ``calibration`` (a
-    :class:`~squeeze.calib.packing.Calibration`, seeded by its ``seed``) in place, free the model.
+def generate_calibration(model, calibration, k: int, mode: str = "sample", temperature: float = 1.0,
+                         top_p: float = 1.0, on_token=None):
+    """Extend ``calibration`` (a :class:`~squeeze.calib.packing.Calibration`, seeded by its
+    ``seed``) in place with ``k`` tokens that ``model``, the dense causal LM, generates after
+    every sample.
 
-    The dense model is loaded in float32 (the dtype the sweep calibrates in) and only lives for
-    the duration of this call; the sweep that follows streams the model block by block.
+    The caller loads the dense model (in float32, the dtype the sweep calibrates in) and frees it
+    afterwards: calibration never loads models, and the sweep that follows streams the model
+    block by block.
     """
     check_settings(k, mode, temperature, top_p)
     if k == 0:
         return calibration
     from squeeze.evaluation import model_kind
-    from squeeze.loading import load
 
-    model = load(model_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    try:
-        if model_kind(model) != "causal":
-            raise SqueezeError(f"--calib-generate needs a causal language model; {type(model).__name__} is an "
-                               "encoder (drop --calib-generate)")
-        max_pos = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config")
-                          else model.config, "max_position_embeddings", None)
-        longest = max(int(s.numel()) for s in calibration.samples) + k
-        if max_pos and longest > max_pos:
-            raise SqueezeError(f"--seqlen + --calib-generate = {longest} tokens exceeds the model's context of "
-                               f"{max_pos}; lower one of them")
-        samples, counts = extend_with_generation(model, calibration.samples, k, mode, calibration.seed,
-                                                 temperature, top_p, on_token=on_token)
-    finally:
-        del model
-        gc.collect()
+    if model_kind(model) != "causal":
+        raise SqueezeError(f"--calib-generate needs a causal language model; {type(model).__name__} is an "
+                           "encoder (drop --calib-generate)")
+    max_pos = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config")
+                      else model.config, "max_position_embeddings", None)
+    longest = max(int(s.numel()) for s in calibration.samples) + k
+    if max_pos and longest > max_pos:
+        raise SqueezeError(f"--seqlen + --calib-generate = {longest} tokens exceeds the model's context of "
+                           f"{max_pos}; lower one of them")
+    samples, counts = extend_with_generation(model, calibration.samples, k, mode, calibration.seed,
+                                             temperature, top_p, on_token=on_token)
     calibration.samples = samples
     calibration.seqlen = calibration.seqlen + k
     settings = {"tokens_per_sample": k, "mode": mode, "seed": calibration.seed}

@@ -24,7 +24,7 @@ from torch import nn
 from squeeze.adapters import Adapter, Block
 from squeeze.compat import forward_accepts
 from squeeze.errors import SqueezeError
-from squeeze.passes.base import Batch, BlockContext, BlockPass, SweepInfo, block_output
+from squeeze.passes.base import Batch, BlockContext, BlockPass, SweepInfo
 
 
 class _StopForward(Exception):

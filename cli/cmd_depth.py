@@ -146,7 +146,7 @@ def generate(model_dir, prompt, prompt_ids, max_new_tokens, self_speculative, ex
     from squeeze.cli.report import print_kv
 
     from squeeze.compressor import load_tokenizer
-    from squeeze.depth.speculative import generate as gen
+    from squeeze.runtime.speculative import generate as gen
     from squeeze.loading import load
 
     _quiet_transformers()
@@ -164,7 +164,7 @@ def generate(model_dir, prompt, prompt_ids, max_new_tokens, self_speculative, ex
     if early_exit:
         if self_speculative or do_sample:
             raise SqueezeError("--early-exit is greedy and cannot be combined with --self-speculative/--do-sample")
-        from squeeze.depth.early_exit import generate_early_exit
+        from squeeze.runtime.early_exit import generate_early_exit
 
         out, stats = generate_early_exit(model, ids, max_new_tokens, exit_layer=exit_layer, threshold=exit_threshold,
                                          measure=exit_measure, min_layer=min_exit_layer)

@@ -120,7 +120,7 @@ def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples,
     if verify:
         from squeeze.cli.report import verify_export
 
-        report["verify"] = verify_export(result, model_dir)
+        report["verify"] = verify_export(result)
     if json_path:
         from pathlib import Path
 

@@ -22,7 +22,7 @@ def run_with_progress(model_dir, out, kwargs):
         return compress(model_dir, out, on_block=on_block, **kwargs)
 
 
-def verify_export(result, model_dir) -> dict:
+def verify_export(result) -> dict:
     """Reload the export with squeeze.load, check it reproduces the in-memory model, and score it
     against the source on held-out data (the embedded corpus' eval sentences when the model has a
     tokenizer)."""
@@ -32,7 +32,6 @@ def verify_export(result, model_dir) -> dict:
     from squeeze.evaluation import evaluate
     from squeeze.loading import load
 
-    source = result.report["model"].split(" (")[-1].rstrip(")") if model_dir is None else model_dir
     reloaded = load(result.out)
     out = {}
     if result.model is not None:
@@ -43,7 +42,7 @@ def verify_export(result, model_dir) -> dict:
         key = "logits" if hasattr(a, "logits") and a.logits is not None else "last_hidden_state"
         out["reload_max_abs_diff"] = float((getattr(a, key).float() - getattr(b, key).float()).abs().max())
     if load_tokenizer(result.out) is not None:
-        r = evaluate(reloaded, "builtin-eval", reference=load(source))
+        r = evaluate(reloaded, "builtin-eval", reference=load(result.report["model_path"]))
         out.update({k: r[k] for k in ("data", "rows", "kl", "ppl", "cosine_mean", "cosine_min") if k in r})
     return out
 

@@ -15,7 +15,7 @@ from squeeze.errors import SqueezeError
 # public name -> module that defines it; imported on first use so `import squeeze` stays cheap
 # (the CLI imports torch only when a command runs)
 _API = {"compress": "squeeze.compressor", "evaluate": "squeeze.evaluation", "load": "squeeze.loading",
-        "info": "squeeze.inspection", "recover": "squeeze.recovery", "generate": "squeeze.depth.speculative"}
+        "info": "squeeze.inspection", "recover": "squeeze.recovery", "generate": "squeeze.runtime.speculative"}
 
 
 def __getattr__(name):

@@ -141,10 +141,14 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     if any(m.needs_calibration for m in methods):
         calibration = calibration_for(ckpt, config, calib, nsamples, seqlen, seed, packing, trust_remote_code)
         if calib_generate:  # RAC: the dense model continues every prompt (see squeeze.calib.generate)
-            from squeeze.calib.generate import generate_calibration
+            from squeeze.calib.generate import check_settings, generate_calibration
+            from squeeze.loading import load
 
-            generate_calibration(ckpt.path, calibration, calib_generate, calib_generate_mode,
-                                 calib_generate_temperature, calib_generate_top_p, trust_remote_code, on_generate)
+            check_settings(calib_generate, calib_generate_mode, calib_generate_temperature, calib_generate_top_p)
+            dense = load(ckpt.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+            generate_calibration(dense, calibration, calib_generate, calib_generate_mode,
+                                 calib_generate_temperature, calib_generate_top_p, on_generate)
+            del dense  # the whole dense model lives for this step only; the sweep streams blocks
     whole_model = any(st.needs_weights for st in stages)  # a model stage works on every block at once
     if whole_model:
         keep_in_memory = True
@@ -173,6 +177,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
                 spill(adapter.block(i))
         report = {
             "model": str(ckpt.path) if not is_default else f"{defaults.DEFAULT_NAME} ({ckpt.path})",
+            "model_path": str(ckpt.path),  # "model" is for display; this is the folder itself
             "out": str(out.resolve()),
             "adapter": adapter.describe(),
             "passes": [m.describe() for m in methods],

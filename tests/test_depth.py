@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import squeeze
-from squeeze.depth.speculative import generate
+from squeeze.runtime.speculative import generate
 from squeeze.errors import SqueezeError
 
 
@@ -89,7 +89,7 @@ def test_sampling_is_seeded_and_runs():
 
 def test_rejection_sampling_matches_target_distribution():
     # one position, many seeds: the first generated token after speculation must follow p, not q
-    from squeeze.depth.speculative import _accept, _Picker
+    from squeeze.runtime.speculative import _accept, _Picker
 
     p_logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
     q = torch.softmax(torch.tensor([-1.0, 0.0, 2.0]).double(), -1)
@@ -117,7 +117,7 @@ def test_bad_settings_are_squeeze_errors():
 
 
 def test_early_exit_fixed_and_confidence():
-    from squeeze.depth.early_exit import generate_early_exit
+    from squeeze.runtime.early_exit import generate_early_exit
 
     model = tiny_model("llama")
     full, st = generate_early_exit(model, [5, 6, 7], 10, exit_layer=4)
@@ -138,8 +138,8 @@ def test_early_exit_lazy_kv_matches_copied_state():
     # a token exits at layer 1; the next token runs all layers: layer >= 1 caches for the exited
     # position must be computed from the copied-up exit state (CALM policy), checked by hand.
     from squeeze.compat import new_cache
-    from squeeze.depth.early_exit import generate_early_exit
-    from squeeze.depth.stack import Stack
+    from squeeze.runtime.early_exit import generate_early_exit
+    from squeeze.runtime.stack import Stack
 
     model = tiny_model("llama")
     prompt = [5, 6, 7]
@@ -158,7 +158,7 @@ def test_early_exit_lazy_kv_matches_copied_state():
         t3 = int(st.head(y[:, -1])[0].argmax())
     assert out.shape[1] == 6
     # the same sequence via the early-exit API: exit at layer 1 only when the position is 3
-    import squeeze.depth.early_exit as ee
+    import squeeze.runtime.early_exit as ee
 
     calls = {"n": 0}
     orig = ee.confidence

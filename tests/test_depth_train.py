@@ -9,7 +9,7 @@ import torch
 
 import squeeze
 from squeeze.depth import layerdrop, layerskip
-from squeeze.depth.stack import exit_logits, layer_outputs
+from squeeze.runtime.stack import exit_logits, layer_outputs
 from squeeze.errors import SqueezeError
 from tests.test_depth import _one_thread, tiny_model  # noqa: F401  (_one_thread: autouse fixture)
 

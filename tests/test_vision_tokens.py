@@ -7,8 +7,8 @@ import torch
 
 from squeeze.compat import cache_kwargs, new_cache, output_cache
 from squeeze.loading import read_record
-from squeeze.vision import install, uninstall
-from squeeze.vision.pyramiddrop import PyramidDropPolicy, topk_keep
+from squeeze.runtime.pyramiddrop import PyramidDropPolicy, topk_keep
+from squeeze.runtime.token_drop import install, uninstall
 from tests import llava_tiny
 from tests.llava_tiny import IMAGE_TOKEN, inputs
 
@@ -334,7 +334,7 @@ def test_llava_next_pyramiddrop():
 def test_left_padded_batch_generates_like_each_row_alone(tiny, policy):
     """Rows keep different tokens (MustDrop: different counts, filled with invalid slots); with a
     left-padded row in the batch, every row's logits match generating that row on its own."""
-    from squeeze.vision.mustdrop import MustDropPolicy
+    from squeeze.runtime.mustdrop import MustDropPolicy
 
     ids, pv = inputs(batch=2, seed=5)
     pad_ids, am = ids.clone(), torch.ones_like(ids)
@@ -360,7 +360,7 @@ def test_left_padded_batch_generates_like_each_row_alone(tiny, policy):
 
 
 def test_beam_search_with_rows_of_different_lengths(tiny):
-    from squeeze.vision.mustdrop import MustDropPolicy
+    from squeeze.runtime.mustdrop import MustDropPolicy
 
     ids, pv = inputs(batch=2, seed=5)
     kw = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "num_beams": 2,

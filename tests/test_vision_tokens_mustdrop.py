@@ -9,8 +9,7 @@ import torch
 
 from squeeze.compat import cache_kwargs, layer_kv, new_cache, output_cache
 from squeeze.loading import read_record
-from squeeze.vision import install, uninstall
-from squeeze.vision.mustdrop import (
+from squeeze.runtime.mustdrop import (
     MustDropPolicy,
     attention_drop,
     cls_attention,
@@ -18,6 +17,7 @@ from squeeze.vision.mustdrop import (
     mean_pairwise_cosine,
     merge_windows,
 )
+from squeeze.runtime.token_drop import install, uninstall
 from tests import llava_tiny
 from tests.llava_tiny import IMAGE_TOKEN, inputs
 
@@ -218,7 +218,7 @@ def test_flops_formulas_hand_checked():
 
 def test_flops_report_from_a_loaded_model(tiny):
     from squeeze.vision.flops import flops_report
-    from squeeze.vision.pyramiddrop import PyramidDropPolicy
+    from squeeze.runtime.pyramiddrop import PyramidDropPolicy
 
     base = flops_report(tiny, text_tokens=8)
     assert base["prefill_ratio"] == 1.0 and base["image_tokens"] == 16

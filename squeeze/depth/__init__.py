@@ -1,9 +1,7 @@
-"""Depth: use fewer decoder layers per token.
+"""Depth: use fewer decoder layers per token (the compress/train side; the run-time side, early
+exit and ``squeeze.generate``, lives in :mod:`squeeze.runtime`).
 
-- :mod:`squeeze.depth.stack`: run any contiguous range of a causal LM's decoder layers with a
-  shared KV cache, plus the final norm / LM head (the "exit head") of every supported arch.
-- :mod:`squeeze.depth.speculative`: ``squeeze.generate`` (plain and self-speculative decoding).
-- :mod:`squeeze.depth.early_exit`: early-exit inference (fixed layer or per-token confidence).
 - :mod:`squeeze.depth.layerskip`: the LayerSkip training recipe (layer dropout + early-exit loss).
 - :mod:`squeeze.depth.layerdrop`: remove whole layers (importance-scored or evenly spaced).
+- :mod:`squeeze.depth.tune`: ``squeeze tune-exit``, the sweep that picks the self-speculative settings.
 """

@@ -36,7 +36,7 @@ def score_layers(model: nn.Module, samples: list[torch.Tensor], method: str = "c
     ``cosine``: block influence, one forward. ``kl``: KL(full || model without the block) in
     nats/token, one forward per block."""
     from squeeze.adapters import Adapter
-    from squeeze.depth.stack import _output_tensor
+    from squeeze.runtime.stack import block_output
 
     blocks = Adapter(model).blocks
     if method == "cosine":
@@ -45,7 +45,7 @@ def score_layers(model: nn.Module, samples: list[torch.Tensor], method: str = "c
             io = {}
 
             def hook(i, io=io):
-                return lambda m, a, kw, o: io.__setitem__(i, (a[0] if a else kw["hidden_states"], _output_tensor(o)))
+                return lambda m, a, kw, o: io.__setitem__(i, (a[0] if a else kw["hidden_states"], block_output(o)))
 
             hs = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
             try:

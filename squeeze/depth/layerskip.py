@@ -2,7 +2,7 @@
 facebookresearch/LayerSkip and torchtune's layer_dropout.py / early_exit_loss.py).
 
 Continued training that makes early layers good at predicting the next token on their own, so
-early exit and self-speculative decoding (:mod:`squeeze.depth.speculative`) accept more drafts:
+early exit and self-speculative decoding (:mod:`squeeze.runtime.speculative`) accept more drafts:
 
 - **layer dropout**: block ``l`` is skipped with probability
   ``p_l = p_max * (exp(l * ln2 / (L-1)) - 1)`` (0 for the first block, ``p_max`` for the last),
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from squeeze.depth.stack import _output_tensor, exit_logits
 from squeeze.errors import SqueezeError
+from squeeze.runtime.stack import block_output, exit_logits
 from squeeze.train.losses import kl_per_token
 
 
@@ -112,7 +112,7 @@ class LayerDropout:
             if not module.training:
                 return None
             x = args[0] if args else kwargs["hidden_states"]
-            y = _output_tensor(out)
+            y = block_output(out)
             skip = torch.rand(x.shape[0], generator=self.generator) < self.rates[i]
             y = torch.where(skip.to(x.device)[:, None, None], x, y)
             return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
@@ -241,6 +241,6 @@ def finetune(model_dir, out, calib: str = "builtin", distill_from=None, resume: 
 
 
 def _forward_hiddens(model, ids):
-    from squeeze.depth.stack import layer_outputs
+    from squeeze.runtime.stack import layer_outputs
 
     return layer_outputs(model, ids)

@@ -23,7 +23,7 @@ from squeeze.errors import SqueezeError
 
 
 def sweep(model, prompts: list[torch.Tensor], max_new_tokens: int, exit_layers, ks, repeats: int = 1) -> list[dict]:
-    from squeeze.depth.speculative import generate
+    from squeeze.runtime.speculative import generate
 
     def timed(**kw):
         best, outs = None, []
@@ -58,10 +58,10 @@ def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=
               overwrite: bool = False) -> dict:
     from squeeze.checkpoint import Checkpoint
     from squeeze.depth.layerdrop import calibration_samples
-    from squeeze.depth.speculative import RECORD_KEY
-    from squeeze.depth.stack import Stack
     from squeeze.export import RECORD, check_output_dir, commit, staging_dir, write_checkpoint
     from squeeze.loading import load, read_record
+    from squeeze.runtime.speculative import RECORD_KEY
+    from squeeze.runtime.stack import Stack
     from squeeze.versions import without_versions
 
     ckpt = Checkpoint(model_dir)

@@ -39,6 +39,7 @@ import torch
 
 from squeeze.adapters import Adapter, Block, Linear
 from squeeze.errors import SqueezeError
+from squeeze.runtime.stack import block_output
 
 REGISTRY: dict[str, type[Method]] = {}
 
@@ -64,11 +65,6 @@ class Batch:
 
     hidden: torch.Tensor  # (B, T, C)
     calls: list  # per block: (extra positional args, kwargs)
-
-
-def block_output(out) -> torch.Tensor:
-    """The hidden state of a decoder/encoder layer's return value (a tensor or a tuple)."""
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _slice_batch(obj, batch: int, keep: int):

@@ -1,5 +1,5 @@
 """The ``mustdrop`` method: no weight changes; records MustDrop-style settings in ``squeeze.json``
-and ``squeeze.load`` installs the token-dropping runtime (see :mod:`squeeze.vision.mustdrop`)."""
+and ``squeeze.load`` installs the token-dropping runtime (see :mod:`squeeze.runtime.mustdrop`)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class MustDrop(TokenDropStage):
         self.policy()
 
     def policy(self):
-        from squeeze.vision.mustdrop import MustDropPolicy
+        from squeeze.runtime.mustdrop import MustDropPolicy
 
         s = self.settings
         return MustDropPolicy(s.layers, s.global_threshold, s.individual_threshold, s.merge_threshold, s.window,

@@ -1,6 +1,6 @@
 """The ``pyramiddrop`` method: no weight changes; a model stage that checks the model and
 resolves the stage plan, recorded in ``squeeze.json``; ``squeeze.load`` installs the
-token-dropping runtime (see :mod:`squeeze.vision.pyramiddrop`)."""
+token-dropping runtime (see :mod:`squeeze.runtime.pyramiddrop`)."""
 
 from __future__ import annotations
 
@@ -70,14 +70,14 @@ class PyramidDrop(TokenDropStage):
         self.policy()
 
     def policy(self):
-        from squeeze.vision.pyramiddrop import PyramidDropPolicy
+        from squeeze.runtime.pyramiddrop import PyramidDropPolicy
 
         return PyramidDropPolicy(self.settings.layers, self.settings.ratios)
 
     def describe(self) -> dict:
         out = super().describe()
         if getattr(self, "resolved_layers", None) is not None and self.settings.ratios is None:
-            from squeeze.vision.pyramiddrop import default_ratios
+            from squeeze.runtime.pyramiddrop import default_ratios
 
             out["ratios"] = default_ratios(len(self.resolved_layers))
         return out

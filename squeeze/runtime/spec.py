@@ -54,15 +54,15 @@ def _settings(entry: dict, names) -> dict:
 
 
 def install_pyramiddrop(model: nn.Module, entry: dict, record: dict) -> None:
-    from squeeze.vision.pyramiddrop import PyramidDropPolicy
-    from squeeze.vision.runtime import install as install_token_drop
+    from squeeze.runtime.pyramiddrop import PyramidDropPolicy
+    from squeeze.runtime.token_drop import install as install_token_drop
 
     install_token_drop(model, PyramidDropPolicy(entry.get("layers"), entry.get("ratios")))
 
 
 def install_mustdrop(model: nn.Module, entry: dict, record: dict) -> None:
-    from squeeze.vision.mustdrop import MustDropPolicy
-    from squeeze.vision.runtime import install as install_token_drop
+    from squeeze.runtime.mustdrop import MustDropPolicy
+    from squeeze.runtime.token_drop import install as install_token_drop
 
     names = ("global_threshold", "individual_threshold", "merge_threshold", "window", "key_fraction", "trim_cache",
              "vision_layer")

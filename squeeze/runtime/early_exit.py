@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from squeeze.compat import new_cache
-from squeeze.depth.stack import Stack, exit_logits, layer_outputs
 from squeeze.errors import SqueezeError
+from squeeze.runtime.stack import Stack, exit_logits, layer_outputs
 
 
 def confidence(logits: torch.Tensor, measure: str = "top1") -> float:
@@ -43,7 +43,7 @@ def generate_early_exit(model: nn.Module, input_ids, max_new_tokens: int, exit_l
     """Greedy decoding that exits at ``exit_layer`` (fixed), or per token at the first layer
     ``>= min_layer`` whose exit confidence reaches ``threshold``. The prompt always runs through
     every layer. Returns ([1, n + new] ids, stats with the mean exit depth)."""
-    from squeeze.depth.speculative import _as_ids
+    from squeeze.runtime.speculative import _as_ids
 
     ids = _as_ids(input_ids)
     stack = Stack(model)

@@ -2,9 +2,10 @@
 
 :func:`install` swaps two forwards of a LLaVA-family model (instance attributes, the classes
 are untouched): the multimodal model's forward notes where the image tokens are (and lets the
-policy look at the vision tower), and the language model's forward runs the decoder layers
-itself. At a policy's boundary layer the policy returns which tokens to keep; the runtime
-gathers the kept rows of the hidden states, the ORIGINAL position ids and the rotary tables,
+policy look at the vision tower), and the language model's forward walks the decoder layers
+on the shared walker (:class:`squeeze.runtime.stack.Stack`), whose ``before_layer`` hook is
+where the sequence gets shorter. At a policy's boundary layer the policy returns which tokens
+to keep; the runtime gathers the kept rows of the hidden states, the ORIGINAL position ids and the rotary tables,
 and builds the causal mask of the shortened sequence. Layers after a boundary therefore store
 only the kept tokens in their KV cache: ``DynamicCache`` keeps keys/values per layer, so
 per-layer lengths may differ. What each stage holds (original index of every slot, whether
@@ -27,13 +28,14 @@ dropping, run the stock forward unchanged.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from squeeze import compat
 from squeeze.errors import SqueezeError
+from squeeze.runtime.stack import LayerInputs, Stack
 from squeeze.vision.layout import image_token_id
 
 
@@ -124,6 +126,7 @@ class TokenDropRuntime:
                 t != "full_attention" for t in (getattr(self.text_config, "layer_types", None) or ["sliding"])):
             raise SqueezeError("vision-token dropping does not support sliding-window language models yet")
         self.impl = impl
+        self.stack = Stack(model, decoder=self.lm)
         self.pending: dict | None = None
         self.last: PrefillRecord | None = None
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> DropState
@@ -167,7 +170,7 @@ class TokenDropRuntime:
                                          position_ids=position_ids, inputs_embeds=inputs_embeds,
                                          use_cache=use_cache, **compat.cache_kwargs(cache), **kwargs)
         if inputs_embeds is None:
-            inputs_embeds = self.lm.embed_tokens(input_ids)
+            inputs_embeds = self.stack.embed(input_ids)
         if use_cache is None:
             use_cache = getattr(self.text_config, "use_cache", True)
         if use_cache and cache is None:
@@ -180,22 +183,16 @@ class TokenDropRuntime:
                                    image_mask, kwargs)
         else:
             hidden = self._decode(inputs_embeds, attention_mask, position_ids, cache, state, kwargs)
-        return compat.model_output(BaseModelOutputWithPast, last_hidden_state=self.lm.norm(hidden), cache=cache)
+        return compat.model_output(BaseModelOutputWithPast, last_hidden_state=self.stack.norm(hidden), cache=cache)
 
     # -- masks ------------------------------------------------------------------------------
-    def _mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, Q, K) allowed pairs -> the mask the attention implementation takes."""
         allowed = allowed[:, None]  # (B, 1, Q, K)
         if self.impl == "sdpa":
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
-
-    def _stock_mask(self, embeds, attention_mask, cache, position_ids):
-        return compat.causal_mask(self.text_config, embeds, attention_mask, cache, position_ids)
-
-    def _layer(self, layer, hidden, mask, pos, cos, sin, cache, kwargs):
-        return compat.run_decoder_layer(layer, hidden, attention_mask=mask, position_ids=pos,
-                                        position_embeddings=(cos, sin), cache=cache, **kwargs)
 
     # -- prefill ----------------------------------------------------------------------------
     def _prefill(self, embeds, attention_mask, position_ids, cache, image_mask, kwargs):
@@ -204,53 +201,19 @@ class TokenDropRuntime:
         if position_ids is None:
             position_ids = torch.arange(T, device=dev)[None].expand(B, T)
         position_ids = position_ids.expand(B, T)
-        cos, sin = compat.rotary(self.lm.rotary_emb, embeds, position_ids)
         valid = attention_mask.bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
-        image = image_mask.to(dev) & valid
-        seq = Seq(embeds, torch.arange(T, device=dev).expand(B, T), valid, image,
-                  torch.zeros(B, T, dtype=torch.bool, device=dev), position_ids, cos.expand(B, -1, -1),
-                  sin.expand(B, -1, -1), image.sum(1))
-        record = PrefillRecord([], {}, seq.n_image.tolist())
-        stages = [Stage(0, seq.orig, seq.valid, exact=True)]
-        mask = self._stock_mask(embeds, attention_mask, cache, position_ids)
-        with torch.no_grad():
-            keep = self.policy.before_llm(self, seq) if hasattr(self.policy, "before_llm") else None
-        if keep is not None and not bool(keep.all()):
-            seq = self._compact(seq, keep)
-            record.kept[-1] = self._kept_lists(seq)
-            stages = [Stage(0, seq.orig, seq.valid)]
-            mask = self._mask(causal_allowed(seq.orig, seq.orig, seq.valid), embeds.dtype)
-        layer_stage = []
-        boundaries = set(self.policy.layers(len(self.lm.layers)))
-        for i, layer in enumerate(self.lm.layers):
-            if i in boundaries and bool(seq.image.any()):
-                with torch.no_grad():
-                    keep = self.policy.select(self, i, layer, seq)
-                keep = keep | ~seq.image  # text (and padding) is never dropped
-                # force_compact (tests): rebuild the stage even when nothing is dropped
-                if not bool(keep.all()) or getattr(self.policy, "force_compact", False):
-                    seq = self._compact(seq, keep)
-                    record.kept[i] = self._kept_lists(seq)
-                    stages.append(Stage(i, seq.orig, seq.valid))
-                    mask = self._mask(causal_allowed(seq.orig, seq.orig, seq.valid), embeds.dtype)
-            layer_stage.append(len(stages) - 1)
-            record.layer_lengths.append(seq.hidden.shape[1])
-            seq.hidden = self._layer(layer, seq.hidden, mask, seq.position_ids, seq.cos, seq.sin, cache, kwargs)
-        self.last = record
+        walk = _PrefillDrops(self, valid, image_mask.to(dev) & valid)
+        hidden = self.stack.run(embeds, 0, self.stack.num_layers, position_ids, cache, attention_mask=attention_mask,
+                                before_layer=walk, **kwargs)
+        self.last = walk.record
+        stages = walk.stages
         if cache is not None and (len(stages) > 1 or not stages[0].exact):
-            state = DropState(stages, layer_stage, T)
+            state = DropState(stages, walk.layer_stage, T)
             if getattr(self.policy, "trim_after_prefill", False):
                 self._trim(cache, state)
             self._states[cache] = state
             _follow_batch_ops(cache, state)
-        return seq.hidden
-
-    def _compact(self, seq: Seq, keep: torch.Tensor) -> Seq:
-        return seq.take(selection(keep), keep)
-
-    @staticmethod
-    def _kept_lists(seq: Seq) -> list[list[int]]:
-        return [o[v].tolist() for o, v in zip(seq.orig, seq.valid)]
+        return hidden
 
     def _trim(self, cache, state: DropState) -> None:
         """MustDrop stage 3: after prefill, cut the caches of every layer from the first drop on
@@ -272,24 +235,82 @@ class TokenDropRuntime:
         if position_ids is None:
             position_ids = new_orig
         position_ids = position_ids.expand(B, T)
-        cos, sin = compat.rotary(self.lm.rotary_emb, embeds, position_ids)
         if attention_mask is not None and attention_mask.shape[1] != state.total + T:
             raise SqueezeError("attention_mask does not cover the cached and new tokens")
         new_valid = attention_mask[:, -T:].bool() if attention_mask is not None else \
             torch.ones(B, T, dtype=torch.bool, device=dev)
-        masks = []
+        masks = []  # per stage; None: the walker's stock mask (nothing was removed before that stage)
         for stage in state.stages:
             stage.orig = torch.cat([stage.orig, new_orig], 1)
             stage.valid = torch.cat([stage.valid, new_valid], 1)
-            if stage.exact:
-                masks.append(self._stock_mask(embeds, attention_mask, cache, position_ids))
-            else:
-                masks.append(self._mask(causal_allowed(new_orig, stage.orig, stage.valid), embeds.dtype))
+            masks.append(None if stage.exact else self.mask(causal_allowed(new_orig, stage.orig, stage.valid),
+                                                            embeds.dtype))
         state.total += T
-        hidden = embeds
-        for i, layer in enumerate(self.lm.layers):
-            hidden = self._layer(layer, hidden, masks[state.layer_stage[i]], position_ids, cos, sin, cache, kwargs)
-        return hidden
+
+        def each_layer_its_stage(i, h, inputs):
+            mask = masks[state.layer_stage[i]]
+            return h, inputs if mask is None else replace(inputs, mask=mask)
+
+        return self.stack.run(embeds, 0, self.stack.num_layers, position_ids, cache, attention_mask=attention_mask,
+                              before_layer=each_layer_its_stage, **kwargs)
+
+
+class _PrefillDrops:
+    """The walker's ``before_layer`` hook for one prefill: before layer 0 it sets up the sequence
+    (and lets the policy merge tokens, MustDrop's stage 1); at each boundary layer it asks the
+    policy which image tokens stay and shortens the sequence; it notes what every layer's cache
+    will hold (``stages``, ``layer_stage``) and what the prefill did (``record``)."""
+
+    def __init__(self, runtime: TokenDropRuntime, valid: torch.Tensor, image: torch.Tensor):
+        self.runtime, self.policy = runtime, runtime.policy
+        self.valid, self.image = valid, image  # (B, T) bool
+        self.boundaries = set(self.policy.layers(len(runtime.lm.layers)))
+        self.seq: Seq | None = None
+        self.mask = None
+        self.dtype: torch.dtype | None = None
+        self.stages: list[Stage] = []
+        self.layer_stage: list[int] = []
+        self.record: PrefillRecord | None = None
+
+    def __call__(self, i: int, h: torch.Tensor, inputs: LayerInputs) -> tuple[torch.Tensor, LayerInputs]:
+        if self.seq is None:
+            self._start(h, inputs)
+        else:
+            self.seq.hidden = h
+        seq = self.seq
+        if i in self.boundaries and bool(seq.image.any()):
+            with torch.no_grad():
+                keep = self.policy.select(self.runtime, i, self.runtime.lm.layers[i], seq)
+            keep = keep | ~seq.image  # text (and padding) is never dropped
+            # force_compact (tests): rebuild the stage even when nothing is dropped
+            if not bool(keep.all()) or getattr(self.policy, "force_compact", False):
+                self._compact(i, keep)
+        self.layer_stage.append(len(self.stages) - 1)
+        self.record.layer_lengths.append(self.seq.hidden.shape[1])
+        return self.seq.hidden, LayerInputs(self.mask, self.seq.position_ids, (self.seq.cos, self.seq.sin))
+
+    def _start(self, embeds: torch.Tensor, inputs: LayerInputs) -> None:
+        B, T, _ = embeds.shape
+        dev = embeds.device
+        cos, sin = inputs.rotary
+        self.dtype = embeds.dtype
+        self.seq = Seq(embeds, torch.arange(T, device=dev).expand(B, T), self.valid, self.image,
+                       torch.zeros(B, T, dtype=torch.bool, device=dev), inputs.position_ids, cos.expand(B, -1, -1),
+                       sin.expand(B, -1, -1), self.image.sum(1))
+        self.record = PrefillRecord([], {}, self.seq.n_image.tolist())
+        self.stages = [Stage(0, self.seq.orig, self.seq.valid, exact=True)]
+        self.mask = inputs.mask  # transformers' own: a policy that drops nothing reproduces the stock model
+        with torch.no_grad():
+            keep = self.policy.before_llm(self.runtime, self.seq) if hasattr(self.policy, "before_llm") else None
+        if keep is not None and not bool(keep.all()):
+            self.stages = []
+            self._compact(-1, keep)
+
+    def _compact(self, boundary: int, keep: torch.Tensor) -> None:
+        seq = self.seq = self.seq.take(selection(keep), keep)
+        self.record.kept[boundary] = [o[v].tolist() for o, v in zip(seq.orig, seq.valid)]
+        self.stages.append(Stage(max(boundary, 0), seq.orig, seq.valid))
+        self.mask = self.runtime.mask(causal_allowed(seq.orig, seq.orig, seq.valid), self.dtype)
 
 
 def _follow_batch_ops(cache, state: DropState) -> None:

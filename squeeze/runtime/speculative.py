@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from squeeze.compat import crop_cache, new_cache
-from squeeze.depth.stack import Stack
 from squeeze.errors import SqueezeError
+from squeeze.runtime.stack import Stack
 
 RECORD_KEY = "self_speculative"  # squeeze.json key holding {"exit_layer": E, "num_speculations": k}
 

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 
 from squeeze.errors import SqueezeError
+from squeeze.runtime.token_drop import selection
 from squeeze.vision.attention import layer_attention
 from squeeze.vision.layout import grid_windows, image_runs, patch_grid_side
-from squeeze.vision.runtime import selection
 
 # --- pure functions ------------------------------------------------------------------------
 
