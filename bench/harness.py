@@ -93,9 +93,9 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine(threads: int) -> dict:
+def machine(threads: int, load_avg: float) -> dict:
     return {"cpu": _cpu_model(), "cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
-            "load_avg": round(os.getloadavg()[0], 2)}
+            "load_avg": round(load_avg, 2)}
 
 
 def versions() -> dict:
@@ -130,7 +130,7 @@ def is_number(v) -> bool:
 
 
 def _normalise(result, params: dict) -> list[dict]:
-    """A case returns a metrics dict (one row named after nothing) or a list of row dicts."""
+    """A case returns a metrics dict (a single unnamed row) or a list of row dicts."""
     rows = result if isinstance(result, list) else [{"row": "", "metrics": result}]
     return [{"row": r.get("row", ""), "params": {**params, **r.get("params", {})}, "metrics": r["metrics"],
              "ratio_to": r.get("ratio_to")} for r in rows]
@@ -154,7 +154,7 @@ def run_case(case: Case, mode: str, results_dir: Path = RESULTS, log=print, max_
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         result_file = Path(tmp) / "result.json"
-        spec = json.dumps({"fn": case.fn, "params": params, "threads": case.threads})
+        spec = json.dumps({"fn": case.fn, "params": params})
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, "-m", "bench.harness", spec, str(result_file)], cwd=ROOT,
                            env=child_env(case.threads), capture_output=True, text=True, check=False)
@@ -165,13 +165,13 @@ def run_case(case: Case, mode: str, results_dir: Path = RESULTS, log=print, max_
     if "skip" in out:
         log(f"{case.id}: skipped ({out['skip']})")
         return []
+    now = datetime.datetime.now(datetime.UTC)
     common = {"suite": case.suite, "case": case.name, "mode": mode, "imported": False,
-              "run": datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ"),
+              "run": now.strftime("%Y%m%dT%H%M%S.%fZ"),  # sorts by time; shared by the rows of this call
               "process": {"wall_s": round(wall, 2), "peak_rss_mb": out["peak_rss_mb"]},
-              "machine": {**machine(case.threads), "load_avg": round(load_before, 2)},
-              "versions": versions(), "git": _git(),
+              "machine": machine(case.threads, load_before), "versions": versions(), "git": _git(),
               "command": f".venv/bin/python -m bench.run --{mode} --only {case.id}",
-              "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+              "time": now.isoformat(timespec="seconds")}
     records = [{**common, **row} for row in out["rows"]]
     records = [{k: r[k] for k in SCHEMA_KEYS} for r in records]
     append(records, results_dir)
@@ -181,10 +181,9 @@ def run_case(case: Case, mode: str, results_dir: Path = RESULTS, log=print, max_
 def append(records: list[dict], results_dir: Path = RESULTS) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     for suite in dict.fromkeys(r["suite"] for r in records):
+        lines = "".join(json.dumps(r) + "\n" for r in records if r["suite"] == suite)
         with open(results_dir / f"{suite}.jsonl", "a") as f:
-            for r in records:
-                if r["suite"] == suite:
-                    f.write(json.dumps(r) + "\n")
+            f.write(lines)  # one write per case: an interrupted run leaves no half case
 
 
 def load(results_dir: Path = RESULTS) -> list[dict]:

@@ -12,6 +12,7 @@ model the exit case trained; delete the folder to retrain.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def train(src, out: Path, steps, **kw) -> dict:
         return json.loads((out / "squeeze.json").read_text())["training"]
     from squeeze.depth.layerskip import finetune
 
+    WORK.mkdir(parents=True, exist_ok=True)
     return finetune(src, out, calib=str(CALIB), steps=steps, **kw)
 
 
@@ -139,15 +141,15 @@ def layerdrop(removes: list, nrows: int) -> list[dict]:
     from squeeze.depth.layerdrop import drop_layers
 
     out = []
-    for remove in removes:
-        for by, score in (("importance", "cosine"), ("importance", "kl"), ("even", "cosine")):
-            d = WORK / f"drop-{remove}-{by}-{score}"
-            rep = drop_layers(STORIES, d, remove, by=by, calib=str(CALIB), nsamples=32, seqlen=256, score=score,
-                              overwrite=True)
-            kl = squeeze.evaluate(str(d), str(EVAL), reference=str(STORIES), max_rows=nrows)["kl"]
-            name = "even" if by == "even" else f"importance ({score})"
-            out.append({"row": f"{remove} {name}", "params": {"remove": remove, "by": name},
-                        "metrics": {"removed": rep["removed"], "kl": kl}})
+    with tempfile.TemporaryDirectory() as tmp:
+        for remove in removes:
+            for by, score in (("importance", "cosine"), ("importance", "kl"), ("even", "cosine")):
+                d = Path(tmp) / f"drop-{remove}-{by}-{score}"
+                rep = drop_layers(STORIES, d, remove, by=by, calib=str(CALIB), nsamples=32, seqlen=256, score=score)
+                kl = squeeze.evaluate(str(d), str(EVAL), reference=str(STORIES), max_rows=nrows)["kl"]
+                name = "even" if by == "even" else f"importance ({score})"
+                out.append({"row": f"{remove} {name}", "params": {"remove": remove, "by": name},
+                            "metrics": {"removed": rep["removed"], "kl": kl}})
     return out
 
 
