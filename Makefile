@@ -73,8 +73,9 @@ lock:
 	.venv-lock/bin/python tools/deps.py check
 	rm -rf .venv-lock
 
+# the quick benchmark suite (a few minutes); `python -m bench.run --full` runs everything (bench/README.md)
 bench: setup
-	OMP_NUM_THREADS=1 $(BIN)/python bench/prune.py
+	$(BIN)/python -m bench.run --quick
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-oldest .venv-lock squeezed .pytest_cache

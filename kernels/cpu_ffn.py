@@ -16,7 +16,7 @@ only their rows of gate, up and the transposed down weight [I, H] are touched:
                      y[t] = sum_a h[t, a] * downT[idx[a]] in one call, no copy.
            "gather": blocked gather of downT rows + GEMM accumulated in fp32.
 
-Measured on the development machine (Xeon with AVX-512/AMX, 1 thread; bench/kernels.py): the
+Measured on the development machine (Xeon with AVX-512/AMX, 1 thread; bench case kernels/ffn): the
 sparse methods lose to dense above an active fraction that depends on dtype and token count — the
 bf16 GEMM at 8 tokens uses AMX and is hard to beat, fp32 F.linear at 2-32 tokens is slow and easy to
 beat. :class:`SparseFFNWorkspace` owns the buffers and a per-(dtype, tokens) plan: which methods,
@@ -52,11 +52,11 @@ class FFNPlan:
     max_active: float  # run sparse while active fraction <= this, dense above
 
 
-# Measured with `bench/kernels.py --calibrate --repeats 4` on the development machine (Xeon with
+# Measured by the bench case kernels/plans (`python -m bench.run --full --only kernels/plans`) on the development machine (Xeon with
 # AVX-512/AMX, torch 2.13 CPU, 1 thread, process CPU time, Llama-7B FFN slice H=4096, I=11008,
 # fresh random active sets; active fractions 5%..95% in 5% steps). Keys: (dtype, tokens bucket); a
 # token count uses the smallest bucket >= it. max_active is measured against this module's dense
-# path (torch.mv for one token). See bench/README_kernels.md.
+# path (torch.mv for one token). See bench/README.md, section 4.
 _MEASURED: dict[tuple[torch.dtype, int], FFNPlan] = {
     (torch.bfloat16, 1): FFNPlan("dot", "bag", 0.45),
     (torch.bfloat16, 2): FFNPlan("gather", "bag", 0.4),

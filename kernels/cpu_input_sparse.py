@@ -14,8 +14,8 @@ reads against the dense kernel (measured, not guessed):
             (speculative verification) where the per-token sets overlap.
   dense     the caller's own dense linear (nn.Linear layout), when neither reads enough less.
 
-:func:`plan_for` holds the break-even points measured by ``bench/act_sparsity.py breakeven``
-(bench/README_act_sparsity.md) on the development machine, rounded down, so the sparse path is
+:func:`plan_for` holds the break-even points measured by the bench case
+``act_sparsity/breakeven`` (bench/README.md, section 5) on the development machine, rounded down, so the sparse path is
 taken only where it measured faster than dense.
 """
 
@@ -36,8 +36,8 @@ class InputSparsePlan:
     gather_union: float  # else "gather" while |union of active inputs| / in_features <= this; else dense
 
 
-# (dtype, token bucket) -> plan, from `bench/act_sparsity.py breakeven --reps 7 --tag _v3`
-# (bench/results_act_sparsity/breakeven_v3.json): W 5632 x 2048 and 2048 x 5632, 1 thread, Xeon
+# (dtype, token bucket) -> plan, from the bench case act_sparsity/breakeven (reps 7; its rows in
+# bench/results/act_sparsity.jsonl): W 5632 x 2048 and 2048 x 5632, 1 thread, Xeon
 # (AVX-512/AMX), torch 2.13, active fractions 0.1/0.3/0.5/0.7/0.9 shared by the call's tokens
 # (bag reads tokens x fraction rows). Each value is the largest measured point at which the method
 # was >= 1.1x F.linear on *both* shapes; between points we do not guess.

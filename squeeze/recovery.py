@@ -25,7 +25,7 @@ for (vllm-project/llm-compressor#1028), kept deliberately small:
   seeded subset. Sentence-embedding models are used on single sentences, and packed 128-token
   windows of running text are a different input distribution (other lengths and positions, no
   ``[SEP]`` per sentence): for all-MiniLM-L6-v2 this is the biggest single gain measured
-  (``bench/README_quality.md``).
+  (``bench/README.md``, section 3).
 - **Augmentation** (``augment`` / ``--augment``, comma-separated): ``pairs`` (with ``--rows
   sentences``) adds every two consecutive sentences of a row as one more row; ``drop:P`` removes
   each token but the first and last with probability P each time a row is drawn (token dropout;

@@ -44,7 +44,7 @@ def test_minilm_wanda_50_keeps_embeddings(minilm_dir, tmp_path):
 
 @needs_shared
 def test_stories_wina_transform_beats_plain_wina(tmp_path):
-    """WINA's claim holds on stories260k only with its orthogonal transform (bench/README_act_sparsity.md:
+    """WINA's claim holds on stories260k only with its orthogonal transform (bench/README.md section 5:
     50% uniform KL 0.967 plain vs 0.713 transformed, greedy 0.557 on 20 eval rows). Greedy must not be
     worse than uniform: its trials compare against the dense block, which for rotated sites means the
     sparsifiers installed at 0% (a greedy run without them once scored 2.44)."""
