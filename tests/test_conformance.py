@@ -42,7 +42,8 @@ EXAMPLES: dict[str, list] = {
     "dsnot": [[{"pass": "wanda", "pattern": "2:4"}, {"pass": "dsnot", "threshold": 0.0}],
               [{"pass": "wanda", "sparsity": 0.5}, {"pass": "dsnot"}]],
     "teal": [{"act_sparsity": 0.5}, {"act_sparsity": 0.5, **_GREEDY}],
-    "wina": [{"act_sparsity": 0.5}, {"act_sparsity": 0.5, **_GREEDY}, {"act_sparsity": 0.5, "transform": True}],
+    "wina": [{"act_sparsity": 0.5}, {"act_sparsity": 0.5, **_GREEDY},
+             {"act_sparsity": 0.5, "transform": True}],
     "drelu": [{"variant": "drelu"}, {"variant": "relu", "recover_steps": 2, "batch": 2, "progress": False}],
     "pyramiddrop": [{"layers": [1, 2, 3], "ratios": [0.5, 0.25, 0.125]}],
     "mustdrop": [{"layers": [1, 2], "global_threshold": 0.5, "individual_threshold": 0.2, "window": 2}],
@@ -80,7 +81,9 @@ def example_id(name: str, example) -> str:
 
     def one(entry):
         settings = ",".join(f"{k}={v}" for k, v in entry.items() if k != "pass")
-        return settings if len(entries) == 1 else f"{entry['pass']}({settings})" if settings else entry["pass"]
+        if len(entries) == 1:
+            return settings
+        return f"{entry['pass']}({settings})" if settings else entry["pass"]
 
     text = "+".join(map(one, entries)).replace(":", "of")
     return "".join(c for c in text if c not in " []") or "defaults"
@@ -108,7 +111,8 @@ def _case(name: str, example, arch: str):
 
 METHODS = sorted(n for n in REGISTRY if n not in NOT_COMPRESS_METHODS)
 ALL_ARCHS = [*ARCHS, "llava"]
-CASES = [_case(name, example, arch) for name in METHODS for example in examples_of(name) for arch in ALL_ARCHS]
+CASES = [_case(name, example, arch)
+         for name in METHODS for example in examples_of(name) for arch in ALL_ARCHS]
 
 
 def test_every_method_declares_examples():
