@@ -22,7 +22,7 @@ from squeeze.calib.packing import Calibration
 from torch import nn
 
 from squeeze.adapters import Adapter, Block
-from squeeze.compat import forward_accepts
+from squeeze.compat import forward_accepts, forward_takes_any_keyword
 from squeeze.errors import SqueezeError
 from squeeze.passes.base import Batch, BlockContext, BlockPass, SweepInfo
 
@@ -93,7 +93,12 @@ class BlockRunner:
         store: list = []
         for i in range(len(blocks)):
             blocks[i] = _Recorder(i, i == len(blocks) - 1, store)
-        kw = {"use_cache": False} if forward_accepts(self.model, "use_cache") else {}
+        # No KV cache while calibrating: every block call must see only its own batch. A VLM takes
+        # use_cache through **kwargs and hands it to the decoder that owns the blocks.
+        owner = self.model.get_submodule(self.adapter.blocks_path.rpartition(".")[0])
+        takes = forward_accepts(self.model, "use_cache") or (
+            forward_takes_any_keyword(self.model) and forward_accepts(owner, "use_cache"))
+        kw = {"use_cache": False} if takes else {}
         batches = []
         try:
             for ids in self._batches():

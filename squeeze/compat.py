@@ -240,4 +240,11 @@ def checkpoint_renamings(model: nn.Module, keys) -> dict[str, str]:
 def forward_accepts(module: nn.Module, name: str) -> bool:
     """Whether ``module.forward`` takes the keyword ``name`` (e.g. ``use_cache``, which decoders
     take and encoders do not; there is no public flag for it)."""
-    return name in inspect.signature(module.forward).parameters
+    params = inspect.signature(module.forward).parameters
+    return name in params
+
+
+def forward_takes_any_keyword(module: nn.Module) -> bool:
+    """Whether ``module.forward`` has ``**kwargs`` (LLaVA passes ``use_cache`` on to its language
+    model through it)."""
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values())

@@ -167,7 +167,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
             runner = BlockRunner(skeleton, adapter, weights, passes, calibration, keep=keep_in_memory, spill=spill,
                                  on_block=on_block)
             result = runner.run()
-        elif whole_model:
+        elif keep_in_memory:  # nothing to sweep: the kept model is the source's weights
             weights.materialize(skeleton, "", torch.float32)
         stage_ctx = ModelContext(skeleton, adapter, ckpt, calibration, torch.float32, {})
         for st in stages:

@@ -103,7 +103,7 @@ def _progress(enabled: bool, total: int):
 @register
 class DRelu(BlockPass):
     name = "drelu"
-    examples = ({"variant": "drelu"}, {"variant": "relu"}, {"variant": "drelu", "recover_steps": 2, "batch": 2})
+    examples = ({"variant": "drelu"}, {"variant": "relu"}, {"variant": "drelu", "recover_steps": 2, "batch": 2, "progress": False})
 
     @dataclasses.dataclass
     class Settings(BlockPass.Settings):

@@ -12,7 +12,7 @@ from squeeze.passes.pyramiddrop import TokenDropStage, _num_list
 @register
 class MustDrop(TokenDropStage):
     name = "mustdrop"
-    examples = ({}, {"layers": "1", "trim_cache": False})
+    examples = ({"layers": [1, 2], "global_threshold": 0.5, "individual_threshold": 0.2, "window": 2},)
 
     @dataclasses.dataclass
     class Settings(Method.Settings):

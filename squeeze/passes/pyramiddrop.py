@@ -45,7 +45,11 @@ class TokenDropStage(ModelStage):
         return None
 
     def run(self, ctx: ModelContext) -> None:
+        from squeeze.runtime.spec import install
+
         self.resolved_layers = self.policy().layers(len(ctx.adapter))
+        # the in-memory result runs what squeeze.load will install, through the same spec
+        install(ctx.model, {"passes": [self.describe()]})
 
     def describe(self) -> dict:
         out = super().describe()
@@ -57,7 +61,7 @@ class TokenDropStage(ModelStage):
 @register
 class PyramidDrop(TokenDropStage):
     name = "pyramiddrop"
-    examples = ({}, {"layers": "1", "ratios": "0.5"})
+    examples = ({"layers": [1, 2, 3], "ratios": [0.5, 0.25, 0.125]},)
 
     @dataclasses.dataclass
     class Settings(Method.Settings):

@@ -15,5 +15,5 @@ from squeeze.passes.base import register
 class Teal(ActSparsityPass):
     name = "teal"
     weighted = False
-    examples = ({"act_sparsity": 0.5}, {"act_sparsity": 0.4, "allocation": "greedy", "greedy_step": 0.2},
+    examples = ({"act_sparsity": 0.5}, {"act_sparsity": 0.5, "allocation": "greedy", "greedy_step": 0.25, "greedy_tokens": 32},
                 {"act_sparsity": 0.5, "mode": "topk", "sites": "mlp_in,mlp_mid"})

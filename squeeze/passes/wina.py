@@ -23,4 +23,5 @@ class Wina(ActSparsityPass):
     name = "wina"
     weighted = True
     examples = ({"act_sparsity": 0.5}, {"act_sparsity": 0.5, "transform": True},
+                {"act_sparsity": 0.5, "allocation": "greedy", "greedy_step": 0.25, "greedy_tokens": 32},
                 [{"pass": "wanda", "pattern": "2:4"}, {"pass": "wina", "act_sparsity": 0.3}])
