@@ -43,6 +43,11 @@ from squeeze.runtime.stack import block_output
 
 REGISTRY: dict[str, type[Method]] = {}
 
+# Jobs that are whole commands of their own, not steps of a compress sweep: a user who asks for them
+# as a method is pointed at the command instead of a bare "unknown method".
+COMMANDS = {"recover": "squeeze recover", "finetune": "squeeze finetune", "layerskip": "squeeze finetune",
+            "layerdrop": "squeeze drop-layers", "drop-layers": "squeeze drop-layers"}
+
 
 def register(cls):
     """Class decorator: make a method available by its ``name`` in recipes and ``--method``."""
@@ -53,6 +58,9 @@ def register(cls):
 def get_pass(name: str) -> type[Method]:
     import squeeze.passes  # noqa: F401  (registers the built-in methods)
 
+    if name in COMMANDS and name not in REGISTRY:
+        raise SqueezeError(f"{name!r} is not a compression method: it is its own command: "
+                           f"run `{COMMANDS[name]} --help`")
     if name not in REGISTRY:
         raise SqueezeError(f"unknown method {name!r}; available: {', '.join(sorted([*REGISTRY, *PRESETS]))}")
     return REGISTRY[name]
