@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import resource
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from squeeze.formats import COMPRESSED_KIND, LAYOUT, check_format
 from squeeze.modeling import WeightMap, build_skeleton, load_config
 from squeeze.recipe import build_passes, flags_recipe, read_recipe
 
+from squeeze.report import write_json
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -182,7 +182,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     for p in passes:
         report.setdefault("pass_reports", {}).update(getattr(p, "report", {}) or {})
     if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_json(json_path, report)
     return CompressResult(out, report, skeleton if keep_in_memory else None)
 
 

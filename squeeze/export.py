@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from squeeze.checkpoint import INDEX_NAME, Checkpoint
 from squeeze.errors import SqueezeError
+from squeeze.report import write_json
 from squeeze.versions import versions
 
 SIDECAR = "squeeze.safetensors"
@@ -147,10 +148,8 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | None, config_u
         index = json.loads((ckpt.path / INDEX_NAME).read_text())
         index.setdefault("metadata", {})["total_size"] = total
         index["weight_map"] = dict(sorted(weight_map.items()))
-        (dest / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    config = dict(ckpt.config_dict)
-    config.update(config_updates)
-    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_json(dest / INDEX_NAME, index)
+    write_json(dest / "config.json", {**ckpt.config_dict, **config_updates})
     for f in ckpt.extra_files():
         rel = f.relative_to(ckpt.path)
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -159,8 +158,7 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | None, config_u
     if sidecar:
         save_file(sidecar, str(dest / SIDECAR))
         sizes[SIDECAR] = (dest / SIDECAR).stat().st_size
-    record = {**versions(), **record}
-    (dest / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_json(dest / RECORD, {**versions(), **record})
     for f in dest.rglob("*"):
         if f.is_file():
             f.chmod(0o644)

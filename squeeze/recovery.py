@@ -76,6 +76,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from squeeze.report import write_json
 from squeeze.checkpoint import Checkpoint
 from squeeze.errors import SqueezeError
 from squeeze.versions import without_versions
@@ -634,5 +635,5 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
               "train_seconds": round(train_seconds, 3), "seconds": round(time.perf_counter() - t_start, 3),
               "peak_rss_mb": round(peak_rss_mb(), 1)}
     if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_json(json_path, report)
     return RecoverResult(out, report, student if keep_model else None)

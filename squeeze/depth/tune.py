@@ -12,8 +12,6 @@ export (the same tensors plus ``squeeze.json``) is written there.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
@@ -62,6 +60,7 @@ def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=
     from squeeze.depth.stack import Stack
     from squeeze.export import RECORD, check_output_dir, commit, staging_dir, write_checkpoint
     from squeeze.loading import load, read_record
+    from squeeze.report import write_json
     from squeeze.versions import without_versions
 
     ckpt = Checkpoint(model_dir)
@@ -87,10 +86,7 @@ def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=
               "calibration": calib_info, "max_new_tokens": max_new_tokens, "sweep": rows}
     if out is None:
         record[RECORD_KEY] = chosen
-        f = ckpt.path / RECORD
-        tmp = f.with_name(f".{RECORD}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-        os.replace(tmp, f)
+        write_json(ckpt.path / RECORD, record)
         where = str(ckpt.path)
     else:
         new_record = {**without_versions(record),
