@@ -116,30 +116,35 @@ class Spill:
 
 
 def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | None, config_updates: dict, record: dict,
-                     sidecar: dict | None = None) -> dict:
-    """Assemble the export inside ``dest`` (the staging folder). Returns {file: bytes}."""
+                     sidecar: dict | None = None, keys: dict[str, str | None] | None = None) -> dict:
+    """Assemble the export inside ``dest`` (the staging folder). Returns {file: bytes}.
+
+    ``keys`` renames source tensors (source key -> new key) or leaves them out (-> ``None``); keys
+    it does not name keep their name. Each tensor stays in the shard it came from."""
+    keys = keys or {}
     sizes = {}
     total = 0
-    weight_map = dict(ckpt.key_to_shard)
+    weight_map = {}
     for shard in ckpt.shards:
-        keys = [k for k, s in ckpt.key_to_shard.items() if s == shard]
         tensors = {}
-        for k in list(keys):
+        for k in [k for k, s in ckpt.key_to_shard.items() if s == shard]:
+            new = keys.get(k, k)
+            if new is None:
+                continue
             packed = getattr(spill, "packed", {}).get(k)
             if packed:  # stored as values + meta instead of the dense weight
-                keys.remove(k)
-                for new in (packed["values"], packed["meta"]):
-                    tensors[new] = spill.get(new)
-                    weight_map[new] = shard
-                    total += tensors[new].numel() * tensors[new].element_size()
-                weight_map.pop(k, None)
+                for name in (packed["values"], packed["meta"]):
+                    tensors[name] = spill.get(name)
+                    weight_map[name] = shard
+                    total += tensors[name].numel() * tensors[name].element_size()
                 continue
             t = spill.get(k) if spill is not None else None
             if t is None:
                 t = ckpt.get(k)
                 if spill is not None:
                     t = spill.cast(k, t)
-            tensors[k] = t.contiguous()
+            tensors[new] = t.contiguous()
+            weight_map[new] = shard
             total += t.numel() * t.element_size()
         save_file(tensors, str(dest / shard), metadata={"format": "pt"})
         sizes[shard] = (dest / shard).stat().st_size
