@@ -140,7 +140,7 @@ def generate(model_dir, prompt, prompt_ids, max_new_tokens, self_speculative, ex
 
     from squeeze.cli.report import print_kv
 
-    from squeeze.compressor import load_tokenizer
+    from squeeze.calib.build import load_tokenizer
     from squeeze.depth.speculative import generate as gen
     from squeeze.loading import load
 

@@ -34,7 +34,7 @@ def _as_model(m, dtype=None):
 def eval_rows(data: str, tokenizer_dir: Path | None, max_rows: int | None, seqlen: int) -> list[torch.Tensor]:
     from squeeze.calib.packing import tokenize_rows
     from squeeze.calib.sources import load_rows
-    from squeeze.compressor import load_tokenizer
+    from squeeze.calib.build import load_tokenizer
 
     rows = load_rows(data)
     tok = load_tokenizer(tokenizer_dir) if rows.ids is None and tokenizer_dir is not None else None

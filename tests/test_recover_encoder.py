@@ -20,7 +20,6 @@ from squeeze.recovery import (
     pooled_cosine_loss,
     relative_mse,
     replace_tokens,
-    split_sentences,
 )
 
 
@@ -94,12 +93,6 @@ def test_parse_augment():
     for bad in ("drop", "drop:1", "drop:-0.1", "replace:0", "shuffle", "pairs:2"):
         with pytest.raises(SqueezeError, match="augment"):
             parse_augment(bad)
-
-
-def test_split_sentences():
-    text = 'He said "Go." Then 3 dogs ran!  Why?\n(Yes.) The end. e.g. lower case stays'
-    assert split_sentences(text) == ['He said "Go."', "Then 3 dogs ran!", "Why?", "(Yes.)",
-                                     "The end. e.g. lower case stays"]
 
 
 def test_lr_schedule():

@@ -165,6 +165,7 @@ def renumbered_keys(keys, prefix: str, keep: list[int]) -> dict[str, str | None]
 def drop_layers(model_dir, out, remove: int, by: str = "importance", calib: str = "builtin", nsamples: int = 32,
                 seqlen: int = 256, seed: int = 0, score: str = "kl", overwrite: bool = False) -> dict:
     """Score, choose and remove ``remove`` layers of the checkpoint at ``model_dir``; export to ``out``."""
+    from squeeze.calib.build import build_calibration
     from squeeze.checkpoint import Checkpoint
     from squeeze.export import check_output_dir, commit, staging_dir, write_checkpoint
     from squeeze.loading import load
@@ -179,8 +180,8 @@ def drop_layers(model_dir, out, remove: int, by: str = "importance", calib: str 
         raise SqueezeError(f"--remove must be in [1, {L - 1}] for a {L}-layer model; got {remove}")
     scores, calib_info = None, None
     if by == "importance":
-        samples, calib_info = calibration_samples(ckpt, calib, nsamples, seqlen, seed, model.config)
-        scores = score_layers(model, samples, score)
+        cal = build_calibration(ckpt, model.config, calib, nsamples, seqlen, seed)
+        scores, calib_info = score_layers(model, cal.samples, score), cal.describe()
     removed = choose_layers(L, remove, by, scores)
     prefix = block_key_prefix(model, ckpt)
     prior = [e for e in (getattr(model, "squeeze_record", {}) or {}).get("passes", [])]
@@ -198,16 +199,3 @@ def drop_layers(model_dir, out, remove: int, by: str = "importance", calib: str 
         commit(tmp, Path(out))
     return {"removed": removed, "scores": scores, "by": by, "out": str(out), "num_layers": L - len(removed)}
 
-
-def calibration_samples(ckpt, calib, nsamples, seqlen, seed, config):
-    from squeeze.calib.packing import pack
-    from squeeze.calib.sources import load_rows
-
-    tok = None
-    rows = load_rows(calib)
-    if rows.ids is None:
-        from squeeze.compressor import load_tokenizer
-
-        tok = load_tokenizer(ckpt.path)
-    c = pack(rows, tok, nsamples, seqlen, seed=seed, vocab_size=getattr(config, "vocab_size", None))
-    return c.samples, c.describe()

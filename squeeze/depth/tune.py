@@ -54,8 +54,8 @@ def sweep(model, prompts: list[torch.Tensor], max_new_tokens: int, exit_layers, 
 def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=(1, 2, 3, 4, 6, 8), nprompts: int = 4,
               prompt_len: int = 32, max_new_tokens: int = 32, seed: int = 0, repeats: int = 1,
               overwrite: bool = False) -> dict:
+    from squeeze.calib.build import build_calibration
     from squeeze.checkpoint import Checkpoint
-    from squeeze.depth.layerdrop import calibration_samples
     from squeeze.depth.speculative import RECORD_KEY
     from squeeze.depth.stack import Stack
     from squeeze.export import RECORD, check_output_dir, commit, staging_dir, write_checkpoint
@@ -78,7 +78,8 @@ def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=
     bad = [e for e in exit_layers if not 1 <= e < L]
     if bad:
         raise SqueezeError(f"exit layers must be in [1, {L - 1}]; got {bad}")
-    samples, calib_info = calibration_samples(ckpt, calib, nprompts, prompt_len, seed, model.config)
+    cal = build_calibration(ckpt, model.config, calib, nprompts, prompt_len, seed)
+    samples, calib_info = cal.samples, cal.describe()
     rows = sweep(model, samples, max_new_tokens, exit_layers, list(ks), repeats)
     best = max(rows, key=lambda r: (r["speedup"], r["tokens_per_forward"]))
     chosen = {"exit_layer": best["exit_layer"], "num_speculations": best["num_speculations"],
