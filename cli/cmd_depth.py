@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 from squeeze.cli.main import _quiet_transformers, cli
 
 from squeeze.errors import SqueezeError
-
-
-def _write_json(path, report):
-    if path:
-        from pathlib import Path
-
-        Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+from squeeze.report import write_json
 
 
 @cli.command()
@@ -61,7 +53,8 @@ def finetune(model_dir, recipe, calib, out, steps, p_max, e_scale, scale, curric
                              overwrite=overwrite, progress=progress, steps=steps, p_max=p_max, e_scale=e_scale,
                              scale=scale, curriculum=curriculum, lr=lr, batch_size=batch_size, seqlen=seqlen,
                              nsamples=nsamples, save_every=save_every, seed=seed)
-    _write_json(json_path, report)
+    if json_path:
+        write_json(json_path, report)
     print_kv("finetune", {k: v for k, v in report.items() if k != "losses"})
 
 
@@ -90,7 +83,8 @@ def tune_exit(model_dir, calib, out, exit_layers, ks, nprompts, prompt_len, max_
     report = tune_fn(model_dir, calib=calib, out=out, exit_layers=_ints(exit_layers, "--exit-layers"),
                      ks=_ints(ks, "--ks"), nprompts=nprompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                      repeats=repeats, overwrite=overwrite)
-    _write_json(json_path, report)
+    if json_path:
+        write_json(json_path, report)
     print_kv("tune-exit", {k: v for k, v in report.items() if k != "sweep"})
 
 
@@ -116,7 +110,8 @@ def drop_layers(model_dir, remove, by, score, calib, nsamples, seqlen, seed, out
     _quiet_transformers()
     report = drop_fn(model_dir, out, remove, by=by, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
                      score=score, overwrite=overwrite)
-    _write_json(json_path, report)
+    if json_path:
+        write_json(json_path, report)
     print_kv("drop-layers", {**report, "removed_layers": ",".join(map(str, report["removed"]))})
 
 
@@ -145,7 +140,7 @@ def generate(model_dir, prompt, prompt_ids, max_new_tokens, self_speculative, ex
 
     from squeeze.cli.report import print_kv
 
-    from squeeze.compressor import load_tokenizer
+    from squeeze.calib.build import load_tokenizer
     from squeeze.runtime.speculative import generate as gen
     from squeeze.loading import load
 
@@ -176,7 +171,8 @@ def generate(model_dir, prompt, prompt_ids, max_new_tokens, self_speculative, ex
             report["plain_tokens_per_s"] = ref_stats["tokens_per_s"]
             report["speedup"] = stats["tokens_per_s"] / max(ref_stats["tokens_per_s"], 1e-9)
             report["matches_plain"] = sum(a == b for a, b in zip(new, ref[0, len(ids):].tolist())) / len(new)
-        _write_json(json_path, report)
+        if json_path:
+            write_json(json_path, report)
         print_kv("generate", report)
         return
     out, stats = gen(model, ids, max_new_tokens, self_speculative=self_speculative, exit_layer=exit_layer,
@@ -191,7 +187,8 @@ def generate(model_dir, prompt, prompt_ids, max_new_tokens, self_speculative, ex
         report["speedup"] = stats["tokens_per_s"] / max(ref_stats["tokens_per_s"], 1e-9)
         if not do_sample:  # sampled outputs agree in distribution only, not token for token
             report["identical_to_plain"] = bool(torch_equal(ref, out))
-    _write_json(json_path, report)
+    if json_path:
+        write_json(json_path, report)
     print_kv("generate", report)
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 from squeeze.cli.main import _quiet_transformers, cli
+
+from squeeze.report import write_json
 
 
 @cli.command()
@@ -76,7 +76,5 @@ def recover(pruned_dir, reference, out, calib, steps, lr, batch_size, nsamples, 
             raise SystemExit(130) from None
     report = result.report
     if json_path:
-        from pathlib import Path
-
-        Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_json(json_path, report)
     print_kv(f"squeeze recover -> {report['out']}", {k: v for k, v in report.items() if k != "losses"})

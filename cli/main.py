@@ -5,12 +5,12 @@ User mistakes (:class:`squeeze.SqueezeError`) print one line and exit with code 
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
 from squeeze.errors import SqueezeError
+from squeeze.report import print_json, write_json
 
 
 def _parse_sets(values) -> dict:
@@ -122,9 +122,7 @@ def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples,
 
         report["verify"] = verify_export(result)
     if json_path:
-        from pathlib import Path
-
-        Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_json(json_path, report)
     print_compress_report(report, details)
 
 
@@ -156,13 +154,11 @@ def eval_cmd(model_dir, data, reference, max_rows, seqlen, json_path, flops, flo
                           json_path=None if flops else json_path, activation_stats=activation_stats,
                           act_threshold=act_threshold)
     if flops:
-        from pathlib import Path
-
         from squeeze.vision.flops import flops_summary
 
         report.update(flops_summary(model_dir, flops_text_tokens))
         if json_path:
-            Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+            write_json(json_path, report)
     from squeeze.cli.report import print_kv
 
     stats = report.pop("activation_stats", None)
@@ -183,7 +179,7 @@ def info(model_dir, as_json):
     _quiet_transformers()
     report = info_fn(model_dir)
     if as_json:
-        click.echo(json.dumps(report, indent=2, default=str))
+        print_json(report)
     else:
         from squeeze.cli.report import print_info
 

@@ -28,7 +28,7 @@ def verify_export(result) -> dict:
     tokenizer)."""
     import torch
 
-    from squeeze.compressor import load_tokenizer
+    from squeeze.calib.build import load_tokenizer
     from squeeze.evaluation import evaluate
     from squeeze.loading import load
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import resource
 import time
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 
 from squeeze.adapters import Adapter
+from squeeze.calib.build import build_calibration, context_of
 from squeeze.checkpoint import Checkpoint
 from squeeze.errors import SqueezeError
 from squeeze.export import Spill, check_output_dir, commit, staging_dir, write_checkpoint
@@ -18,6 +18,7 @@ from squeeze.formats import COMPRESSED_KIND, LAYOUT, check_format
 from squeeze.modeling import WeightMap, build_skeleton, load_config
 from squeeze.passes.base import BlockPass, ModelContext
 from squeeze.recipe import build_passes, flags_recipe, read_recipe
+from squeeze.report import write_json
 
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -39,38 +40,8 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def load_tokenizer(path: Path, trust_remote_code: bool = False):
-    ckpt_has = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json"))
-    if not ckpt_has:
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise SqueezeError(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0][:120]})") from None
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _context_of(config) -> int | None:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "max_position_embeddings", None)
-
-
-def calibration_for(ckpt: Checkpoint, config, calib: str, nsamples: int, seqlen: int, seed: int, packing: str,
-                    trust_remote_code: bool = False):
-    from squeeze.calib import load_rows, pack
-
-    max_pos = _context_of(config)
-    if max_pos and seqlen > max_pos:
-        raise SqueezeError(f"--seqlen {seqlen} exceeds the model's context of {max_pos} tokens; lower --seqlen")
-    rows = load_rows(calib)
-    tok = load_tokenizer(ckpt.path, trust_remote_code) if rows.ids is None else None
-    vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
-    return pack(rows, tok, nsamples, seqlen, seed, packing, vocab_size=vocab)
 
 
 def compress(model: str | Path | None = None, out: str | Path | None = None, *, method: str | None = None,
@@ -129,7 +100,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
 
     config = load_config(ckpt, trust_remote_code)
     nsamples = nsamples or 128
-    seqlen = seqlen or min(512, _context_of(config) or 512)
+    seqlen = seqlen or min(512, context_of(config) or 512)
     skeleton = build_skeleton(config, trust_remote_code, attn_implementation="sdpa")
     adapter = Adapter(skeleton)
     for m in methods:
@@ -139,7 +110,8 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     weights = WeightMap(skeleton, ckpt)
     calibration = None
     if any(m.needs_calibration for m in methods):
-        calibration = calibration_for(ckpt, config, calib, nsamples, seqlen, seed, packing, trust_remote_code)
+        calibration = build_calibration(ckpt, config, calib, nsamples, seqlen, seed, packing,
+                                        trust_remote_code=trust_remote_code)
         if calib_generate:  # RAC: the dense model continues every prompt (see squeeze.calib.generate)
             from squeeze.calib.generate import check_settings, generate_calibration
             from squeeze.loading import load
@@ -205,7 +177,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     for m in [*methods, *stages]:
         report.setdefault("pass_reports", {}).update(m.report or {})
     if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_json(json_path, report)
     return CompressResult(out, report, skeleton if keep_in_memory else None)
 
 

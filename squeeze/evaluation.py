@@ -7,7 +7,6 @@ sentence-transformers pooling), cosine to the reference's embeddings per row (me
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from squeeze.errors import SqueezeError
+from squeeze.report import write_json
 
 
 def model_kind(model: nn.Module) -> str:
@@ -34,7 +34,7 @@ def _as_model(m, dtype=None):
 def eval_rows(data: str, tokenizer_dir: Path | None, max_rows: int | None, seqlen: int) -> list[torch.Tensor]:
     from squeeze.calib.packing import tokenize_rows
     from squeeze.calib.sources import load_rows
-    from squeeze.compressor import load_tokenizer
+    from squeeze.calib.build import load_tokenizer
 
     rows = load_rows(data)
     tok = load_tokenizer(tokenizer_dir) if rows.ids is None and tokenizer_dir is not None else None
@@ -113,5 +113,5 @@ def evaluate(model, data: str = "builtin-eval", reference=None, max_rows: int | 
         report["activation_stats"] = _act_stats(m, rows, threshold=act_threshold)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(json_path, report)
     return report

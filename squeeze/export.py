@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from squeeze.checkpoint import INDEX_NAME, Checkpoint
 from squeeze.errors import SqueezeError
+from squeeze.report import write_json
 from squeeze.versions import versions
 
 SIDECAR = "squeeze.safetensors"
@@ -115,30 +116,35 @@ class Spill:
 
 
 def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | None, config_updates: dict, record: dict,
-                     sidecar: dict | None = None) -> dict:
-    """Assemble the export inside ``dest`` (the staging folder). Returns {file: bytes}."""
+                     sidecar: dict | None = None, keys: dict[str, str | None] | None = None) -> dict:
+    """Assemble the export inside ``dest`` (the staging folder). Returns {file: bytes}.
+
+    ``keys`` renames source tensors (source key -> new key) or leaves them out (-> ``None``); keys
+    it does not name keep their name. Each tensor stays in the shard it came from."""
+    keys = keys or {}
     sizes = {}
     total = 0
-    weight_map = dict(ckpt.key_to_shard)
+    weight_map = {}
     for shard in ckpt.shards:
-        keys = [k for k, s in ckpt.key_to_shard.items() if s == shard]
         tensors = {}
-        for k in list(keys):
+        for k in [k for k, s in ckpt.key_to_shard.items() if s == shard]:
+            new = keys.get(k, k)
+            if new is None:
+                continue
             packed = getattr(spill, "packed", {}).get(k)
             if packed:  # stored as values + meta instead of the dense weight
-                keys.remove(k)
-                for new in (packed["values"], packed["meta"]):
-                    tensors[new] = spill.get(new)
-                    weight_map[new] = shard
-                    total += tensors[new].numel() * tensors[new].element_size()
-                weight_map.pop(k, None)
+                for name in (packed["values"], packed["meta"]):
+                    tensors[name] = spill.get(name)
+                    weight_map[name] = shard
+                    total += tensors[name].numel() * tensors[name].element_size()
                 continue
             t = spill.get(k) if spill is not None else None
             if t is None:
                 t = ckpt.get(k)
                 if spill is not None:
                     t = spill.cast(k, t)
-            tensors[k] = t.contiguous()
+            tensors[new] = t.contiguous()
+            weight_map[new] = shard
             total += t.numel() * t.element_size()
         save_file(tensors, str(dest / shard), metadata={"format": "pt"})
         sizes[shard] = (dest / shard).stat().st_size
@@ -147,10 +153,8 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | None, config_u
         index = json.loads((ckpt.path / INDEX_NAME).read_text())
         index.setdefault("metadata", {})["total_size"] = total
         index["weight_map"] = dict(sorted(weight_map.items()))
-        (dest / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    config = dict(ckpt.config_dict)
-    config.update(config_updates)
-    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_json(dest / INDEX_NAME, index)
+    write_json(dest / "config.json", {**ckpt.config_dict, **config_updates})
     for f in ckpt.extra_files():
         rel = f.relative_to(ckpt.path)
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -159,8 +163,7 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | None, config_u
     if sidecar:
         save_file(sidecar, str(dest / SIDECAR))
         sizes[SIDECAR] = (dest / SIDECAR).stat().st_size
-    record = {**versions(), **record}
-    (dest / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_json(dest / RECORD, {**versions(), **record})
     for f in dest.rglob("*"):
         if f.is_file():
             f.chmod(0o644)

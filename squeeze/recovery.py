@@ -58,10 +58,7 @@ compress sweep), so this is meant for models that fit in RAM a few times over.
 from __future__ import annotations
 
 import gc
-import itertools
-import json
 import math
-import re
 import shutil
 import time
 import warnings
@@ -73,6 +70,7 @@ from torch import nn
 
 from squeeze.checkpoint import Checkpoint
 from squeeze.errors import SqueezeError
+from squeeze.report import write_json
 from squeeze.versions import without_versions
 
 @dataclass
@@ -117,14 +115,6 @@ def parse_encoder_loss(spec: str) -> dict[str, float]:
     return out
 
 
-_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]*[A-Z0-9])")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Split running text at sentence ends (``.``, ``!`` or ``?``, then whitespace, then a capital
-    letter or digit). A heuristic for prose; abbreviations such as "Dr. Smith" split too."""
-    flat = " ".join(text.split())
-    return [p.strip() for p in _SENTENCE_END.split(flat) if p.strip()]
 
 
 def drop_tokens(row: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -173,46 +163,6 @@ def parse_augment(spec: str | None) -> dict[str, float]:
                                "'pairs' (with --rows sentences), 'drop:P' (token dropout) and 'replace:P' "
                                "(random-token replacement), 0 < P < 1")
     return out
-
-
-def sentence_calibration(ckpt: Checkpoint, config, calib: str, nsamples: int | None, seqlen: int, seed: int,
-                         pairs: bool = False, trust_remote_code: bool = False):
-    """Training rows of one sentence each (``--rows sentences``): every text row of ``calib`` split
-    with :func:`split_sentences`, tokenized on its own (with the tokenizer's special tokens) and cut
-    to ``seqlen`` tokens; with ``pairs`` also every two consecutive sentences of a row as one more
-    row. ``nsamples`` keeps a seeded random subset of that many. Rows have their own lengths:
-    batches are padded and masked."""
-    from squeeze.calib.packing import Calibration
-    from squeeze.calib.sources import load_rows
-    from squeeze.compressor import load_tokenizer
-
-    rows = load_rows(calib)
-    if rows.texts is None:
-        raise SqueezeError(f"--rows sentences needs text data, {rows.source} holds token ids; "
-                           "use --rows packed or give text")
-    tok = load_tokenizer(ckpt.path, trust_remote_code)
-    if tok is None:
-        raise SqueezeError(f"--rows sentences needs the model's tokenizer, {ckpt.path} has none; use --rows packed")
-    texts = []
-    for t in rows.texts:
-        sents = split_sentences(t)
-        texts += sents
-        if pairs:
-            texts += [a + " " + b for a, b in itertools.pairwise(sents)]
-    ids = [r[:seqlen] for r in (tok(t, add_special_tokens=True)["input_ids"] for t in texts) if len(r) >= 2]
-    if not ids:
-        raise SqueezeError(f"calibration data {rows.source} has no sentence of at least 2 tokens")
-    if nsamples is not None:
-        if nsamples > len(ids):
-            raise SqueezeError(f"calibration data {rows.source} has {len(ids)} sentence rows, asked for "
-                               f"--nsamples {nsamples}; lower --nsamples or leave it out to use all")
-        pick = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))[:nsamples].sort().values
-        ids = [ids[i] for i in pick.tolist()]
-    vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
-    if vocab is not None and max(max(r) for r in ids) >= vocab:
-        raise SqueezeError(f"the tokenizer of {ckpt.path} gives ids past the model's vocab size {vocab}")
-    return Calibration([torch.tensor(r, dtype=torch.long) for r in ids], rows.source,
-                       "sentences+pairs" if pairs else "sentences", seqlen, seed)
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -268,7 +218,8 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
     ``augment``, ``lr_schedule`` and ``warmup``: see the module docstring.
     """
     t_start = time.perf_counter()
-    from squeeze.compressor import calibration_for, peak_rss_mb
+    from squeeze.calib.build import build_calibration, load_tokenizer
+    from squeeze.compressor import peak_rss_mb
     from squeeze.evaluation import model_kind
     from squeeze.export import TensorSource, check_output_dir, commit, staging_dir, write_checkpoint
     from squeeze.loading import read_record
@@ -297,20 +248,14 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
                                f"{key} {b!r} vs {a!r}")
     text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     max_pos = getattr(text_cfg, "max_position_embeddings", None) or 2048
-    if rows == "sentences":
-        seqlen = seqlen or min(512, max_pos)
-        if seqlen > max_pos:
-            raise SqueezeError(f"--seqlen {seqlen} exceeds the model's context of {max_pos} tokens; lower --seqlen")
-        calibration = sentence_calibration(ckpt, config, calib, nsamples, seqlen, seed, "pairs" in aug,
-                                           trust_remote_code)
-    else:
-        nsamples, seqlen = nsamples or 128, seqlen or min(512, max_pos)
-        calibration = calibration_for(ckpt, config, calib, nsamples, seqlen, seed, packing, trust_remote_code)
+    seqlen = seqlen or min(512, max_pos)
+    if rows != "sentences":  # sentence rows: every sentence unless --nsamples is given
+        nsamples = nsamples or 128
+    calibration = build_calibration(ckpt, config, calib, nsamples, seqlen, seed, packing, rows, "pairs" in aug,
+                                    trust_remote_code)
     pad_id = getattr(text_cfg, "pad_token_id", None) or 0
     vocab_ids = None
     if "replace" in aug:  # every id of the embedding table but the tokenizer's special tokens
-        from squeeze.compressor import load_tokenizer
-
         tok = load_tokenizer(ckpt.path, trust_remote_code)
         special = set(getattr(tok, "all_special_ids", None) or []) | {pad_id}
         vocab_ids = torch.tensor([i for i in range(text_cfg.vocab_size) if i not in special], dtype=torch.long)
@@ -404,5 +349,5 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
               "train_seconds": round(trained.seconds, 3), "seconds": round(time.perf_counter() - t_start, 3),
               "peak_rss_mb": round(peak_rss_mb(), 1)}
     if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_json(json_path, report)
     return RecoverResult(out, report, student if keep_model else None)

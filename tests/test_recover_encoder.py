@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from squeeze.errors import SqueezeError
-from squeeze.recovery import drop_tokens, parse_augment, parse_encoder_loss, replace_tokens, split_sentences
+from squeeze.recovery import drop_tokens, parse_augment, parse_encoder_loss, replace_tokens
 
 
 # -- pure pieces ---------------------------------------------------------------------------------
@@ -28,12 +28,6 @@ def test_parse_augment():
     for bad in ("drop", "drop:1", "drop:-0.1", "replace:0", "shuffle", "pairs:2"):
         with pytest.raises(SqueezeError, match="augment"):
             parse_augment(bad)
-
-
-def test_split_sentences():
-    text = 'He said "Go." Then 3 dogs ran!  Why?\n(Yes.) The end. e.g. lower case stays'
-    assert split_sentences(text) == ['He said "Go."', "Then 3 dogs ran!", "Why?", "(Yes.)",
-                                     "The end. e.g. lower case stays"]
 
 
 def test_drop_and_replace_tokens():

@@ -10,7 +10,6 @@ squeeze code. ``squeeze.json`` records which layers were removed and their score
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -149,58 +148,26 @@ def block_key_prefix(model: nn.Module, ckpt) -> str:
     raise SqueezeError(f"{ckpt.path}: cannot find block 0's tensors in the checkpoint")
 
 
-def write_pruned(ckpt, dest: Path, prefix: str, removed: list[int], L: int, record: dict) -> None:
-    """Write the checkpoint without ``removed`` blocks into ``dest`` (a staging folder)."""
-    from safetensors.torch import save_file
-
-    from squeeze.checkpoint import INDEX_NAME
-
-    keep = [i for i in range(L) if i not in set(removed)]
+def renumbered_keys(keys, prefix: str, keep: list[int]) -> dict[str, str | None]:
+    """{checkpoint key: its name once only the blocks ``keep`` remain, or None for a removed block's
+    tensor} for every key under ``prefix`` (e.g. ``model.layers.``); other keys keep their names."""
     renum = {old: new for new, old in enumerate(keep)}
     pat = re.compile(re.escape(prefix) + r"(\d+)\.(.*)")
-    weight_map, total = {}, 0
-    for shard in ckpt.shards:
-        tensors = {}
-        for k in [k for k, s in ckpt.key_to_shard.items() if s == shard]:
-            m = pat.fullmatch(k)
-            if m:
-                i = int(m.group(1))
-                if i not in renum:
-                    continue
-                new_key = f"{prefix}{renum[i]}.{m.group(2)}"
-            else:
-                new_key = k
-            t = ckpt.get(k).contiguous()
-            tensors[new_key] = t
-            weight_map[new_key] = shard
-            total += t.numel() * t.element_size()
-        save_file(tensors, str(dest / shard), metadata={"format": "pt"})
-        del tensors
-    if ckpt.index_file:
-        index = json.loads((ckpt.path / INDEX_NAME).read_text())
-        index["weight_map"] = weight_map
-        index.setdefault("metadata", {})["total_size"] = total
-        (dest / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    config = dict(ckpt.config_dict)
-    config.update(config_updates(ckpt.config_dict, keep, L))
-    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    import shutil
-
-    for f in ckpt.extra_files():
-        rel = f.relative_to(ckpt.path)
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(f, dest / rel)
-    from squeeze.versions import versions
-
-    full = {**versions(), **record}
-    (dest / "squeeze.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
+    out = {}
+    for k in keys:
+        m = pat.fullmatch(k)
+        if m:
+            i = int(m.group(1))
+            out[k] = f"{prefix}{renum[i]}.{m.group(2)}" if i in renum else None
+    return out
 
 
 def drop_layers(model_dir, out, remove: int, by: str = "importance", calib: str = "builtin", nsamples: int = 32,
                 seqlen: int = 256, seed: int = 0, score: str = "kl", overwrite: bool = False) -> dict:
     """Score, choose and remove ``remove`` layers of the checkpoint at ``model_dir``; export to ``out``."""
+    from squeeze.calib.build import build_calibration
     from squeeze.checkpoint import Checkpoint
-    from squeeze.export import check_output_dir, commit, staging_dir
+    from squeeze.export import check_output_dir, commit, staging_dir, write_checkpoint
     from squeeze.loading import load
 
     ckpt = Checkpoint(model_dir)
@@ -213,8 +180,8 @@ def drop_layers(model_dir, out, remove: int, by: str = "importance", calib: str 
         raise SqueezeError(f"--remove must be in [1, {L - 1}] for a {L}-layer model; got {remove}")
     scores, calib_info = None, None
     if by == "importance":
-        samples, calib_info = calibration_samples(ckpt, calib, nsamples, seqlen, seed, model.config)
-        scores = score_layers(model, samples, score)
+        cal = build_calibration(ckpt, model.config, calib, nsamples, seqlen, seed)
+        scores, calib_info = score_layers(model, cal.samples, score), cal.describe()
     removed = choose_layers(L, remove, by, scores)
     prefix = block_key_prefix(model, ckpt)
     prior = [e for e in (getattr(model, "squeeze_record", {}) or {}).get("passes", [])]
@@ -225,21 +192,10 @@ def drop_layers(model_dir, out, remove: int, by: str = "importance", calib: str 
     record = {"source": str(ckpt.path), "passes": prior + [entry]}
     if calib_info:
         record["calibration"] = calib_info
+    keep = [i for i in range(L) if i not in set(removed)]
     with staging_dir(Path(out)) as tmp:
-        write_pruned(ckpt, tmp, prefix, removed, L, record)
+        write_checkpoint(ckpt, tmp, None, config_updates(ckpt.config_dict, keep, L), record,
+                         keys=renumbered_keys(ckpt.key_to_shard, prefix, keep))
         commit(tmp, Path(out))
     return {"removed": removed, "scores": scores, "by": by, "out": str(out), "num_layers": L - len(removed)}
 
-
-def calibration_samples(ckpt, calib, nsamples, seqlen, seed, config):
-    from squeeze.calib.packing import pack
-    from squeeze.calib.sources import load_rows
-
-    tok = None
-    rows = load_rows(calib)
-    if rows.ids is None:
-        from squeeze.compressor import load_tokenizer
-
-        tok = load_tokenizer(ckpt.path)
-    c = pack(rows, tok, nsamples, seqlen, seed=seed, vocab_size=getattr(config, "vocab_size", None))
-    return c.samples, c.describe()

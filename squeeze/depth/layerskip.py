@@ -183,11 +183,12 @@ def finetune(model_dir, out, calib: str = "builtin", distill_from=None, resume: 
     if model_kind(model) != "causal":
         raise SqueezeError(f"{ckpt.path}: the LayerSkip recipe needs a causal LM")
     from squeeze.adapters import Adapter
-    from squeeze.depth.layerdrop import calibration_samples
+    from squeeze.calib.build import build_calibration
 
     blocks = Adapter(model).blocks
     L = len(blocks)
-    samples, calib_info = calibration_samples(ckpt, calib, cfg.nsamples, cfg.seqlen, cfg.seed, model.config)
+    cal = build_calibration(ckpt, model.config, calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+    samples, calib_info = cal.samples, cal.describe()
     data = torch.stack(samples)
     teacher = None
     if distill_from is not None:

@@ -12,8 +12,6 @@ export (the same tensors plus ``squeeze.json``) is written there.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
@@ -56,10 +54,11 @@ def sweep(model, prompts: list[torch.Tensor], max_new_tokens: int, exit_layers, 
 def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=(1, 2, 3, 4, 6, 8), nprompts: int = 4,
               prompt_len: int = 32, max_new_tokens: int = 32, seed: int = 0, repeats: int = 1,
               overwrite: bool = False) -> dict:
+    from squeeze.calib.build import build_calibration
     from squeeze.checkpoint import Checkpoint
-    from squeeze.depth.layerdrop import calibration_samples
     from squeeze.export import RECORD, check_output_dir, commit, staging_dir, write_checkpoint
     from squeeze.loading import load, read_record
+    from squeeze.report import write_json
     from squeeze.runtime.speculative import RECORD_KEY
     from squeeze.runtime.stack import Stack
     from squeeze.versions import without_versions
@@ -79,7 +78,8 @@ def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=
     bad = [e for e in exit_layers if not 1 <= e < L]
     if bad:
         raise SqueezeError(f"exit layers must be in [1, {L - 1}]; got {bad}")
-    samples, calib_info = calibration_samples(ckpt, calib, nprompts, prompt_len, seed, model.config)
+    cal = build_calibration(ckpt, model.config, calib, nprompts, prompt_len, seed)
+    samples, calib_info = cal.samples, cal.describe()
     rows = sweep(model, samples, max_new_tokens, exit_layers, list(ks), repeats)
     best = max(rows, key=lambda r: (r["speedup"], r["tokens_per_forward"]))
     chosen = {"exit_layer": best["exit_layer"], "num_speculations": best["num_speculations"],
@@ -87,10 +87,7 @@ def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=
               "calibration": calib_info, "max_new_tokens": max_new_tokens, "sweep": rows}
     if out is None:
         record[RECORD_KEY] = chosen
-        f = ckpt.path / RECORD
-        tmp = f.with_name(f".{RECORD}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-        os.replace(tmp, f)
+        write_json(ckpt.path / RECORD, record)
         where = str(ckpt.path)
     else:
         new_record = {**without_versions(record),

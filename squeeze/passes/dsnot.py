@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 
 from squeeze.calib.stats import ChannelStats
 from squeeze.errors import SqueezeError

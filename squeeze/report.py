@@ -1,0 +1,32 @@
+"""JSON out: one format for every report and record squeeze writes (``--json`` files, ``squeeze.json``,
+``config.json``) and for JSON printed on stdout.
+
+Two-space indent, a trailing newline, and anything JSON does not know (paths, dtypes) as its
+``str``; files are replaced atomically so a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def to_json(obj) -> str:
+    return json.dumps(obj, indent=2, default=str) + "\n"
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write ``obj`` to ``path`` through a temp file in the same folder, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(to_json(obj))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def print_json(obj) -> None:
+    print(to_json(obj), end="")
