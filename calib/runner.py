@@ -214,32 +214,17 @@ class BlockRunner:
         return next(n for n, m in self.model.named_modules() if m is head)
 
     def _stats_forward(self, ctx: BlockContext, stage: list[BlockPass]) -> None:
-        block = ctx.block
         wanted: dict[str, list] = {}
         for p in stage:
-            for lin in p.observed(block):
+            for lin in p.observed(ctx.block):
                 wanted.setdefault(lin.name, []).append(p)
-        handles = []
-        memo: dict = {}
-        for name, ps in wanted.items():
-            lin = block.linears[name]
 
-            def hook(module, inputs, output, lin=lin, ps=ps):
-                # linears sharing an input get the very same x object (statistics memoise on it)
-                if memo.get("src") is not inputs[0]:
-                    memo["src"], memo["x"] = inputs[0], lin.inputs_2d(inputs[0]).float()
-                x = memo["x"]
-                y = output.reshape(-1, output.shape[-1]).float()
-                for p in ps:
-                    p.observe(ctx, lin, x, y)
+        def observe(lin, x, out):
+            y = out.reshape(-1, out.shape[-1]).float()
+            for p in wanted[lin.name]:
+                p.observe(ctx, lin, x, y)
 
-            handles.append(lin.module.register_forward_hook(hook))
-        try:
-            for k in range(len(ctx.batches)):
-                ctx.replay(batch=k)
-        finally:
-            for h in handles:
-                h.remove()
+        ctx.watch([ctx.block.linears[n] for n in wanted], observe)
 
     def _promise(self, ctx: BlockContext, p: BlockPass) -> None:
         if p.promise():

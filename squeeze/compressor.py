@@ -178,7 +178,17 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         report.setdefault("pass_reports", {}).update(m.report or {})
     if json_path:
         write_json(json_path, report)
-    return CompressResult(out, report, skeleton if keep_in_memory else None)
+    return CompressResult(out, report, _as_loaded(skeleton) if keep_in_memory else None)
+
+
+def _as_loaded(model: torch.nn.Module) -> torch.nn.Module:
+    """The kept model in the state ``squeeze.load`` gives: trainable float parameters. The flag is
+    not cosmetic: torch.matmul picks its GEMM path for a strided 3-D input by whether the weight
+    requires grad, and the two paths round differently (MustDrop's CLS query differed by 1 ulp)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.requires_grad_(True)
+    return model
 
 
 def _summary(linears: dict) -> dict:

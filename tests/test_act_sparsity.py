@@ -104,34 +104,26 @@ GREEDY_ARCHS = ("llama", "gpt2")
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_grid_export_load(arch, tiny_dir, tiny_calib, tmp_path):
-    """TEAL (uniform) and WINA (greedy on a few archs, else uniform) on every architecture."""
+def test_calibration_hits_target_on_every_arch(arch, tiny_dir, tiny_calib, tmp_path):
+    """TEAL (uniform) and WINA (greedy on a few archs, else uniform) reach the asked sparsity on every
+    architecture, and TEAL's thresholds hold it on held-out tokens. (That the exports reload to the
+    same outputs, full and one-token calls, is the conformance grid's job.)"""
     src = tiny_dir(arch)
     ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(1))
-    dense = squeeze.load(src)
     with torch.no_grad():
-        d = _logits(dense, ids)
+        d = _logits(squeeze.load(src), ids)
     for method in ("teal", "wina"):
         allocation = "greedy" if method == "wina" and arch in GREEDY_ARCHS else "uniform"
-        out = tmp_path / method
-        res = squeeze.compress(src, out, method=method, act_sparsity=0.5, allocation=allocation,
+        res = squeeze.compress(src, tmp_path / method, method=method, act_sparsity=0.5, allocation=allocation,
                                calib=str(tiny_calib), nsamples=4, seqlen=32, greedy_step=0.1,
                                greedy_tokens=64)
         rep = res.report["pass_reports"][method]
         assert len(rep) == 2 and all(abs(b["weighted"] - 0.5) < 0.01 for b in rep.values())
-        loaded = squeeze.load(out)
-        assert set(act_sparse.sparsifiers(loaded)) == set(act_sparse.sparsifiers(res.model))
-        assert (out / "squeeze.safetensors").is_file()
         with torch.no_grad():
-            a, b = _logits(res.model, ids), _logits(loaded, ids)
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
-            assert not torch.allclose(a, d)  # the sparsity does something
-            # decode-size calls (the input-sparse path) agree too
-            torch.testing.assert_close(_logits(res.model, ids[:1, :1]), _logits(loaded, ids[:1, :1]),
-                                       rtol=0, atol=0)
+            assert not torch.allclose(_logits(res.model, ids), d)  # the sparsity does something
         if method == "teal":
             held = torch.randint(3, 128, (2, 32), generator=torch.Generator().manual_seed(5))
-            got = _down_input_sparsity(loaded, held)
+            got = _down_input_sparsity(res.model, held)
             assert abs(got - 0.5) < 0.15, got  # held-out tokens, tiny random model
 
 

@@ -27,19 +27,18 @@ def _mlp_by_hand(mlp, x, variant):
 @pytest.mark.parametrize("variant", ["drelu", "relu"])
 @pytest.mark.parametrize("arch", GATED)
 def test_convert_export_load(arch, variant, tiny_dir, tiny_calib, tmp_path):
+    """The reloaded MLP computes the dReLU/ReLU formula (exactness against the in-memory model is the
+    conformance grid's job)."""
     out = tmp_path / "o"
-    res = squeeze.compress(tiny_dir(arch), out, method="drelu", variant=variant, calib=str(tiny_calib),
+    squeeze.compress(tiny_dir(arch), out, method="drelu", variant=variant, calib=str(tiny_calib),
                            nsamples=4, seqlen=32)
     loaded = squeeze.load(out)
     mlp = loaded.model.layers[0].mlp
     x = torch.randn(3, loaded.config.hidden_size)
     with torch.no_grad():
         torch.testing.assert_close(mlp(x), _mlp_by_hand(mlp, x, variant))
-        ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-        torch.testing.assert_close(res.model(input_ids=ids).logits, loaded(input_ids=ids).logits, rtol=0, atol=0)
-        # single-token (decode) calls take the input-sparse path on the zeros; same result
-        torch.testing.assert_close(res.model(input_ids=ids[:1, :1]).logits, loaded(input_ids=ids[:1, :1]).logits,
-                                   rtol=0, atol=0)
+        # one token: the input-sparse path on the zeros computes the same formula
+        torch.testing.assert_close(mlp(x[:1]), _mlp_by_hand(mlp, x[:1], variant))
     assert any(sp.mode == "zero" for sp in act_sparse.sparsifiers(loaded).values())
     assert "WRONG" in [p for p in squeeze.loading.read_record(out)["passes"] if p["pass"] == "drelu"][0]["runtime"]
 

@@ -61,37 +61,14 @@ def exits(steps: int, nrows: int) -> list[dict]:
 
 
 def _sweep(model, prompts, new_tokens, exit_layers, ks, repeats, mode) -> list[dict]:
-    import torch
+    from squeeze.depth.tune import sweep
 
-    from squeeze import generate
-
-    sample = mode == "sampling"
-
-    def run(**kw):
-        best, res = None, None
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            outs = [generate(model, p, new_tokens, return_stats=True, do_sample=sample, seed=i, **kw)
-                    for i, p in enumerate(prompts)]
-            t = time.perf_counter() - t0
-            if best is None or t < best:
-                best, res = t, outs
-        return best, res
-
-    out = []
-    for e in exit_layers:
-        for k in ks:
-            # plain and speculative back to back for every row: the ratio is what counts
-            t_plain, plain = run()
-            t_spec, spec = run(self_speculative=True, exit_layer=e, num_speculations=k)
-            drafted = sum(s["drafted"] for _, s in spec)
-            ntok = sum(s["new_tokens"] for _, s in spec)
-            out.append({"row": f"{mode} E{e} k{k}", "params": {"mode": mode, "exit_layer": e, "k": k}, "metrics": {
-                "acceptance": sum(s["accepted"] for _, s in spec) / max(drafted, 1),
-                "tokens_per_full_forward": ntok / sum(s["full_forwards"] for _, s in spec),
-                "plain_tok_s": ntok / t_plain, "spec_tok_s": ntok / t_spec, "speedup": t_plain / t_spec,
-                "identical": None if sample else all(torch.equal(a, b) for (a, _), (b, _) in zip(plain, spec))}})
-    return out
+    rows = sweep(model, prompts, new_tokens, exit_layers, ks, repeats, sample=mode == "sampling")
+    names = {"acceptance_rate": "acceptance", "tokens_per_forward": "tokens_per_full_forward"}
+    return [{"row": f"{mode} E{r['exit_layer']} k{r['num_speculations']}",
+             "params": {"mode": mode, "exit_layer": r["exit_layer"], "k": r["num_speculations"]},
+             "metrics": {names.get(k, k): v for k, v in r.items() if k not in ("exit_layer", "num_speculations")}}
+            for r in rows]
 
 
 def speed(model: str, modes: list, exit_layers: list, ks: list, nprompts: int, new_tokens: int,

@@ -20,18 +20,20 @@ import torch
 from squeeze.errors import SqueezeError
 
 
-def sweep(model, prompts: list[torch.Tensor], max_new_tokens: int, exit_layers, ks, repeats: int = 1) -> list[dict]:
+def sweep(model, prompts: list[torch.Tensor], max_new_tokens: int, exit_layers, ks, repeats: int = 1,
+          sample: bool = False) -> list[dict]:
+    """Plain and self-speculative decoding of ``prompts``, back to back for every (E, k): the ratio
+    is what counts. Each side keeps its fastest of ``repeats`` rounds. ``sample=True`` samples
+    (prompt i with seed i) instead of greedy decoding; then ``identical`` is None."""
     from squeeze.runtime.speculative import generate
 
     def timed(**kw):
         best, outs = None, []
         for _ in range(repeats):
-            t, outs_r = 0.0, []
-            for p in prompts:
-                t0 = time.perf_counter()
-                o, st = generate(model, p, max_new_tokens, return_stats=True, **kw)
-                t += time.perf_counter() - t0
-                outs_r.append((o, st))
+            t0 = time.perf_counter()
+            outs_r = [generate(model, p, max_new_tokens, return_stats=True, do_sample=sample, seed=i, **kw)
+                      for i, p in enumerate(prompts)]
+            t = time.perf_counter() - t0
             if best is None or t < best:
                 best, outs = t, outs_r
         return best, outs
@@ -42,11 +44,13 @@ def sweep(model, prompts: list[torch.Tensor], max_new_tokens: int, exit_layers, 
             t_plain, plain = timed()
             t_spec, spec = timed(self_speculative=True, exit_layer=E, num_speculations=k)
             drafted = sum(s["drafted"] for _, s in spec)
+            new_tokens = sum(s["new_tokens"] for _, s in spec)
             rows.append({
                 "exit_layer": E, "num_speculations": k, "speedup": t_plain / max(t_spec, 1e-9),
                 "acceptance_rate": sum(s["accepted"] for _, s in spec) / max(drafted, 1),
-                "tokens_per_forward": sum(s["new_tokens"] for _, s in spec) / sum(s["full_forwards"] for _, s in spec),
-                "identical": all(torch.equal(a, b) for (a, _), (b, _) in zip(plain, spec)),
+                "tokens_per_forward": new_tokens / sum(s["full_forwards"] for _, s in spec),
+                "plain_tok_s": new_tokens / max(t_plain, 1e-9), "spec_tok_s": new_tokens / max(t_spec, 1e-9),
+                "identical": None if sample else all(torch.equal(a, b) for (a, _), (b, _) in zip(plain, spec)),
             })
     return rows
 

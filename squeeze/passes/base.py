@@ -31,6 +31,7 @@ The runner never branches on a method's name: methods register with :func:`regis
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -133,15 +134,27 @@ class BlockContext:
         from squeeze.calib.stats import ChannelStats
 
         stats = {lin.name: ChannelStats(lin.in_features) for lin in linears}
-        handles = [lin.module.register_forward_hook(
-            lambda mod, inp, out, lin=lin: stats[lin.name].update(lin.inputs_2d(inp[0]).float())) for lin in linears]
+        self.watch(linears, lambda lin, x, out: stats[lin.name].update(x))
+        return stats
+
+    def watch(self, linears: list[Linear], fn) -> None:
+        """Replay every calibration batch through the block as it is now, calling
+        ``fn(lin, x, out)`` for each of ``linears`` with its input as (N, in) fp32 and its raw output.
+        Linears that share an input get the very same ``x`` object, so statistics can memoise on it."""
+        memo: dict = {}
+
+        def hook(module, inputs, out, lin):
+            if memo.get("src") is not inputs[0]:
+                memo["src"], memo["x"] = inputs[0], lin.inputs_2d(inputs[0]).float()
+            fn(lin, memo["x"], out)
+
+        handles = [lin.module.register_forward_hook(functools.partial(hook, lin=lin)) for lin in linears]
         try:
             for i in range(len(self.batches)):
                 self.replay(batch=i)
         finally:
             for h in handles:
                 h.remove()
-        return stats
 
 
 @dataclass

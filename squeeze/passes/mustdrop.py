@@ -7,6 +7,7 @@ import dataclasses
 
 from squeeze.passes.base import Method, register
 from squeeze.passes.pyramiddrop import TokenDropStage, _num_list
+from squeeze.runtime.mustdrop import MustDropPolicy
 
 
 @register
@@ -14,24 +15,18 @@ class MustDrop(TokenDropStage):
     name = "mustdrop"
     examples = ({"layers": [1, 2], "global_threshold": 0.5, "individual_threshold": 0.2, "window": 2},)
 
-    @dataclasses.dataclass
-    class Settings(Method.Settings):
-        layers: list | None = None  # prefill drop layers; default 2, 6, 10, 14 of 32, scaled
-        global_threshold: float = 0.001
-        individual_threshold: float = 0.001
-        merge_threshold: float = 0.8
-        window: int = 3
-        key_fraction: float = 0.08
-        trim_cache: bool = True
-        vision_layer: int | None = None
+    # the policy's own fields and defaults (one source of truth); its `boundaries` is called `layers`
+    # here: prefill drop layers, default 2, 6, 10, 14 of 32, scaled to the model's depth
+    Settings = dataclasses.make_dataclass(
+        "Settings", [("layers", "list | None", None)]
+        + [(f.name, f.type, f.default) for f in dataclasses.fields(MustDropPolicy) if f.name != "boundaries"],
+        bases=(Method.Settings,))
 
     def validate(self) -> None:
         self.settings.layers = _num_list(self.settings.layers, "--layers", int)
         self.policy()
 
-    def policy(self):
-        from squeeze.runtime.mustdrop import MustDropPolicy
-
+    def policy(self) -> MustDropPolicy:
         s = self.settings
-        return MustDropPolicy(s.layers, s.global_threshold, s.individual_threshold, s.merge_threshold, s.window,
-                              s.key_fraction, s.trim_cache, s.vision_layer)
+        names = [f.name for f in dataclasses.fields(MustDropPolicy) if f.name != "boundaries"]
+        return MustDropPolicy(s.layers, **{n: getattr(s, n) for n in names})

@@ -131,9 +131,12 @@ class PruningPass(BlockPass):
         return lins
 
     def observe(self, ctx: BlockContext, linear: Linear, x: torch.Tensor, y: torch.Tensor) -> None:
+        scratch = ctx.scratch(self)  # keys: linear names (subclasses), "dass", "own"
         if self.settings.mlp_scoring == "dass" and linear.role == "down":
-            ctx.scratch(self).setdefault("dass", ChannelStats(x.shape[-1])).update(x)
-        if linear in self.own_observed(ctx.block):
+            scratch.setdefault("dass", ChannelStats(x.shape[-1])).update(x)
+        if "own" not in scratch:  # targets are fixed for the block: resolve them once, not per batch
+            scratch["own"] = {lin.name for lin in self.own_observed(ctx.block)}
+        if linear.name in scratch["own"]:
             self.observe_linear(ctx, linear, x)
 
     def observe_linear(self, ctx: BlockContext, linear: Linear, x: torch.Tensor) -> None:

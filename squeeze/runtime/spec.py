@@ -61,9 +61,10 @@ def install_pyramiddrop(model: nn.Module, entry: dict, record: dict) -> None:
 
 
 def install_mustdrop(model: nn.Module, entry: dict, record: dict) -> None:
+    import dataclasses
+
     from squeeze.runtime.mustdrop import MustDropPolicy
     from squeeze.runtime.token_drop import install as install_token_drop
 
-    names = ("global_threshold", "individual_threshold", "merge_threshold", "window", "key_fraction", "trim_cache",
-             "vision_layer")
+    names = [f.name for f in dataclasses.fields(MustDropPolicy) if f.name != "boundaries"]  # "layers" in the record
     install_token_drop(model, MustDropPolicy(entry.get("layers"), **_settings(entry, names)))
