@@ -94,7 +94,8 @@ def print_compress_report(r: dict, details: bool = False) -> None:
         if cal else "calibration: none",
         f"targeted linears: {s.get('targeted_linears')}, overall sparsity {s.get('sparsity', 0):.3f}"
         + (f", pattern valid on all: {s['pattern_ok']}" if "pattern_ok" in s else ""),
-        f"size: source {r['size_bytes']['source'] / 1e6:.2f} MB, export {r['size_bytes']['export'] / 1e6:.2f} MB",
+        _size_line(r),
+        _loads_line(r),
         f"time: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
     ]
     v = r.get("verify")
@@ -108,6 +109,26 @@ def print_compress_report(r: dict, details: bool = False) -> None:
             lines.append(f"KL(dense||compressed) on {v['rows']} held-out rows: {v['kl']:.4f} nats/token")
     for ln in lines:
         console.print(ln)
+
+
+def _size_line(r: dict) -> str:
+    b = r["size_bytes"]
+    line = f"size: source {b['source'] / 1e6:.2f} MB -> export {b['export'] / 1e6:.2f} MB ({b['ratio']:.2f}x)"
+    fmt = r.get("format")
+    if fmt and fmt["stored_dense"]:
+        line += (f"; {len(fmt['stored_dense'])} promised-2:4 linears stored dense (their input dimension is not a "
+                 f"multiple of 4), e.g. {fmt['stored_dense'][0]}")
+    elif not fmt and any(rec.get("pattern") == "2:4" and rec.get("pattern_axis") != "out"
+                         for rec in r.get("linears", {}).values()):
+        line += "; the zeros are stored: --format compressed keeps 2:4 linears at ~0.56x of 16-bit weights"
+    return line
+
+
+def _loads_line(r: dict) -> str:
+    if r.get("loads_with") == "squeeze":
+        return ("loads with: squeeze.load, or transformers' auto classes after `import squeeze` (config.json is "
+                "marked: transformers alone refuses it)")
+    return "loads with: any transformers (plain from_pretrained), and squeeze.load"
 
 
 def print_info(r: dict) -> None:

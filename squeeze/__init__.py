@@ -26,4 +26,41 @@ def __getattr__(name):
     raise AttributeError(f"module 'squeeze' has no attribute {name!r}")
 
 
+def _register_when_transformers_loads() -> None:
+    """Run :func:`squeeze.autoload.register` once transformers is imported (now, if it already is),
+    so that exports marked for squeeze load through transformers' auto classes, without making
+    ``import squeeze`` pay for importing transformers."""
+    import sys
+
+    if "transformers" in sys.modules:
+        from squeeze.autoload import register
+
+        register()
+        return
+    import importlib.abc
+    import importlib.util
+
+    class _AfterTransformers(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name != "transformers":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            if spec is not None and spec.loader is not None:
+                run = spec.loader.exec_module
+
+                def exec_module(module):
+                    run(module)
+                    from squeeze.autoload import register
+
+                    register()
+
+                spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _AfterTransformers())
+
+
+_register_when_transformers_loads()
+
 __all__ = ["SqueezeError", "__version__", "compress", "evaluate", "generate", "info", "load", "recover"]

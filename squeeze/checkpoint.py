@@ -57,9 +57,13 @@ class Checkpoint:
         if not cfg_path.is_file():
             raise SqueezeError(f"{self.path} has no config.json: not a Hugging Face checkpoint folder")
         try:
-            self.config_dict = json.loads(cfg_path.read_text())
+            raw = json.loads(cfg_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise SqueezeError(f"{cfg_path}: unreadable config.json ({e})") from None
+        from squeeze.autoload import unmark
+
+        self.config_dict = unmark(raw)  # the model's own config, also for exports marked for squeeze
+        self.marked = self.config_dict is not raw
         self.shards, self.key_to_shard, self.index_file = self._find_shards()
         self.headers = {s: _read_header(self.path / s) for s in self.shards}
         for key, shard in self.key_to_shard.items():

@@ -187,6 +187,17 @@ def auto_class_for(config) -> type | None:
     return None
 
 
+def config_from_dict(config: dict, name_or_path: str):
+    """The transformers config object of a ``config.json`` dict (public: ``AutoConfig.for_model``
+    names the class for ``model_type``; ``from_dict`` builds it as ``from_pretrained`` would)."""
+    from transformers import AutoConfig
+
+    cls = type(AutoConfig.for_model(config["model_type"]))
+    out = cls.from_dict(config)
+    out._name_or_path = name_or_path
+    return out
+
+
 def instantiate(cls, config, attn: str) -> nn.Module:
     """``cls(config)`` running attention implementation ``attn`` (public: the constructor and
     ``set_attn_implementation``, since 5.0)."""

@@ -13,6 +13,7 @@ from squeeze.adapters import Adapter
 from squeeze.calib.build import build_calibration, context_of
 from squeeze.checkpoint import Checkpoint
 from squeeze.errors import SqueezeError
+from squeeze.autoload import needs_squeeze
 from squeeze.export import Spill, check_output_dir, commit, staging_dir, write_checkpoint
 from squeeze.formats import COMPRESSED_KIND, LAYOUT, check_format
 from squeeze.modeling import WeightMap, build_skeleton, load_config
@@ -97,6 +98,9 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     methods = build_passes(entries, defaults={"targets": targets, "ignore": ignore, "strict": strict or None})
     passes = [m for m in methods if isinstance(m, BlockPass)]
     stages = [st for m in methods for st in m.stages()]
+    if format == "compressed" and not any(p.promise().get("pattern") == "2:4" for p in passes):
+        raise SqueezeError("--format compressed stores 2:4-sparse linears, and this recipe promises no 2:4 pattern: "
+                           "add --pattern 2:4, or use --format dense")
 
     config = load_config(ckpt, trust_remote_code)
     nsamples = nsamples or 128
@@ -171,7 +175,15 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         shutil.rmtree(tmp / ".spill", ignore_errors=True)
         commit(tmp, out)
     report["files"] = sizes
-    report["size_bytes"] = {"source": ckpt.weight_bytes(), "export": sum(sizes.values())}
+    source_bytes, export_bytes = ckpt.weight_bytes(), sum(sizes.values())
+    report["size_bytes"] = {"source": source_bytes, "export": export_bytes,
+                            "ratio": round(export_bytes / max(source_bytes, 1), 4)}
+    report["loads_with"] = "squeeze" if needs_squeeze(record) else "transformers"
+    if format == "compressed":
+        promised = [n for n, rec in result.linears.items() if rec.get("pattern") == "2:4"]
+        stored = [k.removesuffix(".weight") for k in spill.packed]  # checkpoint keys: maybe another prefix
+        report["format"] = {"kind": COMPRESSED_KIND, "packed_linears": len(spill.packed), "stored_dense": sorted(
+            n for n in promised if not any(n.endswith(k) or k.endswith(n) for k in stored))}
     report["seconds"] = round(time.perf_counter() - t_start, 3)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
     for m in [*methods, *stages]:

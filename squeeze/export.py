@@ -154,7 +154,9 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | None, config_u
         index.setdefault("metadata", {})["total_size"] = total
         index["weight_map"] = dict(sorted(weight_map.items()))
         write_json(dest / INDEX_NAME, index)
-    write_json(dest / "config.json", {**ckpt.config_dict, **config_updates})
+    from squeeze.autoload import mark
+
+    write_json(dest / "config.json", mark({**ckpt.config_dict, **config_updates}, record))
     for f in ckpt.extra_files():
         rel = f.relative_to(ckpt.path)
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)

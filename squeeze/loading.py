@@ -67,7 +67,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
 
 def _from_pretrained(ckpt, config, dtype, attn_implementation, trust_remote_code):
     cls = model_class(config, trust_remote_code)
-    kwargs = {"dtype": dtype or "auto", "use_safetensors": True}
+    kwargs = {"dtype": dtype or "auto", "use_safetensors": True, "config": config}  # config.json may be marked
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     with warnings.catch_warnings():

@@ -43,6 +43,10 @@ def load_config(ckpt: Checkpoint, trust_remote_code: bool = False):
 
     model_type = ckpt.config_dict.get("model_type")
     try:
+        if getattr(ckpt, "marked", False):  # config.json says "squeeze"; the model's own config is inside
+            from squeeze.compat import config_from_dict
+
+            return config_from_dict(ckpt.config_dict, str(ckpt.path))
         return AutoConfig.from_pretrained(str(ckpt.path), trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as e:
         raise SqueezeError(

@@ -2,9 +2,12 @@
 architecture it applies to, one test id per case, all through one common tester:
 
     compress -> the promise holds (``squeeze.info`` re-measures the exported weights against what
-    ``squeeze.json`` promised) -> reload with ``squeeze.load`` (and plain ``from_pretrained`` when
-    the export is weights-only) -> the same outputs as the in-memory compressed model; where the
-    promise is 2:4, the ``format="compressed"`` export reloads to the same outputs too.
+    ``squeeze.json`` promised) -> reload with ``squeeze.load``, and with transformers: plain
+    ``from_pretrained`` when the export is weights-only, else the export is marked
+    ``model_type: squeeze`` and transformers' auto class (squeeze imported) loads it -> the same
+    outputs as the in-memory compressed model; where the promise is 2:4, the ``format="compressed"``
+    export reloads to the same outputs too. (That transformers *without* squeeze refuses marked
+    exports is tests/test_autoload.py's job.)
 
 A new method is tested by registering it and declaring its examples.
 """
@@ -12,9 +15,11 @@ A new method is tested by registering it and declaring its examples.
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
+import transformers
 
 import squeeze
 from squeeze.adapters import Adapter
@@ -55,6 +60,9 @@ def example_id(name: str, example) -> str:
 
 def _case(name: str, example, arch: str):
     return pytest.param(name, example, arch, id=f"{name}-{example_id(name, example)}-{arch}")
+
+
+AUTO_CLASS = {"bert": "AutoModel", "llava": "AutoModelForImageTextToText"}
 
 
 METHODS = sorted(REGISTRY)
@@ -144,9 +152,15 @@ def test_conformance(name, example, arch, source, tiny_calib, tmp_path, monkeypa
     if arch != "llava":  # one token, as in decoding: the run-times' input-sparse paths agree too
         one = {"input_ids": inputs["input_ids"][:1, :1]}
         torch.testing.assert_close(_outputs(loaded, one), _outputs(res.model, one), **EXACT)
-    if _weights_only(record):
+    config = json.loads((res.out / "config.json").read_text())
+    if _weights_only(record):  # any transformers loads it
+        assert config["model_type"] == json.loads((src / "config.json").read_text())["model_type"]
         plain = model_class(res.model.config).from_pretrained(res.out)
         torch.testing.assert_close(_outputs(plain, inputs), want, **EXACT)
+    else:  # marked for squeeze; with squeeze imported, transformers' auto class is squeeze.load
+        assert config["model_type"] == "squeeze"
+        auto = getattr(transformers, AUTO_CLASS.get(arch, "AutoModelForCausalLM")).from_pretrained(res.out)
+        torch.testing.assert_close(_outputs(auto, inputs), want, **EXACT)
     assert want.shape != dense.shape or not torch.equal(want, dense), "the method changed nothing"
 
     if any(p.get("pattern") == "2:4" and p.get("pattern_axis") != "out" for p in record["linears"].values()):
@@ -154,3 +168,6 @@ def test_conformance(name, example, arch, source, tiny_calib, tmp_path, monkeypa
         info = _check_promise(comp, recipe, dense_adapter)
         assert info["format"] == "compressed-2:4"
         torch.testing.assert_close(_outputs(squeeze.load(comp), inputs), want, **EXACT)
+        assert json.loads((comp / "config.json").read_text())["model_type"] == "squeeze"
+        auto = getattr(transformers, AUTO_CLASS.get(arch, "AutoModelForCausalLM")).from_pretrained(comp)
+        torch.testing.assert_close(_outputs(auto, inputs), want, **EXACT)

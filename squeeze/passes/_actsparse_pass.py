@@ -214,8 +214,9 @@ class ActSparsityPass(BlockPass):
         d["weighted"] = self.weighted
         if self.settings.transform:
             d["runtime"] = ("squeeze.runtime.act_sparse (squeeze.load applies it). The q/k/v and gate/up weights "
-                            "are stored ROTATED (WINA transform): plain from_pretrained of this export is WRONG; "
-                            "use squeeze.load, which rotates their inputs to match")
+                            "are stored rotated (WINA transform), which squeeze.load undoes on their inputs; "
+                            "config.json is marked so transformers without squeeze refuses the export")
         else:
-            d["runtime"] = "squeeze.runtime.act_sparse (squeeze.load applies it; plain from_pretrained is dense)"
+            d["runtime"] = ("squeeze.runtime.act_sparse (squeeze.load applies the thresholds; config.json is marked "
+                            "so transformers without squeeze refuses the export instead of running it dense)")
         return d

@@ -159,8 +159,8 @@ class DRelu(BlockPass):
         d = super().describe()
         for k in ("resume", "progress"):
             d.pop(k, None)
-        d["runtime"] = ("squeeze.runtime.drelu: squeeze.load re-applies the ReLU-fied MLP; plain from_pretrained "
-                        "runs the original activation on these weights and is WRONG")
+        d["runtime"] = ("squeeze.runtime.drelu: squeeze.load re-applies the ReLU-fied MLP (the config's activation "
+                        "cannot say dReLU); config.json is marked so transformers without squeeze refuses the export")
         return d
 
 

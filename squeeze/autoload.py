@@ -1,0 +1,152 @@
+"""What plain transformers sees of an export whose numbers need squeeze at load time.
+
+Packed weights, WINA's transform, dReLU, activation thresholds and token dropping all load
+*silently wrong* as a plain model: the tensors fit, the outputs are garbage. Such an export is
+marked in ``config.json``: ``model_type`` becomes ``"squeeze"``, the model's own config moves under
+``squeeze_base_config`` (its model type beside it as ``squeeze_base_model_type``: a nested dict
+with the model's type would be picked up by ``LlamaConfig.from_pretrained`` and load the skeleton),
+and ``attn_implementation`` names no implementation.
+
+- Without squeeze, the auto classes stop with "The checkpoint you are trying to load has model
+  type `squeeze` but Transformers does not recognize this architecture", and a model class used
+  directly (``LlamaForCausalLM.from_pretrained``) stops before building anything with
+  "Specified `attn_implementation="needs_squeeze..."` is not supported".
+- After ``import squeeze``, ``AutoConfig`` and every ``AutoModel*`` class know the type and hand
+  the folder to :func:`squeeze.load`, so ``AutoModelForCausalLM.from_pretrained(out)`` (and
+  sentence-transformers on top of ``AutoModel``) gives exactly ``squeeze.load(out)``.
+
+Why not ``quantization_config: {quant_method: "squeeze"}`` and a registered HfQuantizer?
+transformers 5.24 treats an unknown ``quant_method`` as a log warning ("we will skip the
+quantization") and loads the skeleton anyway, which is the silent failure this module exists to
+prevent; an unknown ``model_type`` is an error.
+
+Exports whose weights say everything (dense-format pruning, recover, layer drop, LayerSkip) keep
+their own ``model_type`` and load anywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from squeeze.errors import SqueezeError
+
+MODEL_TYPE = "squeeze"
+BASE_KEY = "squeeze_base_config"
+BASE_TYPE_KEY = "squeeze_base_model_type"
+# no "/" (transformers would fetch it as a hub kernel repo)
+NO_ATTENTION = "needs_squeeze__import_squeeze_then_AutoModel_or_squeeze_load"
+NOTE = ("this export needs squeeze at load time (pip install squeeze; then `import squeeze` before "
+        "transformers' AutoModel*.from_pretrained, or squeeze.load)")
+
+
+def needs_squeeze(record: dict) -> bool:
+    """Whether loading the export this record describes needs squeeze: packed weights, or a
+    method with run-time state (see :mod:`squeeze.runtime.spec`)."""
+    from squeeze.runtime.spec import needs_runtime
+
+    if (record.get("format") or {}).get("linears"):
+        return True
+    return any(needs_runtime(e.get("pass")) for e in record.get("passes") or [])
+
+
+def mark(config: dict, record: dict) -> dict:
+    """The ``config.json`` to write for an export with this record."""
+    config = unmark(config)
+    if not needs_squeeze(record):
+        return config
+    base = {k: v for k, v in config.items() if k != "model_type"}
+    return {"model_type": MODEL_TYPE, "architectures": config.get("architectures"), "squeeze_note": NOTE,
+            "attn_implementation": NO_ATTENTION, BASE_TYPE_KEY: config.get("model_type"), BASE_KEY: base}
+
+
+def unmark(config: dict) -> dict:
+    """The model's own config from a (possibly marked) ``config.json``."""
+    if config.get("model_type") == MODEL_TYPE:
+        base = config.get(BASE_KEY)
+        if not isinstance(base, dict) or not config.get(BASE_TYPE_KEY):
+            raise SqueezeError(f"config.json has model_type {MODEL_TYPE!r} but no {BASE_KEY!r} / {BASE_TYPE_KEY!r}: "
+                               "a broken export; export it again")
+        return {"model_type": config[BASE_TYPE_KEY], **base}
+    return config
+
+
+# -- transformers side ------------------------------------------------------------------------
+_registered = False
+
+
+def register() -> None:
+    """Teach transformers' auto classes the ``squeeze`` model type (idempotent). ``import squeeze``
+    arranges for this to run as soon as transformers is imported (public APIs only:
+    ``AutoConfig.register`` and ``AutoModel*.register``)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    import transformers
+    from transformers import AutoConfig, PretrainedConfig
+
+    class SqueezeConfig(PretrainedConfig):
+        model_type = MODEL_TYPE
+
+    AutoConfig.register(MODEL_TYPE, SqueezeConfig, exist_ok=True)
+    for name in dir(transformers):
+        auto = getattr(transformers, name, None) if name.startswith("AutoModel") else None
+        if auto is None or not hasattr(auto, "_model_mapping") or not hasattr(auto, "register"):
+            continue
+        loader = type(f"Squeeze{name.removeprefix('Auto')}", (_Loader,),
+                      {"config_class": SqueezeConfig, "auto_name": name})
+        try:
+            auto.register(SqueezeConfig, loader, exist_ok=True)
+        except (ValueError, AttributeError, TypeError):  # an auto class with its own rules: leave it
+            continue
+
+
+class _Loader:
+    """Stands in for a model class in one auto mapping: ``from_pretrained`` is squeeze.load."""
+
+    auto_name = "AutoModel"
+
+    @classmethod
+    def from_pretrained(cls, path, *args, config=None, **kwargs):
+        return load_for_auto(path, cls.auto_name, **kwargs)
+
+
+def load_for_auto(path, auto_name: str, **kwargs):
+    """``squeeze.load`` for ``<auto_name>.from_pretrained(path, **kwargs)``: the same model, or its
+    base model for ``AutoModel`` (as transformers gives), or a clear refusal for another head."""
+    import transformers
+
+    from squeeze.loading import load
+    from squeeze.modeling import load_config
+    from squeeze.checkpoint import Checkpoint
+
+    folder = _local_folder(path, kwargs)
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    device = kwargs.get("device_map")
+    model = load(folder, dtype=None if dtype in (None, "auto") else dtype,
+                 device=device if isinstance(device, str) and device != "auto" else "cpu",
+                 trust_remote_code=bool(kwargs.get("trust_remote_code")),
+                 attn_implementation=kwargs.get("attn_implementation"))
+    base_config = load_config(Checkpoint(folder), bool(kwargs.get("trust_remote_code")))
+    try:
+        wanted = getattr(transformers, auto_name)._model_mapping[type(base_config)]
+    except KeyError:
+        wanted = ()
+    wanted = tuple(wanted) if isinstance(wanted, (list, tuple)) else (wanted,)
+    if wanted and isinstance(model, wanted):
+        return model
+    base = getattr(model, "base_model", None)
+    if auto_name == "AutoModel" and base is not None and (not wanted or isinstance(base, wanted)):
+        return base
+    raise SqueezeError(f"{folder} is a squeeze export of a {type(model).__name__}; {auto_name} cannot load it: "
+                       "use the auto class for that head, or squeeze.load")
+
+
+def _local_folder(path, kwargs) -> Path:
+    folder = Path(path)
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path), revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"),
+                                  local_files_only=bool(kwargs.get("local_files_only")), token=kwargs.get("token")))
