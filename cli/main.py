@@ -83,7 +83,8 @@ def cli():
 @click.option("--recover-steps", type=int, help="Distillation steps after the drelu conversion.")
 @click.option("--format", "fmt", type=click.Choice(["dense", "compressed"]), default="dense", show_default=True,
               help="dense: zeros baked in, plain from_pretrained loads it; compressed: 2:4 linears stored as "
-                   "values + 2-bit metadata (~0.56x of 16-bit weights), loaded by squeeze.load.")
+                   "values + 2-bit metadata (~0.56x of 16-bit weights), loaded by squeeze.load or, after "
+                   "`import squeeze`, by transformers' auto classes.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
 @click.option("--details", is_flag=True, help="Report every linear, not one row per layer.")

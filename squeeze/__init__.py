@@ -51,9 +51,15 @@ def _register_when_transformers_loads() -> None:
 
                 def exec_module(module):
                     run(module)
-                    from squeeze.autoload import register
+                    try:
+                        from squeeze.autoload import register
 
-                    register()
+                        register()
+                    except Exception as e:  # noqa: BLE001 (never break the user's `import transformers`)
+                        import warnings
+
+                        warnings.warn(f"squeeze could not register its exports with transformers ({e}); "
+                                      "load them with squeeze.load", stacklevel=2)
 
                 spec.loader.exec_module = exec_module
             return spec

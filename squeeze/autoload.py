@@ -74,6 +74,24 @@ def unmark(config: dict) -> dict:
 _registered = False
 
 
+def auto_model_classes() -> dict[str, type]:
+    """transformers' public ``AutoModel*`` classes by name. (Runs while transformers finishes
+    importing, so it must not import squeeze.compat, which imports transformers.)"""
+    import transformers
+
+    out = {}
+    for name in dir(transformers):
+        if not name.startswith("AutoModel"):
+            continue
+        try:
+            cls = getattr(transformers, name)
+        except Exception:  # noqa: BLE001 (an auto class whose optional backend is missing: not ours to load)
+            continue
+        if isinstance(cls, type) and hasattr(cls, "register") and hasattr(cls, "from_pretrained"):
+            out[name] = cls
+    return out
+
+
 def register() -> None:
     """Teach transformers' auto classes the ``squeeze`` model type (idempotent). ``import squeeze``
     arranges for this to run as soon as transformers is imported (public APIs only:
@@ -82,17 +100,13 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    import transformers
     from transformers import AutoConfig, PretrainedConfig
 
     class SqueezeConfig(PretrainedConfig):
         model_type = MODEL_TYPE
 
     AutoConfig.register(MODEL_TYPE, SqueezeConfig, exist_ok=True)
-    for name in dir(transformers):
-        auto = getattr(transformers, name, None) if name.startswith("AutoModel") else None
-        if auto is None or not hasattr(auto, "_model_mapping") or not hasattr(auto, "register"):
-            continue
+    for name, auto in auto_model_classes().items():
         loader = type(f"Squeeze{name.removeprefix('Auto')}", (_Loader,),
                       {"config_class": SqueezeConfig, "auto_name": name})
         try:
@@ -114,11 +128,10 @@ class _Loader:
 def load_for_auto(path, auto_name: str, **kwargs):
     """``squeeze.load`` for ``<auto_name>.from_pretrained(path, **kwargs)``: the same model, or its
     base model for ``AutoModel`` (as transformers gives), or a clear refusal for another head."""
-    import transformers
-
+    from squeeze.checkpoint import Checkpoint
+    from squeeze.compat import auto_model_targets
     from squeeze.loading import load
     from squeeze.modeling import load_config
-    from squeeze.checkpoint import Checkpoint
 
     folder = _local_folder(path, kwargs)
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
@@ -128,11 +141,7 @@ def load_for_auto(path, auto_name: str, **kwargs):
                  trust_remote_code=bool(kwargs.get("trust_remote_code")),
                  attn_implementation=kwargs.get("attn_implementation"))
     base_config = load_config(Checkpoint(folder), bool(kwargs.get("trust_remote_code")))
-    try:
-        wanted = getattr(transformers, auto_name)._model_mapping[type(base_config)]
-    except KeyError:
-        wanted = ()
-    wanted = tuple(wanted) if isinstance(wanted, (list, tuple)) else (wanted,)
+    wanted = auto_model_targets(auto_model_classes()[auto_name], base_config)
     if wanted and isinstance(model, wanted):
         return model
     base = getattr(model, "base_model", None)

@@ -187,6 +187,16 @@ def auto_class_for(config) -> type | None:
     return None
 
 
+def auto_model_targets(auto: type, config) -> tuple[type, ...]:
+    """The model classes auto class ``auto`` builds for ``config`` (its ``_model_mapping``, the
+    table ``from_pretrained`` itself consults), or () when it has none."""
+    try:
+        found = auto._model_mapping[type(config)]
+    except KeyError:
+        return ()
+    return tuple(found) if isinstance(found, (list, tuple)) else (found,)
+
+
 def config_from_dict(config: dict, name_or_path: str):
     """The transformers config object of a ``config.json`` dict (public: ``AutoConfig.for_model``
     names the class for ``model_type``; ``from_dict`` builds it as ``from_pretrained`` would)."""
