@@ -1,6 +1,7 @@
 """Weight-only quantization math: the layout on hand-computed rows, partial and per-channel groups,
-masked entries, codes recovered exactly from a weight cast to the model dtype, nibble packing; and
-the error messages."""
+masked entries, codes recovered exactly from a weight cast to the model dtype, nibble packing; the
+OBS sweep (GPTQ against a column-by-column reference, joint SparseGPT 2:4 + int4, the fixed-mask
+mode, bit-identical pruning without quant); and the error messages."""
 
 import dataclasses
 
@@ -17,7 +18,16 @@ from squeeze.algorithms.quant import (
     rtn,
     unpack_int4,
 )
+from squeeze.algorithms.sparsegpt import (
+    _block_mask_unstructured,
+    inverse_cholesky_upper,
+    obs_quantize,
+    prepare_hessian,
+    reconstruction_loss,
+    sparsegpt_prune,
+)
 from squeeze.errors import SqueezeError
+from squeeze.sparsity import satisfies_nm
 
 BASE = [QuantSpec(8), QuantSpec(8, symmetric=False), QuantSpec(4), QuantSpec(4, symmetric=False),
         QuantSpec(8, "fp8")]
@@ -44,6 +54,15 @@ def _zero_code(spec, zero, shape):
 
 def _bits(codes):
     return codes.view(torch.uint8) if codes.dtype == torch.float8_e4m3fn else codes
+
+
+def _problem(rows=64, cols=256, tokens=512, seed=0):
+    """W [rows, cols] and the Hessian 2/n X Xᵀ of correlated inputs (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    mix = torch.eye(cols) + 2 * torch.randn(cols, cols, generator=g) / cols**0.5
+    X = (torch.randn(tokens, cols, generator=g) @ mix).T.double()
+    return W, 2.0 / tokens * X @ X.T
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,3 +248,192 @@ def test_layout_errors(call, match):
     with pytest.raises(SqueezeError, match=match) as e:
         call(W, s, z)
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the OBS sweep
+
+
+def _prune_as_before(W, H, sparsity=None, nm=None, blocksize=128, dampening=0.01, mask=None):
+    """``sparsegpt_prune`` as it was before quantization joined the sweep (commit 55a6bd2), verbatim
+    but for the docstring: the reference for bit-identical results with quant=None."""
+    if sum(x is not None for x in (sparsity, nm, mask)) != 1:
+        raise ValueError("give exactly one of sparsity, nm, mask")
+    rows, cols = W.shape
+    assert H.shape == (cols, cols), (H.shape, W.shape)
+    H, W = prepare_hessian(H, W, dampening)
+    U = inverse_cholesky_upper(H).float()  # (in, in)
+    del H
+    if nm is not None:
+        n_keep, m = nm
+        blocksize = max(m, blocksize - blocksize % m)
+        full = cols - cols % m  # columns in complete groups
+    pruned_all = torch.zeros(rows, cols, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()  # (rows, B), updated in place as columns are fixed
+        U1 = U[i1:i2, i1:i2]
+        d = torch.diagonal(U1)
+        Err1 = torch.zeros_like(W1)
+        if mask is not None:
+            pruned1 = ~mask[:, i1:i2]
+        elif nm is None:
+            pruned1 = _block_mask_unstructured(W1, d, sparsity)
+        else:
+            pruned1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):  # the OBS sweep: one column at a time, as the algorithm requires
+            if nm is not None and i % m == 0 and i1 + i + m <= full:
+                score = (W1[:, i:i + m] / d[None, i:i + m]) ** 2  # (rows, M), on updated weights
+                idx = score.topk(m - n_keep, dim=1, largest=False).indices
+                pruned1[:, i:i + m].scatter_(1, idx, True)
+            w = W1[:, i]
+            q = torch.where(pruned1[:, i], torch.zeros_like(w), w)
+            err = (w - q) / d[i]  # (rows,)
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            W1[:, i] = q  # exact zero (the update above leaves q up to rounding)
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of everything right of the block
+        pruned_all[:, i1:i2] = pruned1
+    W[pruned_all] = 0.0
+    return W, ~pruned_all
+
+
+@pytest.mark.parametrize("kw", [
+    {"sparsity": 0.5}, {"sparsity": 0.7, "blocksize": 8}, {"nm": (2, 4)}, {"nm": (2, 4), "blocksize": 6},
+    {"nm": (1, 4), "blocksize": 20}, {"mask": "random"}, {"mask": "random", "blocksize": 7},
+], ids=str)
+def test_without_quant_the_sweep_is_bit_identical_to_before(kw):
+    W, H = _problem(rows=12, cols=90, tokens=128, seed=7)
+    H[3, :] = H[:, 3] = 0.0  # a dead input channel
+    if kw.get("mask") == "random":
+        kw = {**kw, "mask": torch.rand(12, 90, generator=torch.Generator().manual_seed(8)) > 0.4}
+    got_w, got_kept = sparsegpt_prune(W, H, **kw)
+    want_w, want_kept = _prune_as_before(W, H, **kw)
+    assert torch.equal(got_w, want_w) and torch.equal(got_kept, want_kept)
+
+
+def _gptq_column_by_column(W, H, spec, dampening=0.01):
+    """Plain GPTQ without lazy batching: a group's qparams are fixed when the sweep enters it, from
+    its current weights; each column is rounded and its error spread with row i of U."""
+    H, W = prepare_hessian(H, W, dampening)
+    U = inverse_cholesky_upper(H).float()
+    g = spec.group_size or W.shape[1]
+    one = dataclasses.replace(spec, group_size=None)
+    for i in range(W.shape[1]):
+        if i % g == 0:
+            s, z = qparams(W[:, i:i + g], one)
+        q = dequantize(quantize(W[:, i:i + 1], one, s, z), one, s, z)[:, 0]
+        err = (W[:, i] - q) / U[i, i]
+        W[:, i:] -= err[:, None] * U[i, i:][None, :]
+        W[:, i] = q
+    return W
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, group_size=32), QuantSpec(8, symmetric=False),
+                                  QuantSpec(8, "fp8")], ids=ids)
+def test_without_a_mask_it_is_gptq(spec):
+    W, H = _problem(rows=16, cols=72, tokens=128, seed=9)
+    want = _gptq_column_by_column(W, H, spec)
+    W_1, _, _ = obs_quantize(W, H, spec, blocksize=1)  # blocks of one column: the same arithmetic
+    assert torch.equal(W_1, want)
+    W_b, _, _ = obs_quantize(W, H, spec, blocksize=16)
+    assert torch.equal(W_b[:, :16], want[:, :16])  # the first block sees no lazy update
+    # later blocks get their updates summed in another order: a scale may move by an ulp, a code flip
+    assert abs(reconstruction_loss(W, W_b, H) / reconstruction_loss(W, want, H) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("blocksize", [8, 128])  # groups of 32 wider / narrower than a block
+@pytest.mark.parametrize("spec", SPECS, ids=ids)
+def test_a_diagonal_hessian_makes_obs_exactly_rtn(spec, blocksize, keep):
+    # uncorrelated inputs: U is diagonal, so no error reaches another column
+    g = torch.Generator().manual_seed(10)
+    W = torch.randn(8, 80, generator=g)
+    mask = torch.rand(8, 80, generator=g) > 0.5 if keep else None
+    H = torch.diag(torch.rand(80, generator=g, dtype=torch.float64) + 0.5)
+    got = obs_quantize(W, H, spec, keep=mask, blocksize=blocksize)
+    want = rtn(W, spec, mask)
+    for a, b in zip(got, (want[0], want[2], want[3])):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, group_size=32), QuantSpec(4, symmetric=False), QuantSpec(8),
+                                  QuantSpec(8, "fp8", group_size=64)], ids=ids)
+def test_obs_beats_rtn_on_correlated_inputs_and_lands_on_the_grid(spec):
+    W, H = _problem(rows=32, cols=172, tokens=384, seed=11)
+    W_hat, s, z = obs_quantize(W, H, spec, blocksize=64)
+    codes = quantize(W_hat, spec, s, z)
+    assert torch.equal(dequantize(codes, spec, s, z), W_hat)  # the exporter rebuilds these codes
+    loss_obs = reconstruction_loss(W, W_hat, H)
+    loss_rtn = reconstruction_loss(W, rtn(W, spec)[0], H)
+    assert loss_obs < 0.8 * loss_rtn, (loss_obs, loss_rtn)  # GPTQ's gain here is about 2x
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("spec", [QuantSpec(4, group_size=128), QuantSpec(4, symmetric=False)], ids=ids)
+def test_joint_24_int4_keeps_an_exact_pattern_and_beats_prune_then_rtn(spec, seed):
+    W, H = _problem(seed=seed)
+    W_hat, kept, s, z = sparsegpt_prune(W, H, nm=(2, 4), quant=spec, blocksize=64)
+    assert torch.equal(kept.view(64, -1, 4).sum(-1), torch.full((64, 64), 2))  # exactly 2 of every 4
+    assert (W_hat[~kept] == 0).all() and satisfies_nm(W_hat, 2, 4)
+    codes = quantize(W_hat, spec, s, z, kept)
+    assert torch.equal(dequantize(codes, spec, s, z), W_hat)
+    assert torch.equal(codes.float()[~kept], _zero_code(spec, z, W.shape)[~kept])
+    W_p, kept_p = sparsegpt_prune(W, H, nm=(2, 4), blocksize=64)
+    loss_joint = reconstruction_loss(W, W_hat, H)
+    loss_prune_rtn = reconstruction_loss(W, rtn(W_p, spec, kept_p)[0], H)
+    assert loss_joint < loss_prune_rtn, (loss_joint, loss_prune_rtn)
+
+
+@pytest.mark.parametrize("kw", [{"sparsity": 0.5, "blocksize": 48}, {"nm": (2, 4), "blocksize": 48},
+                                {"nm": (2, 4), "blocksize": 256}], ids=str)
+@pytest.mark.parametrize("spec", [QuantSpec(4, group_size=128), QuantSpec(8, symmetric=False),
+                                  QuantSpec(8, "fp8")], ids=ids)
+def test_joint_mode_with_partial_groups_and_groups_wider_than_blocks(spec, kw):
+    W, H = _problem(rows=16, cols=172, tokens=256, seed=12)
+    W_hat, kept, s, z = sparsegpt_prune(W, H, quant=spec, **kw)
+    assert s.shape == (16, spec.groups(172))
+    assert (W_hat[~kept] == 0).all()
+    if "nm" in kw:
+        assert satisfies_nm(W_hat, 2, 4) and kept[:, 172 - 172 % 4:].all()
+    else:
+        assert (~kept[:, :48]).float().mean() >= 0.5
+    assert torch.equal(dequantize(quantize(W_hat, spec, s, z, kept), spec, s, z), W_hat)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, group_size=32), QuantSpec(8), QuantSpec(8, "fp8")], ids=ids)
+def test_fixed_mask_mode_keeps_exactly_that_mask(spec):
+    W, H = _problem(rows=32, cols=128, tokens=384, seed=13)
+    keep = torch.zeros(32, 32, 4, dtype=torch.bool)  # a magnitude 2:4 mask, as Wanda-style pruning leaves
+    keep.scatter_(-1, W.abs().view(32, 32, 4).topk(2, dim=-1).indices, True)
+    keep = keep.view(32, 128)
+    W_pruned = W * keep
+    W_hat, s, z = obs_quantize(W_pruned, H, spec, keep=keep, blocksize=32)
+    assert (W_hat[~keep] == 0).all() and satisfies_nm(W_hat, 2, 4)
+    codes = quantize(W_hat, spec, s, z, keep)
+    assert torch.equal(codes.float()[~keep], _zero_code(spec, z, W.shape)[~keep])
+    loss_obs = reconstruction_loss(W_pruned, W_hat, H)
+    loss_rtn = reconstruction_loss(W_pruned, rtn(W_pruned, spec, keep)[0], H)
+    assert loss_obs < loss_rtn, (loss_obs, loss_rtn)
+    W_hat2, _, _ = obs_quantize(W, H, spec, keep=keep, blocksize=32)  # dense input: pruned inside the sweep
+    assert (W_hat2[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda W, H: obs_quantize(W, H[:5, :5], QuantSpec(8)), r"Hessian must be \[in, in\] = \(8, 8\)"),
+    (lambda W, H: obs_quantize(W, H, QuantSpec(8), keep=torch.ones(4, 8)), "kept mask must be bool"),
+    (lambda W, H: obs_quantize(W, H, QuantSpec(8), blocksize=0), "blocksize must be"),
+    (lambda W, H: obs_quantize(W, H, QuantSpec(8), dampening=-1.0), "dampening must be >= 0"),
+    (lambda W, H: obs_quantize(W, H, "int8"), r"QuantSpec \(e.g. QuantSpec.parse\('int4'\)\)"),
+    (lambda W, H: obs_quantize(W * float("nan"), H, QuantSpec(8)), "NaN or inf"),
+    (lambda W, H: sparsegpt_prune(W, H, nm=(2, 4), quant=QuantSpec(4, group_size=6)),
+     "group size 6 must be a multiple of 4"),
+])
+def test_obs_settings_are_checked(call, match):
+    W, H = _problem(rows=4, cols=8, tokens=32, seed=14)
+    with pytest.raises(SqueezeError, match=match) as e:
+        call(W, H)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="exactly one of"):
+        sparsegpt_prune(W, H, sparsity=0.5, nm=(2, 4), quant=QuantSpec(8))
