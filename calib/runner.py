@@ -229,7 +229,9 @@ class BlockRunner:
     def _promise(self, ctx: BlockContext, p: BlockPass) -> None:
         if p.promise():
             for lin in p.targets(ctx.block):
-                ctx.promises[lin.name] = {"pass": p.name, **p.promise_for(ctx.block, lin)}
+                # promises add up (a mask, then quantization on it); "pass" names the first promiser
+                ctx.promises[lin.name] = {"pass": p.name, **ctx.promises.get(lin.name, {}),
+                                          **p.promise_for(ctx.block, lin)}
 
     def _record(self, ctx: BlockContext) -> None:
         from squeeze.sparsity import fraction_zero, parse_pattern, satisfies_nm

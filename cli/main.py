@@ -81,6 +81,14 @@ def cli():
 @click.option("--allocation", type=click.Choice(["uniform", "greedy"]), help="Per-site activation sparsity "
               "allocation for teal / wina [default: uniform].")
 @click.option("--recover-steps", type=int, help="Distillation steps after the drelu conversion.")
+@click.option("--quantize", type=click.Choice(["int8", "int4", "fp8"]), help="Also quantize the weights (after the "
+              "method, in the same sweep; pruned zeros stay exact), e.g. --method sparsegpt --pattern 2:4 "
+              "--quantize int4.")
+@click.option("--group-size", type=int, help="--quantize: input columns per scale [default: 128 for int4, one per "
+              "output row for int8/fp8]; any dimension works (a partial last group).")
+@click.option("--asymmetric", is_flag=True, help="--quantize int8/int4 with zero points (default: symmetric).")
+@click.option("--quant-solver", type=click.Choice(["obs", "rtn"]), help="--quantize: obs = GPTQ error compensation "
+              "on calibration data, rtn = round to nearest [default: obs].")
 @click.option("--format", "fmt", type=click.Choice(["dense", "compressed"]), default="dense", show_default=True,
               help="dense: zeros baked in, plain from_pretrained loads it; compressed: 2:4 linears stored as "
                    "values + 2-bit metadata (~0.56x of 16-bit weights), loaded by squeeze.load or, after "

@@ -15,7 +15,7 @@ from squeeze.checkpoint import Checkpoint
 from squeeze.errors import SqueezeError
 from squeeze.autoload import needs_squeeze
 from squeeze.export import Spill, check_output_dir, commit, staging_dir, write_checkpoint
-from squeeze.formats import COMPRESSED_KIND, LAYOUT, check_format
+from squeeze.formats import LAYOUT, check_format, kind_of
 from squeeze.modeling import WeightMap, build_skeleton, load_config
 from squeeze.passes.base import BlockPass, ModelContext
 from squeeze.recipe import build_passes, flags_recipe, read_recipe
@@ -53,7 +53,8 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
              keep_in_memory: bool | None = None, trust_remote_code: bool = False, on_block=None,
              calib_generate: int = 0, calib_generate_mode: str = "sample", calib_generate_temperature: float = 1.0,
              calib_generate_top_p: float = 1.0, on_generate=None, repair: str | None = None,
-             format: str = "dense", **pass_settings) -> CompressResult:
+             quantize: str | None = None, group_size: int | None = None, asymmetric: bool = False,
+             quant_solver: str | None = None, format: str = "dense", **pass_settings) -> CompressResult:
     """Compress a checkpoint folder and export it to ``out``.
 
     Either ``method`` (+ ``pattern`` or ``sparsity``) or ``recipe`` (a YAML/JSON file or a list
@@ -95,12 +96,20 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         else flags_recipe(method, pattern, sparsity, **pass_settings)
     if repair:  # a mask-repair pass (e.g. dsnot) after the recipe; it follows the last pruning pass's pattern
         entries = entries + [{"pass": repair}]
+    if quantize:  # quantization last, on the mask the passes before left (same calibration sweep)
+        q = {"pass": "quantize", "bits": quantize, "group_size": group_size, "symmetric": not asymmetric,
+             "solver": quant_solver}
+        entries = entries + [{k: v for k, v in q.items() if v is not None}]
+    elif group_size is not None or asymmetric or quant_solver:
+        raise SqueezeError("--group-size / --asymmetric / --quant-solver set how to quantize: add --quantize int8, "
+                           "int4 or fp8")
     methods = build_passes(entries, defaults={"targets": targets, "ignore": ignore, "strict": strict or None})
     passes = [m for m in methods if isinstance(m, BlockPass)]
     stages = [st for m in methods for st in m.stages()]
-    if format == "compressed" and not any(p.promise().get("pattern") == "2:4" for p in passes):
-        raise SqueezeError("--format compressed stores 2:4-sparse linears, and this recipe promises no 2:4 pattern: "
-                           "add --pattern 2:4, or use --format dense")
+    if format == "compressed" and not any(p.promise().get("pattern") == "2:4" or "quant" in p.promise()
+                                          for p in passes):
+        raise SqueezeError("--format compressed stores 2:4-sparse and quantized linears, and this recipe promises "
+                           "neither: add --pattern 2:4 or --quantize int8, or use --format dense")
 
     config = load_config(ckpt, trust_remote_code)
     nsamples = nsamples or 128
@@ -165,7 +174,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         record = {k: report[k] for k in ("passes", "calibration", "linears", "summary", "adapter")}
         record["source"] = {"path": str(ckpt.path), "model_type": config.model_type}
         if spill.packed:
-            record["format"] = {"kind": COMPRESSED_KIND, "layout": LAYOUT, "linears": spill.packed}
+            record["format"] = {"kind": kind_of(spill.packed), "layout": LAYOUT, "linears": spill.packed}
         # transformers 5 reads "dtype"; older versions "torch_dtype": keep both in step
         updates = {k: str(export_dtype).removeprefix("torch.") for k in ("dtype", "torch_dtype")} \
             if export_dtype else {}
@@ -182,7 +191,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     if format == "compressed":
         promised = [n for n, rec in result.linears.items() if rec.get("pattern") == "2:4"]
         stored = [k.removesuffix(".weight") for k in spill.packed]  # checkpoint keys: maybe another prefix
-        report["format"] = {"kind": COMPRESSED_KIND, "packed_linears": len(spill.packed), "stored_dense": sorted(
+        report["format"] = {"kind": kind_of(spill.packed), "packed_linears": len(spill.packed), "stored_dense": sorted(
             n for n in promised if not any(n.endswith(k) or k.endswith(n) for k in stored))}
     report["seconds"] = round(time.perf_counter() - t_start, 3)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)

@@ -64,6 +64,11 @@ def commit(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def packed_keys(entry: dict) -> list[str]:
+    """The stored tensors of one packed linear (see :mod:`squeeze.formats`)."""
+    return [entry[part] for part in ("values", "meta", "qweight", "scale", "zero") if part in entry]
+
+
 class Spill:
     """Per-block tensors written during the sweep (checkpoint keys, export dtype), read back
     lazily when the shards are assembled. Tensors of the block that the checkpoint does not know
@@ -132,8 +137,8 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | None, config_u
             if new is None:
                 continue
             packed = getattr(spill, "packed", {}).get(k)
-            if packed:  # stored as values + meta instead of the dense weight
-                for name in (packed["values"], packed["meta"]):
+            if packed:  # stored as its codec's tensors instead of the dense weight
+                for name in packed_keys(packed):
                     tensors[name] = spill.get(name)
                     weight_map[name] = shard
                     total += tensors[name].numel() * tensors[name].element_size()

@@ -1,27 +1,41 @@
 """Storage formats for exports.
 
-``dense`` (default): zeros baked into ordinary safetensors; plain ``from_pretrained`` loads it.
+``dense`` (default): zeros and quantized values baked into ordinary safetensors in the model's
+dtype; plain ``from_pretrained`` loads it (unless a run-time method marks it, see
+:mod:`squeeze.autoload`).
 
-``compressed`` (2:4): every linear whose weight satisfies 2:4 along its input dimension is stored
-as ``<linear>.values`` [N, K/2] in the weight's dtype and ``<linear>.meta`` [N, ceil(K/8)] uint8
-(four 2-bit in-group positions per byte, low bits first; see ``squeeze.kernels.pack_24``) instead
-of ``<linear>.weight``: 0.5625x the bytes of a 16-bit weight. Only ``squeeze.load`` reads it; on
-CPU it decompresses on load (exactly the dense model), on CUDA it swaps in
-:class:`squeeze.runtime.sparse24.Sparse24Linear` modules running the Triton kernels.
+``compressed``: every linear is stored by what the passes promised it, one codec per linear,
+described in ``squeeze.json`` under ``format.linears`` (weight key -> entry):
+
+- ``2:4`` — a weight satisfying 2:4 along its input dimension becomes ``<stem>.values`` [N, K/2]
+  in the weight's dtype and ``<stem>.meta`` [N, ceil(K/8)] uint8 (four 2-bit in-group positions
+  per byte, low bits first; see ``squeeze.kernels.pack_24``): 0.5625x the bytes of a 16-bit weight.
+- ``int8`` / ``int4`` / ``fp8`` (a ``quantize`` pass) — ``<stem>.qweight`` codes [N, K] (int4: two
+  per byte, :func:`squeeze.algorithms.quant.pack_int4`), ``<stem>.scale`` fp32 [N, G] and, when
+  asymmetric, ``<stem>.zero`` uint8 [N, G] (layout in :mod:`squeeze.algorithms.quant`).
+- ``2:4+int8`` / ``2:4+int4`` / ``2:4+fp8`` — both: the 2:4 values are stored as codes (int4
+  packed) with the metadata and the original-column scales (value column j' is in group
+  j' // (g / 2); needs g % 4 == 0, else the linear is stored as quantized codes only).
+
+Only squeeze loads ``compressed`` (the export is marked for it). Decoding is exact: the dense
+weight it gives equals the compressed model's weight in the export dtype.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from squeeze.errors import SqueezeError
 
 FORMATS = ("dense", "compressed")
-COMPRESSED_KIND = "compressed-2:4"
+COMPRESSED_KIND = "compressed-2:4"  # the record kind of exports whose only codec is 2:4
 LAYOUT = ("values [N, K/2] in the weight's dtype (kept entries in column order); meta [N, ceil(K/8)] uint8: "
           "for input-column group g (4 columns), the two kept in-group positions (ascending) occupy 2 bits "
           "each, group 2j in bits 0-3 and group 2j+1 in bits 4-7 of byte j, low bits first; weights of "
-          "GPT-2 Conv1D layers are packed in [out, in] orientation (transposed: true)")
+          "GPT-2 Conv1D layers are packed in [out, in] orientation (transposed: true); quantized codes, "
+          "scales and zero points as in squeeze.algorithms.quant")
 
 
 def check_format(name: str) -> str:
@@ -30,26 +44,129 @@ def check_format(name: str) -> str:
     return name
 
 
-def pack_block(block, weights, tensors: dict, cast) -> dict:
-    """Replace the weights of the block's 2:4 linears in ``tensors`` (checkpoint key -> tensor)
-    by values/meta. Returns {weight key: {"values": key, "meta": key, "transposed": bool}}."""
-    from squeeze.kernels import is_24_sparse, pack_24
+def kind_of(packed: dict) -> str:
+    """The record's format kind from its entries, e.g. compressed-2:4, compressed-2:4+int4-g128."""
+    codecs = sorted({e.get("codec", "2:4") for e in packed.values()})
+    return "compressed-" + ",".join(codecs)
 
+
+def attach_quant(module: torch.nn.Module, spec, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+    """Leave a linear's quantization on it for the export (non-persistent: not in state_dict)."""
+    module.squeeze_quant = spec
+    module.register_buffer("squeeze_scale", scale, persistent=False)
+    module.register_buffer("squeeze_zero", zero, persistent=False)
+
+
+def quant_of(module: torch.nn.Module):
+    """(spec, scale, zero) a quantize pass left on ``module``, or None."""
+    spec = getattr(module, "squeeze_quant", None)
+    return None if spec is None else (spec, module.squeeze_scale, module.squeeze_zero)
+
+
+def fits_quant_grid(w: torch.Tensor, name: str) -> bool:
+    """Whether ``w`` [N, K] can be the dequantized weight of quantization ``name`` (e.g. int4-g128,
+    int8, fp8-g64): no group of a row holds more distinct values than there are codes. Measured
+    from the weight alone, so ``squeeze info`` checks the promise without the scales."""
+    import re
+
+    bits = 4 if name.startswith("int4") else 8
+    found = re.search(r"-g(\d+)", name)
+    g = int(found.group(1)) if found else w.shape[1]
+    for start in range(0, w.shape[1], g):
+        v = w[:, start:start + g].float().sort(dim=1).values
+        if int(((v[:, 1:] != v[:, :-1]).sum(1) + 1).max()) > 2 ** bits:
+            return False
+    return True
+
+
+def _spec(entry: dict):
+    from squeeze.algorithms.quant import QuantSpec
+
+    return QuantSpec(**entry["quant"])
+
+
+def pack_block(block, weights, tensors: dict, cast) -> dict:
+    """Replace the weights of the block's linears in ``tensors`` (checkpoint key -> tensor, export
+    dtype) by their codec's tensors. Returns {weight key: entry}."""
     done = {}
     for lin in block.linears.values():
         key = weights.to_ckpt.get(f"{lin.name}.weight")
-        if key is None or key not in tensors or lin.in_features % 4:
+        if key is None or key not in tensors:
             continue
-        w = cast(key, lin.weight.detach())
-        if not is_24_sparse(w):
+        entry = pack_linear(lin, tensors[key], key.removesuffix(".weight"))
+        if entry is None:
             continue
-        values, meta = pack_24(w.contiguous())
-        stem = key.removesuffix(".weight")
+        parts = entry.pop("tensors")
         tensors.pop(key)
-        tensors[f"{stem}.values"], tensors[f"{stem}.meta"] = values.contiguous(), meta.contiguous()
-        done[key] = {"values": f"{stem}.values", "meta": f"{stem}.meta", "transposed": lin.transposed,
-                     "shape": list(w.shape)}
+        tensors.update({k: t.contiguous() for k, t in parts.items()})
+        done[key] = entry
     return done
+
+
+def pack_linear(lin, w: torch.Tensor, stem: str) -> dict | None:
+    """The codec entry (with its ``tensors``) for one linear whose exported weight is ``w``, or
+    None when it is best stored dense."""
+    from squeeze.kernels import is_24_sparse, pack_24
+
+    w = w.t() if lin.transposed else w  # codecs work on [out, in]
+    n, k = w.shape
+    q = quant_of(lin.module)
+    two_four = k % 4 == 0 and is_24_sparse(w)
+    if q is not None:
+        spec, scale, zero = q
+        two_four = two_four and spec.group_width(k) % 4 == 0
+    if q is None and not two_four:
+        return None
+    entry = {"codec": "2:4", "shape": [n, k], "transposed": lin.transposed, "dtype": str(w.dtype).removeprefix("torch.")}
+    parts = {}
+    if two_four:
+        values, parts[f"{stem}.meta"] = pack_24(w.contiguous())
+        entry["meta"] = f"{stem}.meta"
+    if q is None:
+        parts[f"{stem}.values"] = values
+        entry["values"] = f"{stem}.values"
+    else:
+        from squeeze.algorithms.quant import codes_from_weight, pack_int4
+
+        g = spec.group_width(k)
+        if two_four:  # values keep the original groups: g input columns hold g / 2 values
+            spec = dataclasses.replace(spec, group_size=g // 2)
+            w = values
+        codes = codes_from_weight(w, spec, scale.float(), zero)
+        if spec.format == "int" and spec.bits == 4:
+            codes = pack_int4(codes)
+        name = "values" if two_four else "qweight"
+        parts[f"{stem}.{name}"], parts[f"{stem}.scale"] = codes, scale.float()
+        entry.update({"codec": ("2:4+" if two_four else "") + spec.name.split("-g")[0].removesuffix("-asym"),
+                      "quant": dataclasses.asdict(spec), name: f"{stem}.{name}", "scale": f"{stem}.scale"})
+        if zero is not None:
+            parts[f"{stem}.zero"] = zero
+            entry["zero"] = f"{stem}.zero"
+    entry["tensors"] = parts
+    return entry
+
+
+def unpack_linear(entry: dict, get) -> torch.Tensor:
+    """The dense weight (export dtype, stored orientation) of one codec entry; ``get(key)`` reads
+    a stored tensor."""
+    from squeeze.kernels import unpack_24
+
+    n, k = entry["shape"]
+    dtype = getattr(torch, entry["dtype"]) if "dtype" in entry else None
+    if "quant" in entry:
+        from squeeze.algorithms.quant import dequantize
+
+        spec = _spec(entry)
+        name = "values" if "meta" in entry else "qweight"
+        width = k // 2 if "meta" in entry else k
+        zero = get(entry["zero"]) if "zero" in entry else None
+        w = dequantize(get(entry[name]), spec, get(entry["scale"]), zero, K=width).to(dtype)
+        if "meta" in entry:
+            w = unpack_24(w, get(entry["meta"]), k)
+    else:
+        w = unpack_24(get(entry["values"]), get(entry["meta"]), k)
+        w = w if dtype is None else w.to(dtype)
+    return w.t().contiguous() if entry["transposed"] else w
 
 
 class DecompressedView:
@@ -58,17 +175,16 @@ class DecompressedView:
 
     def __init__(self, ckpt, packed: dict):
         self.ckpt, self.packed, self.path = ckpt, packed, ckpt.path
-        hidden = {v for p in packed.values() for v in (p["values"], p["meta"])}
+        from squeeze.export import packed_keys
+
+        hidden = {k for p in packed.values() for k in packed_keys(p)}
         self._keys = [k for k in ckpt.keys() if k not in hidden] + list(packed)
 
     def keys(self):
         return self._keys
 
     def get(self, key: str) -> torch.Tensor:
-        p = self.packed.get(key)
-        if p is None:
+        entry = self.packed.get(key)
+        if entry is None:
             return self.ckpt.get(key)
-        from squeeze.kernels import unpack_24
-
-        w = unpack_24(self.ckpt.get(p["values"]), self.ckpt.get(p["meta"]), p["shape"][1])
-        return w.t().contiguous() if p["transposed"] else w
+        return unpack_linear(entry, self.ckpt.get)

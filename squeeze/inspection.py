@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from squeeze.adapters import Adapter
 from squeeze.checkpoint import Checkpoint
+from squeeze.formats import fits_quant_grid, kind_of
 from squeeze.loading import read_record
 from squeeze.modeling import WeightMap, build_skeleton, load_config
 from squeeze.sparsity import fraction_zero, parse_pattern, satisfies_nm
@@ -33,18 +34,24 @@ def info(path, trust_remote_code: bool = False) -> dict:
             rec = {"role": lin.role, "shape": list(w.shape), "sparsity": round(fraction_zero(w), 6),
                    "fits_2_4": satisfies_nm(w, 2, 4), "dtype": str(w.dtype).removeprefix("torch.")}
             p = promised.get(name, {})
+            said, ok = [], []
             if "pattern" in p:
                 n, m = parse_pattern(p["pattern"])
                 dim = 0 if p.get("pattern_axis") == "out" else 1  # N:M groups along in (default) or out
-                rec["promised"] = p["pattern"] + (" (out)" if dim == 0 else "")
-                rec["promise_ok"] = satisfies_nm(w, n, m, dim=dim)
+                said.append(p["pattern"] + (" (out)" if dim == 0 else ""))
+                ok.append(satisfies_nm(w, n, m, dim=dim))
                 if w.shape[dim] % m:
                     rec["dense_tail_columns" if dim else "dense_tail_rows"] = w.shape[dim] % m
             elif "sparsity" in p and p.get("pass"):
-                rec["promised"] = f"{p['sparsity']:.0%}" if isinstance(p["sparsity"], float) else p["sparsity"]
+                said.append(f"{p['sparsity']:.0%}" if isinstance(p["sparsity"], float) else p["sparsity"])
                 target = p.get("sparsity_target", p["sparsity"])
                 # unstructured: floor(s * in) zeros per row, so measured >= target - 1/in
-                rec["promise_ok"] = rec["sparsity"] >= float(target) - 1.0 / w.shape[1] - 1e-9
+                ok.append(rec["sparsity"] >= float(target) - 1.0 / w.shape[1] - 1e-9)
+            if "quant" in p:  # re-measured: no group of a row holds more distinct values than codes
+                said.append(p["quant"])
+                ok.append(fits_quant_grid(w, p["quant"]))
+            if said:
+                rec["promised"], rec["promise_ok"] = " + ".join(said), all(ok)
             linears[name] = rec
             lin_params += w.numel()
             lin_zeros += rec["sparsity"] * w.numel()
@@ -57,7 +64,7 @@ def info(path, trust_remote_code: bool = False) -> dict:
         "linear_parameters": lin_params,
         "zero_fraction_linears": round(lin_zeros / max(lin_params, 1), 6),
         "file_bytes": {s: (ckpt.path / s).stat().st_size for s in getattr(ckpt, "ckpt", ckpt).shards},
-        "format": "compressed-2:4" if packed else "dense",
+        "format": kind_of(packed) if packed else "dense",
         "linears": linears,
         "squeeze": {"passes": record.get("passes"), "calibration": record.get("calibration"),
                     "made_with": {k: record.get(k) for k in VERSION_KEYS}} if record else None,

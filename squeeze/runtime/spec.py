@@ -21,6 +21,7 @@ RUNTIMES: dict[str, str | None] = {
     "magnitude": None, "wanda": None, "sparsegpt": None, "dsnot": None,
     "dass": None,  # exports before DaSS became wanda/sparsegpt/magnitude with mlp_scoring=dass
     "recover": None, "layerskip": None, "layerdrop": None,
+    "quantize": None,  # dense: dequantized weights; compressed: codes the loader decodes (format.linears)
     "teal": "squeeze.runtime.act_sparse:install_recorded",
     "wina": "squeeze.runtime.act_sparse:install_recorded",
     "drelu": "squeeze.runtime.drelu:install_recorded",

@@ -1,0 +1,96 @@
+"""Weight-only quantization as a block pass: int8 / int4 (group-wise scales, symmetric or
+asymmetric) or fp8 e4m3, by round-to-nearest or by GPTQ's OBS error compensation (Frantar et al.
+2023, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers"), on
+SparseGPT's Hessian machinery (:func:`squeeze.algorithms.sparsegpt.obs_quantize`).
+
+It composes with any pruning pass before it in the recipe, in the same calibration sweep: the
+mask that pass promised stays exact zeros (pruned entries get the code that decodes to 0, and OBS
+never refills them), and the Hessian is taken from the block as the passes before changed it.
+
+The quantized weight stays in the model dequantized (so the in-memory model computes what the
+export holds); its scales ride on the linear as non-persistent buffers until the export packs
+codes + scales (:mod:`squeeze.formats`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from squeeze.algorithms.quant import QuantSpec, rtn
+from squeeze.algorithms.sparsegpt import obs_quantize
+from squeeze.calib.stats import Hessian
+from squeeze.errors import SqueezeError
+from squeeze.formats import attach_quant, quant_of
+from squeeze.passes.base import BlockContext, BlockPass, register
+
+DEFAULT_GROUP = {"int4": 128}  # int8 and fp8: one scale per output row unless asked
+
+
+@register
+class Quantize(BlockPass):
+    name = "quantize"
+    fresh_statistics = True  # the Hessian of the block as the passes before left it
+    examples = (
+        {"bits": "int8"},
+        {"bits": "int4", "group_size": 32},
+        {"bits": "int4", "group_size": 24, "symmetric": False, "solver": "rtn"},
+        {"bits": "fp8", "solver": "rtn"},
+        [{"pass": "wanda", "pattern": "2:4"}, {"pass": "quantize", "bits": "int4", "group_size": 32}],
+        [{"pass": "sparsegpt", "sparsity": 0.5}, {"pass": "quantize", "bits": "int8"}],
+    )
+
+    @dataclasses.dataclass
+    class Settings(BlockPass.Settings):
+        bits: str = "int8"  # int8 | int4 | fp8
+        group_size: int | None = None  # input columns per scale; default 128 for int4, per row otherwise
+        symmetric: bool = True
+        solver: str = "obs"  # obs (GPTQ error compensation, needs calibration) | rtn (round to nearest)
+        blocksize: int = 128
+        dampening: float = 0.01
+
+    def validate(self) -> None:
+        s = self.settings
+        if s.solver not in ("obs", "rtn"):
+            raise SqueezeError(f"quantize: unknown solver {s.solver!r}: use obs (GPTQ) or rtn (round to nearest)")
+        if not isinstance(s.blocksize, int) or s.blocksize < 1:
+            raise SqueezeError(f"quantize: bad blocksize {s.blocksize!r}: expected a whole number >= 1, e.g. 128")
+        group = s.group_size if s.group_size is not None else DEFAULT_GROUP.get(str(s.bits).strip().lower())
+        self.spec = QuantSpec.parse(s.bits, symmetric=s.symmetric, group_size=group)
+        self.needs_calibration = s.solver == "obs"
+
+    def observed(self, block):
+        return self.targets(block) if self.settings.solver == "obs" else []
+
+    def observe(self, ctx: BlockContext, linear, x, y) -> None:
+        ctx.scratch(self).setdefault(linear.name, Hessian(x.shape[-1])).update(x)
+
+    def targets(self, block):
+        return [lin for lin in super().targets(block) if quant_of(lin.module) is None]
+
+    def decide(self, ctx: BlockContext) -> dict:
+        out = {}
+        for lin in self.targets(ctx.block):
+            w = lin.weight.float()
+            keep = (w != 0) if "pattern" in ctx.promises.get(lin.name, {}) or \
+                "sparsity" in ctx.promises.get(lin.name, {}) else None  # a mask promised before: keep it exact
+            if self.settings.solver == "obs":
+                h = ctx.scratch(self).pop(lin.name)
+                w_hat, scale, zero = obs_quantize(w, h.matrix(), self.spec, keep=keep,
+                                                  blocksize=self.settings.blocksize,
+                                                  dampening=self.settings.dampening)
+            else:
+                w_hat, _, scale, zero = rtn(w, self.spec, keep=keep)
+            out[lin.name] = (w_hat, scale, zero)
+        return out
+
+    def apply(self, ctx: BlockContext, decision: dict) -> None:
+        for name, (w_hat, scale, zero) in decision.items():
+            lin = ctx.block.linears[name]
+            lin.set_weight(w_hat)
+            attach_quant(lin.module, self.spec, scale, zero)
+
+    def promise(self) -> dict:
+        return {"quant": self.spec.name}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "quant": self.spec.name}
