@@ -20,6 +20,12 @@ Activation-sparse linear, CPU (cpu_input_sparse): TEAL/WINA-style zero inputs sk
     input_sparse_linear_cpu(x, w_t, bias=None, *, dense=None, plan=None)  (bag / gather / dense)
     linear_rows_bag(x, w_t, bias, nz), linear_rows_gather(x, w_t, idx, bias), plan_for(dtype, tokens)
 
+Weight-only quantized linear, CPU (quant_cpu): torch's int8 / int4 ops on the quantized-weight layout
+    prepare_int8_cpu(codes, scale) -> Int8CPUWeight | None  (symmetric per-channel int8 only)
+    prepare_int4_cpu(u, scale, zero, group_size) -> Int4CPUWeight | None  (sym / asym, groups of 32k)
+    int8_linear_cpu(x, prepared, bias=None), int4_linear_cpu(x, prepared, bias=None)  (x [..., K])
+    QUANT_CPU_FAST_DTYPES  (activation dtypes where the ops beat dense F.linear: bfloat16)
+
 Custom ops (torch.compile-traceable, with fake implementations): torch.ops.squeeze.linear_24,
 torch.ops.squeeze.chunk_sparse_ffn, torch.ops.squeeze.sparse_ffn_from_indices.
 Triton is imported only when a Triton path runs; everything else works without it.
@@ -37,6 +43,15 @@ from .ffn_reference import (
     dense_ffn_reference,
     sparse_ffn_reference,
 )
+from .quant_cpu import FAST_DTYPES as QUANT_CPU_FAST_DTYPES
+from .quant_cpu import (
+    Int4CPUWeight,
+    Int8CPUWeight,
+    int4_linear_cpu,
+    int8_linear_cpu,
+    prepare_int4_cpu,
+    prepare_int8_cpu,
+)
 from .sparse24_format import compressed_bytes, from_cutlass, is_24_sparse, pack_24, to_cutlass, unpack_24
 from .sparse24_matmul import DenseWeightCache, linear_24, linear_24_reference
 
@@ -45,6 +60,9 @@ __all__ = [
     "DenseWeightCache",
     "FFNPlan",
     "InputSparsePlan",
+    "Int4CPUWeight",
+    "Int8CPUWeight",
+    "QUANT_CPU_FAST_DTYPES",
     "SparseFFNWorkspace",
     "act_mul",
     "active_neurons",
@@ -55,11 +73,15 @@ __all__ = [
     "dense_ffn_reference",
     "from_cutlass",
     "input_sparse_linear_cpu",
+    "int4_linear_cpu",
+    "int8_linear_cpu",
     "interpreting",
     "is_24_sparse",
     "linear_24",
     "linear_24_reference",
     "pack_24",
+    "prepare_int4_cpu",
+    "prepare_int8_cpu",
     "sparse_ffn_from_indices",
     "sparse_ffn_reference",
     "to_cutlass",

@@ -1,0 +1,272 @@
+"""CPU weight-only quantized linears through torch's own kernels (no kernel code of ours).
+
+The weights come in the quantized-weight layout (codes [N, K], fp32 scales [N, G], uint8 zero
+points for asymmetric int; see ``squeeze.algorithms.quant``). Two aten ops do the work:
+
+``torch.ops.aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N])``
+    ``y = x @ (w * scales[:, None]).T``: per-channel symmetric int8 only (no groups, no zero
+    point). ``scales`` must have x's dtype. Only bf16 is vectorised on x86; fp32 and fp16 run a
+    scalar loop. The bf16 loop reads x with *aligned* vector loads and has no K tail: K must be a
+    multiple of 8 (AVX2; 16 on AVX-512) and every row of x 16-byte (32) aligned, else it reads
+    past the row or faults (segfaults seen here at K % 8 != 0 with M > 1, and at an x offset by
+    one element). :func:`int8_linear_cpu` therefore pads K to a multiple of 16 (zero codes, zero
+    inputs) and copies a misaligned x.
+``torch.ops.aten._weight_int4pack_mm_for_cpu(x [M, K], packed, gk, scales_and_zeros [K/gk, N, 2])``
+    dequantizes nibble u to ``(u - 8) * scale + zero_term`` (checked by experiment). ``packed`` is
+    ``_convert_weight_to_int4pack_for_cpu(u int32 [N, K], innerKTiles)`` (innerKTiles is ignored
+    on CPU); its byte order depends on the CPU's vector width, so a packed weight belongs to the
+    machine that packed it and is never saved. Constraints (its own checks): N % 16 == 0,
+    K % gk == 0, gk in {32, 64, 128, 256}; x and scales_and_zeros of one dtype (bf16, fp16 or
+    fp32; only bf16 is vectorised on x86). Our layouts map onto it as: sym ``zero_term = 0``;
+    asym ``w = (u - z) s = (u - 8) s + (8 - z) s``, so ``zero_term = (8 - z) s``. A group size g
+    runs as the largest gk dividing g (per-channel: any gk, the row's scale repeated), K and N
+    are padded (pad codes 8, pad inputs 0, pad rows cut off), so every K works. A g none of them
+    divides (16, 100) gets None from :func:`prepare_int4_cpu`; 96 runs as gk = 32.
+
+Precision: both ops take scales (and zero terms) in x's dtype, so with bf16 activations each
+weight is ``code * bf16(s)`` (relative error <= 2^-8), accumulated in fp32, and the output is
+rounded to bf16. With an asymmetric group, ``(z - 8) * bf16(s) + bf16((8 - z) s)`` is no longer
+exactly 0: a masked entry contributes at most ``|8 - z| * s * 2^-8`` times its input. Symmetric
+zeros stay exact. fp16 activations also round s to fp16, which is subnormal below 6.1e-5 (int8
+rows with absmax < 0.0078): precision falls there.
+
+Measured (1 thread, x bf16 [1, 4096] @ W [11008, 4096], int4 group 128; 30 interleaved rounds;
+torch 2.13 CPU; AMD EPYC, AVX2, no AVX-512; 2 cores shared with another job at load average 2.7,
+so only the ratios mean much)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python -c "import squeeze.kernels.quant_cpu as m; m._bench_report()"
+
+                min        median
+    dense      9.69 ms   10.13 ms   F.linear, bf16 weight
+    int8       5.30 ms    5.62 ms   1.83x dense (mins)
+    int4 g128  6.42 ms    6.64 ms   1.51x dense (mins)
+
+Runs minutes apart gave 1.5-1.8x for int8 and 1.5-1.7x for int4. An earlier measurement gave
+8.07 / 3.53 / 2.34 ms (int4 the fastest); this CPU reports AVX2 only, while the project's earlier
+bench notes name an AVX-512 Xeon, where the ops take their AVX-512 paths.
+fp32 and fp16 activations run the ops' scalar loops, 5-10x *slower* than dense here (raw ops,
+fp32: int8 70 ms, int4 110 ms against 11.7 ms dense): :data:`FAST_DTYPES` lists the dtypes worth
+the ops; a caller dequantizes for the others.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["FAST_DTYPES", "Int4CPUWeight", "Int8CPUWeight", "int4_linear_cpu", "int8_linear_cpu",
+           "prepare_int4_cpu", "prepare_int8_cpu"]
+
+FAST_DTYPES = frozenset({torch.bfloat16})  # activation dtypes where the ops beat dense F.linear on x86
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the ops accept
+_INT8_K_MULTIPLE = 16  # the bf16 loop steps 8 (AVX2) or 16 (AVX-512) columns, with no tail
+_X_ALIGN = 64  # bytes; the bf16 loop's aligned loads need 16 (AVX2) or 32 (AVX-512)
+_INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 op accepts, largest first
+
+
+def _have(op: str) -> bool:
+    return hasattr(torch.ops.aten, op)
+
+
+@dataclass(eq=False)
+class Int8CPUWeight:
+    """What :func:`int8_linear_cpu` needs: codes int8 [N, Kp] (K padded to a multiple of 16 with
+    zeros), the per-row scale fp32 [N], K. The scale in each activation dtype is cached."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    in_features: int
+    _cast: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # fresh on replace()
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    def scale_as(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._cast:
+            self._cast[dtype] = self.scale.to(dtype)
+        return self._cast[dtype]
+
+
+@dataclass(eq=False)
+class Int4CPUWeight:
+    """What :func:`int4_linear_cpu` needs: torch's packed int4 weight for this CPU [Np, Kp/2]
+    (N padded to a multiple of 16, K to a multiple of ``kernel_group``), scales_and_zeros fp32
+    [Kp/kernel_group, Np, 2], the op's group size, and the true N and K. Not portable between
+    machines (the packing follows the CPU's vector width)."""
+
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    kernel_group: int
+    in_features: int
+    out_features: int
+    _cast: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # fresh on replace()
+
+    def scales_and_zeros_as(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._cast:
+            self._cast[dtype] = self.scales_and_zeros.to(dtype)
+        return self._cast[dtype]
+
+
+def _check_scale(scale: torch.Tensor, n: int, what: str) -> None:
+    if scale.dim() not in (1, 2) or scale.shape[0] != n or not scale.dtype.is_floating_point:
+        raise ValueError(f"{what}: scale must be float [N, G] (or [N]) with N={n} rows, got {scale.dtype} "
+                         f"{tuple(scale.shape)}")
+
+
+def prepare_int8_cpu(codes: torch.Tensor, scale: torch.Tensor) -> Int8CPUWeight | None:
+    """Symmetric per-channel int8 (codes int8 [N, K], scale [N, 1] or [N]) -> :class:`Int8CPUWeight`.
+
+    None where the op cannot run the layout: uint8 codes (asymmetric), more than one group per row,
+    torch without the op, or an empty weight. Then the caller dequantizes.
+    """
+    if codes.dim() != 2:
+        raise ValueError(f"int8 codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
+    n, k = codes.shape
+    _check_scale(scale, n, "prepare_int8_cpu")
+    if codes.dtype != torch.int8 or (scale.dim() == 2 and scale.shape[1] != 1):
+        return None
+    if not _have("_weight_int8pack_mm") or n == 0 or k == 0:
+        return None
+    kp = -(-k // _INT8_K_MULTIPLE) * _INT8_K_MULTIPLE
+    packed = torch.zeros(n, kp, dtype=torch.int8)
+    packed[:, :k] = codes
+    return Int8CPUWeight(packed, scale.reshape(n).float().contiguous(), k)
+
+
+def _int4_kernel_group(g: int, groups: int, k: int) -> int | None:
+    """The op's group size for our group size g: it must divide g (each op group inside one of
+    ours), unless there is one group per row; then the one that pads K least (ties: the larger)."""
+    if groups == 1:
+        return min(_INT4_GROUPS, key=lambda gk: (-(-k // gk) * gk, -gk))
+    return next((gk for gk in _INT4_GROUPS if g % gk == 0), None)
+
+
+def prepare_int4_cpu(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                     group_size: int | None) -> Int4CPUWeight | None:
+    """int4 nibbles u uint8 [N, K] (values 0..15; sym: q + 8), scale fp32 [N, G], zero uint8 [N, G]
+    (asymmetric) or None (symmetric), group_size (None = one group per row) -> :class:`Int4CPUWeight`.
+
+    None where the op cannot run the layout (a group size no op group size divides, e.g. 16 or 100)
+    or torch lacks the ops; then the caller dequantizes.
+    """
+    if u.dim() != 2 or u.dtype != torch.uint8:
+        raise ValueError(f"int4 codes must be uint8 nibbles [N, K] (unpacked), got {u.dtype} "
+                         f"{tuple(u.shape)}")
+    n, k = u.shape
+    _check_scale(scale, n, "prepare_int4_cpu")
+    scale = scale.reshape(n, -1).float()
+    g = group_size or k
+    groups = -(-k // g) if k else 0
+    if scale.shape[1] != groups:
+        raise ValueError(f"prepare_int4_cpu: K={k} with group size {g} has {groups} groups, but scale has "
+                         f"{scale.shape[1]}")
+    if zero is not None and (zero.dtype != torch.uint8 or zero.shape != scale.shape):
+        raise ValueError(f"prepare_int4_cpu: zero must be uint8 {tuple(scale.shape)} like scale, got "
+                         f"{zero.dtype} {tuple(zero.shape)}")
+    ops = ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu")
+    if n == 0 or k == 0 or not all(_have(op) for op in ops):
+        return None
+    if bool((u > 15).any()) or (zero is not None and bool((zero > 15).any())):
+        raise ValueError("prepare_int4_cpu: int4 codes and zero points must be 0..15")
+    gk = _int4_kernel_group(g, groups, k)
+    if gk is None:
+        return None
+    kp, np_ = -(-k // gk) * gk, -(-n // 16) * 16
+    u32 = torch.full((np_, kp), 8, dtype=torch.int32)  # pad code 8: zero for sym; pad inputs are 0 anyway
+    u32[:n, :k] = u
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u32, 1)
+    # every op group starts below K, so it lies in our group (j * gk) // g (g is a multiple of gk)
+    ours = torch.arange(kp // gk) * gk // g  # (Kp/gk,)
+    s = scale[:, ours]  # (N, Kp/gk)
+    zt = torch.zeros_like(s) if zero is None else (8.0 - zero[:, ours].float()) * s
+    sz = torch.zeros(kp // gk, np_, 2)
+    sz[:, :n, 0] = s.T
+    sz[:, :n, 1] = zt.T
+    return Int4CPUWeight(packed, sz, gk, k, n)
+
+
+def _rows(x: torch.Tensor, k: int, kp: int, what: str) -> torch.Tensor:
+    """x [..., K] -> contiguous [M, Kp] the ops can read: zero-padded to Kp, 64-byte aligned."""
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"{what}: x must be bfloat16, float16 or float32, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"{what}: x must be [..., K] with K={k}, got shape {tuple(x.shape)}")
+    x2 = x.reshape(-1, k)
+    if kp != k:
+        return F.pad(x2, (0, kp - k))  # a fresh, aligned buffer
+    x2 = x2.contiguous()
+    if not torch.compiler.is_compiling() and x2.data_ptr() % _X_ALIGN:
+        x2 = x2.clone()  # the bf16 int8 loop's aligned loads fault on a misaligned row
+    return x2
+
+
+def _finish(y: torch.Tensor, x: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    if y.shape[1] != n:
+        y = y[:, :n]
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def int8_linear_cpu(x: torch.Tensor, prepared: Int8CPUWeight, bias: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """``x @ dequantize(codes, scale).T (+ bias)`` for x [..., K] (bf16, fp16 or fp32; fast: bf16)."""
+    k, n = prepared.in_features, prepared.out_features
+    x2 = _rows(x, k, prepared.codes.shape[1], "int8_linear_cpu")
+    if x2.shape[0] == 0:
+        return _finish(x2.new_zeros(0, n), x, n, bias)
+    y = torch.ops.aten._weight_int8pack_mm(x2, prepared.codes, prepared.scale_as(x.dtype))  # (M, N)
+    return _finish(y, x, n, bias)
+
+
+def int4_linear_cpu(x: torch.Tensor, prepared: Int4CPUWeight, bias: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """``x @ dequantize(u, scale, zero).T (+ bias)`` for x [..., K] (bf16, fp16 or fp32; fast: bf16)."""
+    k, n = prepared.in_features, prepared.out_features
+    kp = prepared.packed.shape[1] * 2
+    x2 = _rows(x, k, kp, "int4_linear_cpu")
+    if x2.shape[0] == 0:
+        return _finish(x2.new_zeros(0, n), x, n, bias)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, prepared.packed, prepared.kernel_group,
+                                                   prepared.scales_and_zeros_as(x.dtype))  # (M, Np)
+    return _finish(y, x, n, bias)
+
+
+def _bench(n: int = 11008, k: int = 4096, group: int = 128, reps: int = 30) -> dict[str, tuple[float, float]]:
+    """(median, min) ms of dense F.linear, int8 and int4 (group ``group``) on x bf16 [1, k]; the three
+    run interleaved so that load from other jobs hits them alike."""
+    torch.manual_seed(0)
+    w = torch.randn(n, k).to(torch.bfloat16)
+    x = torch.randn(1, k).to(torch.bfloat16)
+    p8 = prepare_int8_cpu(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, 1) / 127)
+    u4 = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    p4 = prepare_int4_cpu(u4, torch.rand(n, k // group) / 7, None, group)
+    runs = {"dense": lambda: F.linear(x, w), "int8": lambda: int8_linear_cpu(x, p8),
+            f"int4 g{group}": lambda: int4_linear_cpu(x, p4)}
+    times = {name: [] for name in runs}
+    for _ in range(3):
+        for fn in runs.values():
+            fn()
+    for _ in range(reps):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (sorted(ts)[len(ts) // 2] * 1e3, min(ts) * 1e3) for name, ts in times.items()}
+
+
+def _bench_report() -> None:
+    """Print :func:`_bench` on one thread (the command is in the module docstring)."""
+    import os
+
+    torch.set_num_threads(1)
+    result = _bench()
+    print(f"x bf16 [1, 4096] @ W [11008, 4096], {torch.get_num_threads()} thread, "
+          f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.2f}")
+    dense = result["dense"][1]
+    for name, (median, best) in result.items():
+        print(f"{name:9s} min {best:6.2f} ms  median {median:6.2f} ms  {dense / best:.2f}x dense (mins)")
