@@ -278,11 +278,183 @@ _qmm_prefill = triton.autotune(
 )(_qmm_kernel)
 
 
+@triton.jit
+def _expand_24(v0, v1, nib, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Kept pairs (v0, v1) (BN, BK/4) + their 4-bit position codes -> the dense (BN, BK) tile."""
+    p0 = nib & 3
+    p1 = nib >> 2
+    zero = tl.zeros_like(v0)
+    # dense column 4g + j holds v0 if j == p0, v1 if j == p1, else 0
+    w0 = tl.where(p0 == 0, v0, zero)
+    w1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
+    w2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
+    w3 = tl.where(p1 == 3, v1, zero)
+    # join(join(w0, w2), join(w1, w3))[..., a, b] = w_{2a+b}  -> row-major (BN, BK)
+    return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _q24_kernel(
+    x_ptr,  # (M, K) fp16 / bf16 / fp32
+    val_ptr,  # (N, K/2) int8: the kept codes of every group of 4 columns (pack_24's values)
+    meta_ptr,  # (N, ceil(K/8)) uint8: pack_24's positions, 4 bits per group, low nibble = even group
+    scale_ptr,  # (N, G) fp32 over the original K columns
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    KC,  # meta columns: ceil(K/8)
+    SPLIT,
+    M_BUCKET,
+    stride_xm,
+    stride_xk,
+    stride_vn,
+    stride_mn,
+    stride_sn,
+    stride_om,
+    GROUP_SIZE: tl.constexpr,  # a multiple of 4: both kept values of a group of 4 share a scale
+    PER_CHANNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # dense columns per step, a multiple of 8
+    GROUP_M: tl.constexpr,
+):
+    # Same launch structure as _qmm_kernel; the tile is decompressed in registers from BLOCK_K/2 code
+    # bytes + BLOCK_K/8 meta bytes per row (0.625 of the int8 dense bytes), then multiplied densely.
+    GROUP_TILE: tl.constexpr = PER_CHANNEL or (GROUP_SIZE % BLOCK_K == 0)
+    BLOCK_G: tl.constexpr = BLOCK_K // 4
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_rows
+    pid_n = (pid % group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    tiles = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K)
+    k_start = pid_s * tiles * BLOCK_K
+    k_end = tl.minimum(k_start + tiles * BLOCK_K, K)
+    # ends of this split in groups of 4 columns, value bytes and meta bytes (see _qmm_kernel)
+    g_end = tl.minimum((pid_s + 1) * tiles * BLOCK_G, K // 4)
+    v_end = tl.minimum((pid_s + 1) * tiles * (BLOCK_K // 2), K // 2)
+    b_end = tl.minimum((pid_s + 1) * tiles * (BLOCK_K // 8), KC)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                     mask=m_mask[:, None] & (offs_k[None, :] < k_end), other=0.0,
+                     eviction_policy="evict_last")
+        if UPCAST:
+            xt = xt.to(tl.float32)
+        offs_g = k0 // 4 + tl.arange(0, BLOCK_G)  # (BG,)
+        mask_ng = n_mask[:, None] & (offs_g[None, :] < g_end)
+        # the kept values of group g sit at value columns 2g, 2g + 1: load (BN, BK/2) contiguous bytes
+        # (16-byte vector loads), then view them as (BN, BG, 2) pairs in registers
+        offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        v = tl.load(val_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
+                    mask=n_mask[:, None] & (offs_v[None, :] < v_end), other=0, eviction_policy="evict_first")
+        v = _centered(v, 8388608.0 + 128, 1)  # fp32 q, |q| <= 127: exact in fp16 / bf16 too
+        v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, BLOCK_G, 2)))
+        offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        byte = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
+                       mask=n_mask[:, None] & (offs_b[None, :] < b_end), other=0,
+                       eviction_policy="evict_first").to(tl.int32)
+        nib = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, BLOCK_G))
+        if GROUP_TILE:
+            w = _expand_24(v0, v1, nib, BLOCK_N, BLOCK_K)
+            part = _xwT(xt, w, BLOCK_M, USE_DOT, UPCAST, PRECISION)
+            s = tl.load(scale_ptr + offs_n * stride_sn + k0 // GROUP_SIZE, mask=n_mask, other=0.0)
+            acc += part * s[None, :]
+        else:
+            # the group of each group of 4 columns (all four share it: GROUP_SIZE % 4 == 0)
+            grp = (4 * offs_g) // GROUP_SIZE
+            s = tl.load(scale_ptr + offs_n[:, None] * stride_sn + grp[None, :], mask=mask_ng, other=0.0)
+            w = _expand_24(v0 * s, v1 * s, nib, BLOCK_N, BLOCK_K)
+            acc += _xwT(xt, w, BLOCK_M, USE_DOT, UPCAST, PRECISION)
+
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=out_mask)
+    else:
+        tl.store(out_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+
+
+_q24_decode = triton.autotune(
+    configs=_decode_configs(),
+    key=["N", "K", "BLOCK_M", "GROUP_SIZE", "PER_CHANNEL", "USE_DOT"],
+    prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_for_groups},
+)(_q24_kernel)
+
+_q24_prefill = triton.autotune(
+    configs=_prefill_configs(),
+    key=["M_BUCKET", "N", "K", "GROUP_SIZE", "PER_CHANNEL"],
+    prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_for_groups},
+)(_q24_kernel)
+
+
 def _default_split(n: int, k: int, sms: int) -> int:
     # Enough programs to cover the SMs about twice (row blocks estimated at 64); every split keeps
     # at least 4 tiles of 128 columns so the fixed cost per program stays small.
     n_blocks = triton.cdiv(n, 64)
     return max(1, min(triton.cdiv(2 * sms, n_blocks), max(1, k // 512), 16))
+
+
+def _dense_rows(t: torch.Tensor) -> torch.Tensor:
+    # Rows may be strided (views into larger buffers); the last dimension must be dense.
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def _launch(decode, prefill, x, a, b, c, bias, n, kc, consts, split_k, path):
+    """Run ``decode`` / ``prefill`` (autotuned kernels sharing one argument layout: x, three weight
+    tensors a, b, c with row strides, bias, out, sizes) and return y [M, N] in x's dtype."""
+    m, k = x.shape
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
+    if path == "auto":
+        path = "gemv" if m <= GEMV_MAX_M else "splitk" if m <= DECODE_MAX_M else "prefill"
+    if path not in ("gemv", "splitk", "prefill"):
+        raise ValueError(f"path must be auto, gemv, splitk or prefill, got {path!r}")
+    use_dot = path != "gemv"
+    upcast = (not use_dot) or x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
+    consts = dict(consts, HAS_BIAS=bias is not None, USE_DOT=use_dot, UPCAST=upcast,
+                  PRECISION=dot_precision())
+    bias_arg = bias if bias is not None else b  # never read without HAS_BIAS
+    strides = (x.stride(0), x.stride(1), a.stride(0), b.stride(0), c.stride(0), y.stride(0))
+    if path == "prefill":
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1)
+        prefill[grid](x, a, b, c, bias_arg, y, m, n, k, kc, 1, min(next_pow2(m), 4096), *strides, **consts)
+        return y
+    if m > DECODE_MAX_M:
+        raise ValueError(f"the decode launch handles at most {DECODE_MAX_M} rows, got {m}")
+    block_m = next_pow2(m) if path == "gemv" else 16
+    if split_k is None:
+        cuda = x.device.type == "cuda"
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else 132
+        split_k = 1 if INTERPRET else _default_split(n, k, sms)
+    split_k = max(1, min(int(split_k), triton.cdiv(k, 32)))  # no more splits than the smallest tiles
+    out = y if split_k == 1 else torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split_k)
+    decode[grid](x, a, b, c, bias_arg, out, m, n, k, kc, split_k, block_m, *strides, BLOCK_M=block_m,
+                 **consts)
+    return y if split_k == 1 else split_reduce(out, y, bias)
 
 
 def quant_linear_triton(
@@ -301,58 +473,37 @@ def quant_linear_triton(
     """y [M, N] = x [M, K] @ dequant(W)^T (+ bias), in x.dtype. Arguments already validated
     (``quant_format.check_quant_args``); ``fmt`` is int8 / int4 / fp8. ``path``: auto / gemv /
     splitk / prefill (gemv and splitk are the decode launch, on CUDA cores or tl.dot)."""
-    m, k = x.shape
-    n = codes.shape[0]
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if m == 0 or n == 0:
-        return y
-    if k == 0:
-        return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
-    # Rows may be strided (views into larger buffers); the last dimension must be dense.
-    codes, scale = (t if t.stride(1) == 1 else t.contiguous() for t in (codes, scale))
-    if zero is not None and zero.stride(1) != 1:
-        zero = zero.contiguous()
+    codes, scale = _dense_rows(codes), _dense_rows(scale)
+    zero = None if zero is None else _dense_rows(zero)
     if fmt == "fp8":
         kind, const_zero = KIND_FP8, 0
     elif fmt == "int8" and symmetric:
         kind, const_zero = KIND_INT8, 128
     else:
         kind, const_zero = KIND_UINT, (8 if fmt == "int4" else 0)
-    if path == "auto":
-        path = "gemv" if m <= GEMV_MAX_M else "splitk" if m <= DECODE_MAX_M else "prefill"
-    if path not in ("gemv", "splitk", "prefill"):
-        raise ValueError(f"path must be auto, gemv, splitk or prefill, got {path!r}")
-    use_dot = path != "gemv"
-    upcast = (not use_dot) or x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
-    common = dict(
+    consts = dict(
         BITS=4 if fmt == "int4" else 8, KIND=kind, HAS_ZERO=zero is not None, ZERO=const_zero,
-        GROUP_SIZE=group_size, PER_CHANNEL=group_size >= k, HAS_BIAS=bias is not None,
-        USE_DOT=use_dot, UPCAST=upcast, PRECISION=dot_precision(),
+        GROUP_SIZE=group_size, PER_CHANNEL=group_size >= x.shape[1],
     )
-    zero_arg = zero if zero is not None else codes
-    if path == "prefill":
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1)
-        _qmm_prefill[grid](
-            x, codes, scale, zero_arg, bias if bias is not None else scale, y, m, n, k, codes.shape[1], 1,
-            min(next_pow2(m), 4096),
-            x.stride(0), x.stride(1), codes.stride(0), scale.stride(0), zero_arg.stride(0), y.stride(0),
-            **common,
-        )
-        return y
-    if m > DECODE_MAX_M:
-        raise ValueError(f"the decode launch handles at most {DECODE_MAX_M} rows, got {m}")
-    block_m = next_pow2(m) if path == "gemv" else 16
-    if split_k is None:
-        cuda = x.device.type == "cuda"
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else 132
-        split_k = 1 if INTERPRET else _default_split(n, k, sms)
-    split_k = max(1, min(int(split_k), triton.cdiv(k, 2)))
-    out = y if split_k == 1 else torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split_k)
-    _qmm_decode[grid](
-        x, codes, scale, zero_arg, bias if bias is not None else scale, out, m, n, k, codes.shape[1], split_k,
-        block_m,
-        x.stride(0), x.stride(1), codes.stride(0), scale.stride(0), zero_arg.stride(0), y.stride(0),
-        BLOCK_M=block_m, **common,
-    )
-    return y if split_k == 1 else split_reduce(out, y, bias)
+    zero_arg = zero if zero is not None else codes  # never read without HAS_ZERO
+    n, kc = codes.shape
+    return _launch(_qmm_decode, _qmm_prefill, x, codes, scale, zero_arg, bias, n, kc, consts, split_k, path)
+
+
+def quant_linear_24_triton(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    group_size: int,
+    split_k: int | None = None,
+    path: str = "auto",
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ (unpack_24(values, meta) * scale)^T (+ bias), in x.dtype; arguments
+    validated by ``quant_format.check_quant24_args``. ``path`` as in :func:`quant_linear_triton`."""
+    values, meta, scale = _dense_rows(values), _dense_rows(meta), _dense_rows(scale)
+    consts = dict(GROUP_SIZE=group_size, PER_CHANNEL=group_size >= x.shape[1])
+    n, kc = meta.shape
+    return _launch(_q24_decode, _q24_prefill, x, values, meta, scale, bias, n, kc, consts, split_k, path)

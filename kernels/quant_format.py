@@ -22,14 +22,24 @@ column); for odd K the last high nibble is 0 and is not part of W.
 The format is (bits, symmetric, codes dtype): fp8 is ``bits=8, symmetric=True`` with
 ``float8_e4m3fn`` codes. Everything here is plain torch (the references the kernels are tested
 against); :func:`check_quant_args` is the one place that validates shapes and dtypes.
+
+**2:4 + int8** (symmetric): a 2:4-sparse int8 code matrix stored as :func:`pack_24` makes it,
+``values int8 [N, K/2]`` + ``meta uint8 [N, ceil(K/8)]``, with fp32 scales ``[N, G]`` over the
+original K columns, ``w = unpack_24(values, meta) * s``. ``group_size % 4 == 0`` (or per-channel),
+so the two kept values of a group of 4 columns share a scale: value column ``j'`` is in group
+``j' // (group_size // 2)``. Checked by :func:`check_quant24_args`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .sparse24_format import unpack_24
+
 __all__ = [
+    "check_quant24_args",
     "check_quant_args",
+    "dequantize_24_reference",
     "dequantize_reference",
     "pack_int4",
     "quant_bytes",
@@ -165,13 +175,61 @@ def quant_linear_reference(
     return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
 
 
-def quant_bytes(n: int, k: int, *, bits: int, group_size: int | None = None, symmetric: bool = True) -> int:
+def check_quant24_args(
+    values: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor, *, group_size: int, K: int | None = None
+) -> tuple[int, int, int]:
+    """Validate a 2:4 + int8 weight; returns (N, K, G). K defaults to 2 * values' width."""
+    if values.dim() != 2 or values.dtype != torch.int8:
+        raise ValueError(f"2:4 values must be int8 [N, K/2], got {values.dtype} {tuple(values.shape)}")
+    n = values.shape[0]
+    if K is None:
+        K = 2 * values.shape[1]
+    if K % 4 or values.shape[1] * 2 != K:
+        raise ValueError(f"2:4 values for K={K} need K % 4 == 0 and K/2 columns, got "
+                         f"{tuple(values.shape)}")
+    if meta.dtype != torch.uint8 or tuple(meta.shape) != (n, (K + 7) // 8):
+        raise ValueError(f"2:4 meta must be uint8 [N, ceil(K/8)] = {(n, (K + 7) // 8)}, got "
+                         f"{meta.dtype} {tuple(meta.shape)}")
+    if not isinstance(group_size, int) or group_size < 1 or (group_size < K and group_size % 4):
+        raise ValueError(f"2:4 + int8 needs group_size a multiple of 4 (or >= K), got {group_size!r}")
+    g = -(-K // group_size) if K else 0
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (n, g):
+        raise ValueError(f"scale must be float32 [N, G] = {(n, g)} (group_size {group_size}), got "
+                         f"{scale.dtype} {tuple(scale.shape)}")
+    if len({values.device, meta.device, scale.device}) > 1:
+        raise ValueError("values, meta and scale must share a device")
+    return n, K, g
+
+
+def dequantize_24_reference(
+    values: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor, *, group_size: int, K: int | None = None
+) -> torch.Tensor:
+    """The 2:4 + int8 weight as fp32 [N, K]: ``unpack_24(values, meta).float() * s`` per group."""
+    n, K, g = check_quant24_args(values, meta, scale, group_size=group_size, K=K)
+    cols = torch.arange(K, device=values.device) // group_size
+    return unpack_24(values, meta, K).float() * scale[:, cols]
+
+
+def quant_bytes(
+    n: int,
+    k: int,
+    *,
+    bits: int,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    sparse24: bool = False,
+) -> int:
     """Bytes of a quantized [n, k] weight: codes + fp32 scales (+ uint8 zeros). group_size None = per-channel.
 
-    ``bits=16`` gives the dense bf16/fp16 weight (no scales), for comparisons.
+    ``bits=16`` gives the dense bf16/fp16 weight (no scales), for comparisons. ``sparse24=True``
+    (int8 only): 2:4 values [n, k/2] + meta [n, ceil(k/8)] + scales.
     """
     if bits == 16:
         return 2 * n * k
+    if sparse24:
+        if bits != 8 or not symmetric:
+            raise ValueError("2:4 quantized weights are int8 symmetric")
+        return n * (k // 2) + n * ((k + 7) // 8) + 4 * n * -(-k // (group_size or k))
     g = -(-k // (group_size or k))
     codes = n * ((k + 1) // 2 if bits == 4 else k)
     return codes + 4 * n * g + (0 if symmetric else n * g)

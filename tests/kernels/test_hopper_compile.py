@@ -86,6 +86,17 @@ compile_sm90(qt._qmm_prefill, qsig(bf, "*u8", bf),
 compile_sm90(qt._qmm_prefill, qsig("*fp16", "*fp8e4nv", "*fp16"),
     qconst(BITS=8, KIND=qt.KIND_FP8, HAS_ZERO=False, GROUP_SIZE=4096, PER_CHANNEL=True, USE_DOT=True, UPCAST=False),
     qt._prefill_configs()[0])
+
+def q24sig(x, out):
+    return dict(x_ptr=x, val_ptr="*i8", meta_ptr="*u8", scale_ptr="*fp32", bias_ptr=x, out_ptr=out, M="i32",
+                N="i32", K="i32", KC="i32", SPLIT="i32", M_BUCKET="i32", stride_xm="i32", stride_xk="i32",
+                stride_vn="i32", stride_mn="i32", stride_sn="i32", stride_om="i32")
+
+q24c = dict(GROUP_SIZE=128, PER_CHANNEL=False, HAS_BIAS=True, USE_DOT=False, UPCAST=True, PRECISION="ieee")
+# 2:4 + int8: CUDA-core decode (scale per tile), and prefill with per-group-of-4 scales (group 32)
+compile_sm90(qt._q24_decode, q24sig(bf, "*fp32"), dict(q24c, BLOCK_M=1), qt._decode_configs()[1])
+compile_sm90(qt._q24_prefill, q24sig(bf, bf), dict(q24c, GROUP_SIZE=32, USE_DOT=True, UPCAST=False),
+             qt._prefill_configs()[0])
 print("compiled")
 """
 

@@ -11,16 +11,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from squeeze.kernels import (
+    dequantize_24_reference,
     dequantize_reference,
+    pack_24,
     pack_int4,
     quant_bytes,
     quant_linear,
+    quant_linear_24,
     quant_linear_reference,
     unpack_int4,
 )
 from squeeze.kernels import quant_matmul
 
-from tests.kernels.helpers import needs_triton
+from tests.kernels.helpers import needs_triton, rand_24
 
 FORMATS = [("int8", True), ("int8", False), ("int4", True), ("int4", False)]
 GROUPS = {"g64_partial": (200, 64), "per_channel": (200, 200), "g48_straddling": (200, 48)}
@@ -337,3 +340,110 @@ def test_documented_byte_bound():
         assert f"{nbytes / 1e6:.2f} MB" == text and text in doc
     assert quant_bytes(k, n, bits=4, group_size=128, symmetric=False) == cases["24.31 MB"]  # down proj: same
     assert f"{cases['24.31 MB'] / 3.35e12 * 1e6:.2f} us" == "7.26 us" and "7.26 us" in doc
+    sparse = quant_bytes(n, k, bits=8, group_size=128, sparse24=True)
+    assert f"{sparse / 1e6:.2f} MB" == "29.59 MB" and "29.59 MB" in doc
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2:4 + int8
+
+GROUPS_24 = {"g64_partial": (200, 64), "per_channel": (200, 200), "g48_straddling": (200, 48),
+             "k_mod8_4_g16": (68, 16)}  # K % 8 == 4: the last meta byte holds one group
+
+
+def _q24_case(n: int, k: int, group_size: int, seed: int = 0):
+    """pack_24 of a 2:4 int8 code matrix (groups with 0-2 nonzeros, codes over [-127, 127])."""
+    g = torch.Generator().manual_seed(seed)
+    keep = rand_24(n, k, torch.float32, seed=seed, fill="mixed") != 0
+    codes = torch.where(keep, torch.randint(-127, 128, (n, k), generator=g), 0).to(torch.int8)
+    values, meta = pack_24(codes)
+    scale = torch.rand(n, -(-k // group_size), generator=g) / 127 + 1e-3
+    return values, meta, scale
+
+
+def _run_and_check_24(m, n, k, group_size, dtype, seed=0, bias=True, **kw):
+    from squeeze.kernels._quant_triton import quant_linear_24_triton
+
+    values, meta, scale = _q24_case(n, k, group_size, seed)
+    x, b = _inputs(m, n, k, dtype, seed)
+    b = b if bias else None
+    w = dequantize_24_reference(values, meta, scale, group_size=group_size, K=k)
+    ref = F.linear(x.float(), w, None if b is None else b.float())
+    y = quant_linear_24_triton(x, values, meta, scale, b, group_size=group_size, **kw)
+    assert_within_bound(y, x, w, b, ref, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("m", [1, 3, 8, 17])
+@pytest.mark.parametrize("groups", list(GROUPS_24), ids=list(GROUPS_24))
+def test_24_kernel_matches_reference(groups, m, dtype):
+    k, group_size = GROUPS_24[groups]
+    _run_and_check_24(m, 40, k, group_size, dtype, seed=m + k, bias=m != 3)
+    if m <= 16:
+        _run_and_check_24(m, 40, k, group_size, dtype, seed=m + k, split_k=3)
+
+
+@needs_triton
+@pytest.mark.parametrize("m", [2, 17])
+def test_24_bf16(m):
+    _run_and_check_24(m, 40, 200, 64, torch.bfloat16, seed=m)
+
+
+@needs_triton
+@pytest.mark.parametrize("m,path", [(2, "gemv"), (8, "splitk"), (17, "prefill")])
+def test_24_loads_are_masked(m, path):
+    from squeeze.kernels._quant_triton import quant_linear_24_triton
+
+    values, meta, scale = _q24_case(40, 68, 16, seed=m)
+    x, b = _inputs(m, 40, 68, torch.float32, seed=m)
+    w = dequantize_24_reference(values, meta, scale, group_size=16, K=68)
+    ref = F.linear(x, w, b)
+    y = quant_linear_24_triton(
+        _poisoned(x, 16, 64, float("nan")), _poisoned(values, 8, 64, 127), _poisoned(meta, 8, 16, 0xFF),
+        _poisoned(scale, 8, 4, float("nan")), b, group_size=16, path=path, split_k=None if m > 16 else 3,
+    )
+    assert not torch.isnan(y).any()
+    assert_within_bound(y, x, w, b, ref, torch.float32)
+
+
+def test_dequantize_24_reference_by_hand():
+    codes = torch.tensor([[0, 5, 0, -3, 7, 0, 0, 0]], dtype=torch.int8)
+    values, meta = pack_24(codes)
+    w = dequantize_24_reference(values, meta, torch.tensor([[0.5, 2.0]]), group_size=4)
+    assert w.tolist() == [[0.0, 2.5, 0.0, -1.5, 14.0, 0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_24_torch_backend_is_dequantize_then_f_linear(dtype):
+    values, meta, scale = _q24_case(24, 72, 32, seed=2)
+    x, b = _inputs(2, 24, 72, dtype, seed=2)
+    x = x.reshape(2, 1, 72)  # any leading shape
+    expect = F.linear(x, dequantize_24_reference(values, meta, scale, group_size=32).to(dtype), b)
+    for backend in ("torch", "auto"):
+        y = quant_linear_24(x, values, meta, scale, group_size=32, bias=b, backend=backend)
+        assert y.shape == (2, 1, 24) and torch.equal(y, expect), backend
+
+
+def test_24_argument_errors():
+    values, meta, scale = _q24_case(16, 64, 32)
+    x = torch.randn(3, 64)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        quant_linear_24(x, values, meta, torch.rand(16, 7), group_size=10)
+    with pytest.raises(ValueError, match="int8"):
+        quant_linear_24(x, values.to(torch.uint8), meta, scale, group_size=32)
+    with pytest.raises(ValueError, match="meta"):
+        quant_linear_24(x, values, meta[:, :3], scale, group_size=32)
+    with pytest.raises(ValueError, match="K=60"):
+        quant_linear_24(x[:, :60], values, meta, scale, group_size=32)
+
+
+def test_24_custom_op_opcheck_and_compile():
+    values, meta, scale = _q24_case(16, 64, 32, seed=3)
+    x, b = _inputs(3, 16, 64, torch.float32, seed=3)
+    torch.library.opcheck(torch.ops.squeeze.quant_linear_24.default, (x, values, meta, scale, b, 32))
+
+    def f(x):
+        return quant_linear_24(x, values, meta, scale, group_size=32, bias=b) * 2
+
+    assert torch.equal(torch.compile(f, backend="aot_eager", fullgraph=True)(x), f(x))
