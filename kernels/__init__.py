@@ -9,6 +9,16 @@ Public API:
 2:4 linear (sparse24_matmul)
     linear_24(x, values, meta, bias=None, *, backend="auto", cache=None);  DenseWeightCache
     linear_24_reference(x, values, meta, bias=None)
+Weight-only quantized linear (quant_format, quant_matmul): int8 / int4 (sym, asym) / fp8 e4m3 codes,
+fp32 scales per group of K, uint8 zero points; int4 packed two per byte, low nibble = even column
+    quant_linear(x, codes, scale, zero=None, *, bits, symmetric, group_size, bias=None, backend="auto")
+    pack_int4(u) -> uint8 [N, ceil(K/2)];  unpack_int4(packed, K) -> uint8 [N, K]
+    dequantize_reference(codes, scale, zero, *, bits, symmetric, group_size, K=None) -> fp32 [N, K]
+    quant_linear_reference(x, codes, scale, zero=None, *, bits, symmetric, group_size, bias=None) -> fp32
+    check_quant_args(...), quant_bytes(n, k, *, bits, group_size=None, symmetric=True, sparse24=False)
+    2:4 + int8 (pack_24's values as int8 codes, fp32 scales over the original K):
+    quant_linear_24(x, values, meta, scale, *, group_size, bias=None, backend="auto")
+    dequantize_24_reference(values, meta, scale, *, group_size, K=None), check_quant24_args(...)
 Activation-sparse FFN (chunk_ffn, cpu_ffn, ffn_reference)
     chunk_sparse_ffn(x, w_gate, w_up, w_downT, act, threshold=None, *, threshold_on="h", backend="auto")
     sparse_ffn_from_indices(x, w_gate, w_up, w_downT, indices, act, count=None, *, backend="auto")
@@ -27,7 +37,8 @@ Weight-only quantized linear, CPU (quant_cpu): torch's int8 / int4 ops on the qu
     QUANT_CPU_FAST_DTYPES  (activation dtypes where the ops beat dense F.linear: bfloat16)
 
 Custom ops (torch.compile-traceable, with fake implementations): torch.ops.squeeze.linear_24,
-torch.ops.squeeze.chunk_sparse_ffn, torch.ops.squeeze.sparse_ffn_from_indices.
+torch.ops.squeeze.chunk_sparse_ffn, torch.ops.squeeze.sparse_ffn_from_indices,
+torch.ops.squeeze.quant_linear, torch.ops.squeeze.quant_linear_24.
 Triton is imported only when a Triton path runs; everything else works without it.
 """
 
@@ -52,6 +63,17 @@ from .quant_cpu import (
     prepare_int4_cpu,
     prepare_int8_cpu,
 )
+from .quant_format import (
+    check_quant24_args,
+    check_quant_args,
+    dequantize_24_reference,
+    dequantize_reference,
+    pack_int4,
+    quant_bytes,
+    quant_linear_reference,
+    unpack_int4,
+)
+from .quant_matmul import quant_linear, quant_linear_24
 from .sparse24_format import compressed_bytes, from_cutlass, is_24_sparse, pack_24, to_cutlass, unpack_24
 from .sparse24_matmul import DenseWeightCache, linear_24, linear_24_reference
 
@@ -66,11 +88,15 @@ __all__ = [
     "SparseFFNWorkspace",
     "act_mul",
     "active_neurons",
+    "check_quant24_args",
+    "check_quant_args",
     "chunk_sparse_ffn",
     "chunk_sparse_ffn_reference",
     "compressed_bytes",
     "default_plan",
     "dense_ffn_reference",
+    "dequantize_24_reference",
+    "dequantize_reference",
     "from_cutlass",
     "input_sparse_linear_cpu",
     "int4_linear_cpu",
@@ -82,9 +108,15 @@ __all__ = [
     "pack_24",
     "prepare_int4_cpu",
     "prepare_int8_cpu",
+    "pack_int4",
+    "quant_bytes",
+    "quant_linear",
+    "quant_linear_24",
+    "quant_linear_reference",
     "sparse_ffn_from_indices",
     "sparse_ffn_reference",
     "to_cutlass",
     "triton_available",
     "unpack_24",
+    "unpack_int4",
 ]

@@ -31,6 +31,10 @@ from dataclasses import dataclass
 import torch
 
 from squeeze.errors import SqueezeError
+from squeeze.kernels.quant_format import pack_int4, unpack_int4  # the layout's one implementation
+
+__all__ = ["QuantSpec", "codes_from_weight", "dequantize", "pack_int4", "qparams", "quantize", "rtn",
+           "unpack_int4"]
 
 _FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _FORMATS = {"int8": (8, "int"), "int4": (4, "int"), "fp8": (8, "fp8")}
@@ -287,28 +291,3 @@ def codes_from_weight(W: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zer
             f"(largest difference {float((back.float() - W.float()).abs().max()):.3g}): the weight changed "
             "after quantization or the scales belong to another weight; quantize it again")
     return codes
-
-
-def pack_int4(u: torch.Tensor) -> torch.Tensor:
-    """Nibbles u uint8 [N, K] (values 0..15) -> uint8 [N, ceil(K/2)], byte j = u[:, 2j] | u[:, 2j+1] << 4
-    (the low nibble is the even column; for odd K the last high nibble is 0)."""
-    if u.dim() != 2 or u.dtype != torch.uint8:
-        raise SqueezeError(f"pack_int4 takes uint8 nibbles [N, K], got {u.dtype} {tuple(u.shape)}")
-    if bool((u > 15).any()):
-        raise SqueezeError("pack_int4: values must be 0..15 (one nibble each); pass int4 codes, not int8 "
-                           "codes")
-    if u.shape[1] % 2:
-        u = torch.nn.functional.pad(u, (0, 1))
-    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
-
-
-def unpack_int4(packed: torch.Tensor, K: int) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: uint8 [N, ceil(K/2)] -> nibbles uint8 [N, K]."""
-    if packed.dim() != 2 or packed.dtype != torch.uint8 or packed.shape[1] != (K + 1) // 2:
-        raise SqueezeError(f"unpack_int4 takes uint8 [N, ceil(K/2)] = [N, {(K + 1) // 2}] for K={K}, got "
-                           f"{packed.dtype} {tuple(packed.shape)}")
-    if K % 2 and packed.shape[0] and bool((packed[:, -1] >> 4).any()):
-        raise SqueezeError(f"corrupt int4 packing: K={K} is odd, so the high nibble of each row's last byte "
-                           "must be 0")
-    both = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(packed.shape[0], -1)
-    return both[:, :K].contiguous()

@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
-from squeeze.kernels import _chunk_ffn_triton as cf, _sparse24_triton as s24, _triton_common as tc
+from squeeze.kernels import _chunk_ffn_triton as cf, _quant_triton as qt, _sparse24_triton as s24, _triton_common as tc
 
 def jit_of(k):
     while not isinstance(k, JITFunction):
@@ -61,6 +61,42 @@ compile_sm90(cf._compact_kernel, dict(flag_ptr="*i32", idx_ptr="*i32", count_ptr
 compile_sm90(tc._split_reduce_kernel,
     dict(part_ptr="*fp32", bias_ptr=bf, out_ptr=bf, S="i32", M="i32", N="i32", stride_om="i32"),
     dict(HAS_BIAS=True, BLOCK=1024))
+
+def qsig(x, codes, out):
+    return dict(x_ptr=x, codes_ptr=codes, scale_ptr="*fp32", zero_ptr="*u8", bias_ptr=x, out_ptr=out, M="i32",
+                N="i32", K="i32", KC="i32", SPLIT="i32", M_BUCKET="i32", stride_xm="i32", stride_xk="i32",
+                stride_cn="i32", stride_sn="i32", stride_zn="i32", stride_om="i32")
+
+def qconst(**kw):
+    return dict(dict(BITS=4, KIND=qt.KIND_UINT, HAS_ZERO=True, ZERO=0, GROUP_SIZE=128, PER_CHANNEL=False,
+                     HAS_BIAS=True, USE_DOT=False, UPCAST=True, PRECISION="ieee"), **kw)
+
+# decode on CUDA cores: int4 asymmetric g128, one token, split-K partials
+compile_sm90(qt._qmm_decode, qsig(bf, "*u8", "*fp32"), qconst(BLOCK_M=1), qt._decode_configs()[1])
+# CUDA cores, 4 tokens, int8 asymmetric with groups of 32 inside 128-column tiles (per-column scales)
+compile_sm90(qt._qmm_decode, qsig(bf, "*u8", bf), qconst(BITS=8, GROUP_SIZE=32, BLOCK_M=4), qt._decode_configs()[1])
+# decode on tensor cores (16 rows): int8 symmetric
+compile_sm90(qt._qmm_decode, qsig(bf, "*i8", "*fp32"),
+    qconst(BITS=8, KIND=qt.KIND_INT8, HAS_ZERO=False, ZERO=128, USE_DOT=True, UPCAST=False, BLOCK_M=16),
+    qt._decode_configs()[1])
+# prefill: int4 symmetric, per-column scales (group 32 < BLOCK_K)
+compile_sm90(qt._qmm_prefill, qsig(bf, "*u8", bf),
+    qconst(HAS_ZERO=False, ZERO=8, GROUP_SIZE=32, USE_DOT=True, UPCAST=False), qt._prefill_configs()[0])
+# prefill: fp8 e4m3 per-channel, fp16 activations
+compile_sm90(qt._qmm_prefill, qsig("*fp16", "*fp8e4nv", "*fp16"),
+    qconst(BITS=8, KIND=qt.KIND_FP8, HAS_ZERO=False, GROUP_SIZE=4096, PER_CHANNEL=True, USE_DOT=True, UPCAST=False),
+    qt._prefill_configs()[0])
+
+def q24sig(x, out):
+    return dict(x_ptr=x, val_ptr="*i8", meta_ptr="*u8", scale_ptr="*fp32", bias_ptr=x, out_ptr=out, M="i32",
+                N="i32", K="i32", KC="i32", SPLIT="i32", M_BUCKET="i32", stride_xm="i32", stride_xk="i32",
+                stride_vn="i32", stride_mn="i32", stride_sn="i32", stride_om="i32")
+
+q24c = dict(GROUP_SIZE=128, PER_CHANNEL=False, HAS_BIAS=True, USE_DOT=False, UPCAST=True, PRECISION="ieee")
+# 2:4 + int8: CUDA-core decode (scale per tile), and prefill with per-group-of-4 scales (group 32)
+compile_sm90(qt._q24_decode, q24sig(bf, "*fp32"), dict(q24c, BLOCK_M=1), qt._decode_configs()[1])
+compile_sm90(qt._q24_prefill, q24sig(bf, bf), dict(q24c, GROUP_SIZE=32, USE_DOT=True, UPCAST=False),
+             qt._prefill_configs()[0])
 print("compiled")
 """
 

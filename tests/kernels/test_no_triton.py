@@ -44,6 +44,9 @@ wg, wu, wd = torch.randn(20, 16), torch.randn(20, 16), torch.randn(20, 16)
 y = K.chunk_sparse_ffn(x, wg, wu, wd, "relu")
 assert torch.allclose(y, K.chunk_sparse_ffn_reference(x, wg, wu, wd, "relu"), atol=1e-5)
 y = K.sparse_ffn_from_indices(x, wg, wu, wd, torch.tensor([1, 4, 9]), "swiglu")
+codes, scale = K.pack_int4(torch.randint(1, 16, (8, 16))), torch.rand(8, 1)
+wq = K.dequantize_reference(codes, scale, bits=4, symmetric=True, group_size=16, K=16)
+assert torch.equal(K.quant_linear(x, codes, scale, bits=4, symmetric=True, group_size=16), torch.nn.functional.linear(x, wq))
 assert "triton" not in sys.modules
 print("ok")
 """
