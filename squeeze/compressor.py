@@ -92,8 +92,12 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
             raise SqueezeError(f"--recipe was given together with {', '.join(stray)}: put those settings in the "
                                "recipe's pass entries instead (e.g. {pass: wanda, sparsity: 0.5, "
                                "sparsity_profile: owl})")
-    entries = (read_recipe(recipe) if isinstance(recipe, (str, Path)) else list(recipe)) if recipe is not None \
-        else flags_recipe(method, pattern, sparsity, **pass_settings)
+    if recipe is not None:
+        entries = read_recipe(recipe) if isinstance(recipe, (str, Path)) else list(recipe)
+    elif method is None and quantize and pattern is None and sparsity is None and not pass_settings:
+        entries = []  # quantization alone
+    else:
+        entries = flags_recipe(method, pattern, sparsity, **pass_settings)
     if repair:  # a mask-repair pass (e.g. dsnot) after the recipe; it follows the last pruning pass's pattern
         entries = entries + [{"pass": repair}]
     if quantize:  # quantization last, on the mask the passes before left (same calibration sweep)

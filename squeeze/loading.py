@@ -85,7 +85,9 @@ def _load_compressed(ckpt, config, packed, dtype, attn_implementation, trust_rem
 
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    dtype = dtype if isinstance(dtype, torch.dtype) else ckpt.source_dtype()
+    if not isinstance(dtype, torch.dtype):  # the export dtype: packed codes may outweigh every float tensor
+        named = {e["dtype"] for e in packed.values() if "dtype" in e}
+        dtype = getattr(torch, named.pop()) if len(named) == 1 else ckpt.source_dtype()
     model = build_skeleton(config, trust_remote_code, attn_implementation or "sdpa")
     WeightMap(model, DecompressedView(ckpt, packed)).materialize(model, "", dtype)
     try:

@@ -64,12 +64,12 @@ class Quantize(BlockPass):
     def observe(self, ctx: BlockContext, linear, x, y) -> None:
         ctx.scratch(self).setdefault(linear.name, Hessian(x.shape[-1])).update(x)
 
-    def targets(self, block):
-        return [lin for lin in super().targets(block) if quant_of(lin.module) is None]
-
     def decide(self, ctx: BlockContext) -> dict:
         out = {}
         for lin in self.targets(ctx.block):
+            if quant_of(lin.module) is not None:
+                raise SqueezeError(f"quantize: {lin.name} is already quantized; quantize once (one quantize pass, "
+                                   "from an unquantized model)")
             w = lin.weight.float()
             keep = (w != 0) if "pattern" in ctx.promises.get(lin.name, {}) or \
                 "sparsity" in ctx.promises.get(lin.name, {}) else None  # a mask promised before: keep it exact
