@@ -12,8 +12,8 @@ import torch
 from squeeze.adapters import Adapter
 from squeeze.calib.build import build_calibration, context_of
 from squeeze.checkpoint import Checkpoint
-from squeeze.errors import SqueezeError
 from squeeze.autoload import needs_squeeze
+from squeeze.errors import SqueezeError
 from squeeze.export import Spill, check_output_dir, commit, staging_dir, write_checkpoint
 from squeeze.formats import LAYOUT, check_format, kind_of
 from squeeze.modeling import WeightMap, build_skeleton, load_config
@@ -94,7 +94,8 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
                                "sparsity_profile: owl})")
     if recipe is not None:
         entries = read_recipe(recipe) if isinstance(recipe, (str, Path)) else list(recipe)
-    elif method is None and quantize and pattern is None and sparsity is None and not pass_settings:
+    elif method is None and quantize and pattern is None and sparsity is None \
+            and all(v is None or v is False for v in pass_settings.values()):
         entries = []  # quantization alone
     else:
         entries = flags_recipe(method, pattern, sparsity, **pass_settings)
@@ -110,6 +111,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     methods = build_passes(entries, defaults={"targets": targets, "ignore": ignore, "strict": strict or None})
     passes = [m for m in methods if isinstance(m, BlockPass)]
     stages = [st for m in methods for st in m.stages()]
+    _check_source(ckpt, methods)
     if format == "compressed" and not any(p.promise().get("pattern") == "2:4" or "quant" in p.promise()
                                           for p in passes):
         raise SqueezeError("--format compressed stores 2:4-sparse and quantized linears, and this recipe promises "
@@ -204,6 +206,20 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     if json_path:
         write_json(json_path, report)
     return CompressResult(out, report, _as_loaded(skeleton) if keep_in_memory else None)
+
+
+def _check_source(ckpt: Checkpoint, methods) -> None:
+    """Refuse sources a sweep would read wrong: packed weights, or quantizing twice."""
+    from squeeze.loading import read_record
+
+    record = read_record(ckpt.path)
+    if (record.get("format") or {}).get("linears"):
+        raise SqueezeError(f"{ckpt.path} is a compressed squeeze export (its weights are packed): compress its dense "
+                           "source instead, or re-export it with --format dense")
+    done = [e for e in record.get("passes") or [] if e.get("pass") == "quantize"]
+    if done and any(m.name == "quantize" for m in methods):
+        raise SqueezeError(f"{ckpt.path} is already quantized ({done[0].get('quant')}): quantize its unquantized "
+                           "source instead")
 
 
 def _as_loaded(model: torch.nn.Module) -> torch.nn.Module:

@@ -79,7 +79,8 @@ def fits_quant_grid(w: torch.Tensor, name: str) -> bool:
     return True
 
 
-def _spec(entry: dict):
+def spec_of(entry: dict):
+    """The QuantSpec of a packed entry that has one."""
     from squeeze.algorithms.quant import QuantSpec
 
     return QuantSpec(**entry["quant"])
@@ -156,7 +157,7 @@ def unpack_linear(entry: dict, get) -> torch.Tensor:
     if "quant" in entry:
         from squeeze.algorithms.quant import dequantize
 
-        spec = _spec(entry)
+        spec = spec_of(entry)
         name = "values" if "meta" in entry else "qweight"
         width = k // 2 if "meta" in entry else k
         zero = get(entry["zero"]) if "zero" in entry else None

@@ -31,12 +31,14 @@ def read_record(path: str | Path) -> dict:
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
          trust_remote_code: bool = False, attn_implementation: str | None = None,
-         sparse24: bool | None = None) -> torch.nn.Module:
+         sparse24: bool | None = None, quant_kernels: bool | None = None) -> torch.nn.Module:
     """Load a checkpoint (squeeze export or any HF checkpoint folder) ready for inference.
 
-    A compressed-2:4 export is rebuilt from its values/meta tensors: on CPU the weights are
-    decompressed on load (exactly the dense model); on CUDA, or with ``sparse24=True``, its 2:4
-    linears become :class:`~squeeze.runtime.sparse24.Sparse24Linear` modules over the packed data.
+    A compressed export is rebuilt from its packed tensors, exactly the dense model the compress
+    run kept. On CUDA, or with ``sparse24=True``, its 2:4 linears become
+    :class:`~squeeze.runtime.sparse24.Sparse24Linear` modules over the packed data; its quantized
+    linears run weight-only kernels where one pays (:mod:`squeeze.runtime.quant`: CUDA, or bf16 on
+    CPU), unless ``quant_kernels=False`` keeps the exact dense path.
     """
     ckpt = Checkpoint(path)
     config = load_config(ckpt, trust_remote_code)
@@ -46,6 +48,10 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
         model = _load_compressed(ckpt, config, packed, dtype, attn_implementation, trust_remote_code)
         if sparse24 if sparse24 is not None else torch.device(device).type == "cuda":
             _swap_sparse24(model, ckpt, packed)
+        if quant_kernels is not False and any("quant" in e for e in packed.values()):
+            from squeeze.runtime.quant import install as install_quant
+
+            install_quant(model, ckpt, packed, str(device))
     else:
         model = _from_pretrained(ckpt, config, dtype, attn_implementation, trust_remote_code)
     if record:
@@ -106,7 +112,7 @@ def _swap_sparse24(model, ckpt, packed) -> None:
     prefix = getattr(model, "base_model_prefix", "")
     for name, module in model.named_modules():
         for cand in (f"{name}.weight", f"{name}.weight".removeprefix(prefix + "."), f"{prefix}.{name}.weight"):
-            if cand in packed:
+            if cand in packed and "quant" not in packed[cand]:  # 2:4 with quantized values stays dense here
                 by_key[name] = packed[cand]
     for name, p in by_key.items():
         old = model.get_submodule(name)

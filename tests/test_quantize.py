@@ -1,0 +1,114 @@
+"""The quantize pass end to end: quality on the real stories260k against the issue's targets,
+pruning + quantization keeping the pattern exact, the compressed export's size and its weight-only
+kernels, and the errors a user can make. (Exact reloads on every tiny arch: the conformance grid;
+the layout and the OBS math: test_quant.py; the kernels alone: tests/kernels/.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import squeeze
+from squeeze.errors import SqueezeError
+from squeeze.sparsity import satisfies_nm
+from tests.conftest import STORIES, STORIES_CALIB, STORIES_EVAL
+
+CAL = {"calib": str(STORIES_CALIB), "nsamples": 64, "seqlen": 256}
+
+
+@pytest.fixture(scope="module")
+def kl_of(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality")
+
+    def run(name, **kw):
+        res = squeeze.compress(STORIES, root / name, **CAL, **kw)
+        ev = squeeze.evaluate(res.out, data=str(STORIES_EVAL), reference=STORIES, max_rows=64)
+        return ev["kl"], res
+
+    return run
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_quality_targets_on_stories(kl_of):
+    int8, _ = kl_of("int8", quantize="int8")
+    assert int8 <= 0.001, int8  # the issue's target for int8 alone (llm-compressor GPTQ W8A16: 0.00031)
+    obs4, _ = kl_of("int4-obs", quantize="int4", group_size=32)
+    rtn4, _ = kl_of("int4-rtn", quantize="int4", group_size=32, quant_solver="rtn")
+    assert obs4 < rtn4, (obs4, rtn4)  # error compensation pays
+    sparse, _ = kl_of("24", method="sparsegpt", pattern="2:4")
+    both, res = kl_of("24-int8", method="sparsegpt", pattern="2:4", quantize="int8")
+    assert both <= 1.10 * sparse, (both, sparse)  # int8 on top of 2:4 costs < 10% of the 2:4 model's KL
+    lins = res.report["linears"]
+    assert lins and all(rec["pattern_ok"] for rec in lins.values())  # GPTQ never refilled a pruned entry
+
+
+def _bf16_export(tiny_dir, tiny_calib, tmp_path, **kw):
+    return squeeze.compress(tiny_dir("llama"), tmp_path / "q", calib=str(tiny_calib), nsamples=4, seqlen=32,
+                            dtype="bfloat16", format="compressed", **kw).out
+
+
+@pytest.mark.parametrize("kw", [{"quantize": "int8"}, {"quantize": "int4", "group_size": 32},
+                                {"quantize": "int4", "group_size": 64, "asymmetric": True}])
+def test_cpu_kernels_run_the_codes(kw, tiny_dir, tiny_calib, tmp_path):
+    """bf16 on CPU: the quantized linears run torch's int8/int4 ops on the stored codes, within the
+    bf16 tolerance of the exact dequantized weight (the kernels round scales to bf16 and sum in
+    another order); quant_kernels=False keeps the exact dense path."""
+    out = _bf16_export(tiny_dir, tiny_calib, tmp_path, **kw)
+    fast, exact = squeeze.load(out), squeeze.load(out, quant_kernels=False)
+    swapped = {n: m for n, m in fast.named_modules() if type(m).__name__ == "QuantLinear"}
+    assert swapped and not any(type(m).__name__ == "QuantLinear" for m in exact.modules())
+    eps = torch.finfo(torch.bfloat16).eps
+    for name, q in swapped.items():
+        w = exact.get_submodule(name).weight.float()
+        x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        want = x.float() @ w.T
+        bound = 4 * eps * (x.float().abs() @ w.abs().T) + 1e-6  # output rounding + bf16 scales + reordering
+        assert ((q(x).float() - want).abs() <= bound).all(), name
+
+
+def test_fp32_keeps_the_exact_path(tiny_dir, tiny_calib, tmp_path):
+    out = squeeze.compress(tiny_dir("llama"), tmp_path / "q", calib=str(tiny_calib), nsamples=4, seqlen=32,
+                           quantize="int8", format="compressed").out
+    # fp32 activations: torch's weight-only ops are slower than dense there, so nothing is swapped
+    assert not any(type(m).__name__ == "QuantLinear" for m in squeeze.load(out).modules())
+
+
+def test_user_errors(tiny_dir, tiny_calib, tmp_path):
+    kw = {"calib": str(tiny_calib), "nsamples": 4, "seqlen": 32}
+    src = tiny_dir("llama")
+    with pytest.raises(SqueezeError, match="add --quantize"):
+        squeeze.compress(src, tmp_path / "a", method="wanda", pattern="2:4", group_size=32, **kw)
+    with pytest.raises(SqueezeError, match="bad quantization group size"):
+        squeeze.compress(src, tmp_path / "a", quantize="int4", group_size=0, **kw)
+    with pytest.raises(SqueezeError, match="unknown quantization"):
+        squeeze.compress(src, tmp_path / "a", quantize="int3", **kw)
+    with pytest.raises(SqueezeError, match="fp8 .* has no zero point"):
+        squeeze.compress(src, tmp_path / "a", quantize="fp8", asymmetric=True, **kw)
+    with pytest.raises(SqueezeError, match="promises neither"):
+        squeeze.compress(src, tmp_path / "a", method="wanda", sparsity=0.5, format="compressed", **kw)
+    packed = squeeze.compress(src, tmp_path / "p", quantize="int8", format="compressed", **kw).out
+    with pytest.raises(SqueezeError, match="compressed squeeze export"):
+        squeeze.compress(packed, tmp_path / "a", quantize="int4", **kw)
+    dense = squeeze.compress(src, tmp_path / "d", quantize="int8", **kw).out
+    with pytest.raises(SqueezeError, match="already quantized"):
+        squeeze.compress(dense, tmp_path / "a", quantize="int4", **kw)
+    assert not (tmp_path / "a").exists()  # nothing half-written
+
+
+def test_the_compressed_export_is_smaller(tiny_dir, tiny_calib, tmp_path):
+    kw = {"calib": str(tiny_calib), "nsamples": 4, "seqlen": 32}
+    sizes = {}
+    for name, extra in {"dense": {}, "24": {"method": "wanda", "pattern": "2:4", "format": "compressed"},
+                        "int4": {"quantize": "int4", "group_size": 32, "format": "compressed"},
+                        "24int4": {"method": "wanda", "pattern": "2:4", "quantize": "int4", "group_size": 32,
+                                   "format": "compressed"}}.items():
+        if name == "dense":
+            res = squeeze.compress(tiny_dir("llama"), tmp_path / name, method="wanda", pattern="2:4", **kw)
+        else:
+            res = squeeze.compress(tiny_dir("llama"), tmp_path / name, **extra, **kw)
+        sizes[name] = res.report["size_bytes"]["export"]
+        if name == "24int4":
+            w = squeeze.load(res.out).model.layers[0].mlp.up_proj.weight
+            assert satisfies_nm(w, 2, 4)
+    assert sizes["24int4"] < sizes["int4"] < sizes["24"] < sizes["dense"], sizes
