@@ -116,11 +116,13 @@ def _size_line(r: dict) -> str:
     line = f"size: source {b['source'] / 1e6:.2f} MB -> export {b['export'] / 1e6:.2f} MB ({b['ratio']:.2f}x)"
     fmt = r.get("format")
     if fmt and fmt["stored_dense"]:
-        line += (f"; {len(fmt['stored_dense'])} promised-2:4 linears stored dense (their input dimension is not a "
-                 f"multiple of 4), e.g. {fmt['stored_dense'][0]}")
+        line += (f"; {len(fmt['stored_dense'])} of the compressed linears stored dense (no compact layout is smaller "
+                 f"for them), e.g. {fmt['stored_dense'][0]}")
     elif not fmt and any(rec.get("pattern") == "2:4" and rec.get("pattern_axis") != "out"
                          for rec in r.get("linears", {}).values()):
         line += "; the zeros are stored: --format compressed keeps 2:4 linears at ~0.56x of 16-bit weights"
+    if fmt:
+        line += f" [{fmt['kind']}]"
     return line
 
 

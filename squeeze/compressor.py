@@ -112,10 +112,9 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     passes = [m for m in methods if isinstance(m, BlockPass)]
     stages = [st for m in methods for st in m.stages()]
     _check_source(ckpt, methods)
-    if format == "compressed" and not any(p.promise().get("pattern") == "2:4" or "quant" in p.promise()
-                                          for p in passes):
-        raise SqueezeError("--format compressed stores 2:4-sparse and quantized linears, and this recipe promises "
-                           "neither: add --pattern 2:4 or --quantize int8, or use --format dense")
+    if format == "compressed" and not any(set(p.promise()) & {"pattern", "sparsity", "quant"} for p in passes):
+        raise SqueezeError("--format compressed stores sparse and quantized linears compactly, and this recipe "
+                           "promises neither: add --pattern, --sparsity or --quantize, or use --format dense")
 
     config = load_config(ckpt, trust_remote_code)
     nsamples = nsamples or 128
@@ -195,10 +194,10 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
                             "ratio": round(export_bytes / max(source_bytes, 1), 4)}
     report["loads_with"] = "squeeze" if needs_squeeze(record) else "transformers"
     if format == "compressed":
-        promised = [n for n, rec in result.linears.items() if rec.get("pattern") == "2:4"]
         stored = [k.removesuffix(".weight") for k in spill.packed]  # checkpoint keys: maybe another prefix
-        report["format"] = {"kind": kind_of(spill.packed), "packed_linears": len(spill.packed), "stored_dense": sorted(
-            n for n in promised if not any(n.endswith(k) or k.endswith(n) for k in stored))}
+        report["format"] = {"kind": kind_of(spill.packed) if spill.packed else "dense",
+                            "packed_linears": len(spill.packed), "stored_dense": sorted(
+                                n for n in result.linears if not any(n.endswith(k) or k.endswith(n) for k in stored))}
     report["seconds"] = round(time.perf_counter() - t_start, 3)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
     for m in [*methods, *stages]:

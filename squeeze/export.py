@@ -66,7 +66,7 @@ def commit(tmp: Path, out: Path) -> None:
 
 def packed_keys(entry: dict) -> list[str]:
     """The stored tensors of one packed linear (see :mod:`squeeze.formats`)."""
-    return [entry[part] for part in ("values", "meta", "qweight", "scale", "zero") if part in entry]
+    return [entry[part] for part in ("values", "meta", "mask", "qweight", "scale", "zero") if part in entry]
 
 
 class Spill:

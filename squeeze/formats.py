@@ -28,6 +28,7 @@ import dataclasses
 import torch
 
 from squeeze.errors import SqueezeError
+from squeeze.kernels.quant_format import unpack_int4
 
 FORMATS = ("dense", "compressed")
 COMPRESSED_KIND = "compressed-2:4"  # the record kind of exports whose only codec is 2:4
@@ -104,45 +105,80 @@ def pack_block(block, weights, tensors: dict, cast) -> dict:
     return done
 
 
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool [N, K] -> uint8 [N, ceil(K/8)]: column j is bit j % 8 (low bit first) of byte j // 8."""
+    n, k = mask.shape
+    padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, -k % 8)).view(n, -1, 8)
+    return (padded << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`."""
+    return ((bits[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1).view(bits.shape[0], -1)[:, :k].bool()
+
+
+def _value_bytes(w: torch.Tensor, spec) -> float:
+    if spec is None:
+        return w.element_size()
+    return 0.5 if spec.format == "int" and spec.bits == 4 else 1.0
+
+
+def _bytes_op(codes: torch.Tensor, fn) -> torch.Tensor:
+    """``fn`` on the codes, through their bytes for fp8 (which indexing does not support)."""
+    if codes.dtype == torch.float8_e4m3fn:
+        return fn(codes.view(torch.uint8)).view(torch.float8_e4m3fn)
+    return fn(codes)
+
+
 def pack_linear(lin, w: torch.Tensor, stem: str) -> dict | None:
     """The codec entry (with its ``tensors``) for one linear whose exported weight is ``w``, or
-    None when it is best stored dense."""
+    None when it is best stored dense. Sparsity: 2:4 (values + 2-bit positions) when the weight
+    satisfies it, else a bitmask (values + 1 bit per entry) when that is smaller than dense; the
+    values are quantized codes when a quantize pass ran."""
     from squeeze.kernels import is_24_sparse, pack_24
 
     w = w.t() if lin.transposed else w  # codecs work on [out, in]
     n, k = w.shape
     q = quant_of(lin.module)
-    two_four = k % 4 == 0 and is_24_sparse(w)
-    if q is not None:
-        spec, scale, zero = q
-        two_four = two_four and spec.group_width(k) % 4 == 0
-    if q is None and not two_four:
+    spec, scale, zero = q if q is not None else (None, None, None)
+    two_four = k % 4 == 0 and is_24_sparse(w) and (spec is None or spec.group_width(k) % 4 == 0)
+    keep = w != 0
+    size = _value_bytes(w, spec)
+    bitmask = not two_four and int(keep.sum()) * size + n * -(-k // 8) < n * k * size
+    if q is None and not two_four and not bitmask:
         return None
-    entry = {"codec": "2:4", "shape": [n, k], "transposed": lin.transposed, "dtype": str(w.dtype).removeprefix("torch.")}
+    sparse = "2:4" if two_four else "bitmask" if bitmask else None
+    entry = {"shape": [n, k], "transposed": lin.transposed, "dtype": str(w.dtype).removeprefix("torch.")}
     parts = {}
     if two_four:
         values, parts[f"{stem}.meta"] = pack_24(w.contiguous())
         entry["meta"] = f"{stem}.meta"
+    elif bitmask:
+        values, parts[f"{stem}.mask"] = w[keep], pack_bits(keep)
+        entry["mask"] = f"{stem}.mask"
     if q is None:
         parts[f"{stem}.values"] = values
-        entry["values"] = f"{stem}.values"
-    else:
-        from squeeze.algorithms.quant import codes_from_weight, pack_int4
+        entry.update({"codec": sparse, "values": f"{stem}.values"})
+        entry["tensors"] = parts
+        return entry
+    from squeeze.algorithms.quant import codes_from_weight, pack_int4
 
-        g = spec.group_width(k)
-        if two_four:  # values keep the original groups: g input columns hold g / 2 values
-            spec = dataclasses.replace(spec, group_size=g // 2)
-            w = values
+    if two_four:  # the values keep the original groups: g input columns hold g / 2 values
+        codes = codes_from_weight(values, dataclasses.replace(spec, group_size=spec.group_width(k) // 2),
+                                  scale.float(), zero)
+    else:
         codes = codes_from_weight(w, spec, scale.float(), zero)
-        if spec.format == "int" and spec.bits == 4:
-            codes = pack_int4(codes)
-        name = "values" if two_four else "qweight"
-        parts[f"{stem}.{name}"], parts[f"{stem}.scale"] = codes, scale.float()
-        entry.update({"codec": ("2:4+" if two_four else "") + spec.name.split("-g")[0].removesuffix("-asym"),
-                      "quant": dataclasses.asdict(spec), name: f"{stem}.{name}", "scale": f"{stem}.scale"})
-        if zero is not None:
-            parts[f"{stem}.zero"] = zero
-            entry["zero"] = f"{stem}.zero"
+        if bitmask:  # the kept entries' codes, row-major (fp8 handled as its bytes: no fp8 indexing)
+            codes = _bytes_op(codes, lambda c: c[keep][None])
+    if spec.format == "int" and spec.bits == 4:
+        codes = pack_int4(codes)
+    name = "values" if sparse else "qweight"
+    parts.update({f"{stem}.{name}": codes, f"{stem}.scale": scale.float()})
+    entry.update({"codec": "+".join(c for c in (sparse, spec.name.split("-g")[0].removesuffix("-asym")) if c),
+                  "quant": dataclasses.asdict(spec), name: f"{stem}.{name}", "scale": f"{stem}.scale"})
+    if zero is not None:
+        parts[f"{stem}.zero"] = zero
+        entry["zero"] = f"{stem}.zero"
     entry["tensors"] = parts
     return entry
 
@@ -154,16 +190,28 @@ def unpack_linear(entry: dict, get) -> torch.Tensor:
 
     n, k = entry["shape"]
     dtype = getattr(torch, entry["dtype"]) if "dtype" in entry else None
+    keep = unpack_bits(get(entry["mask"]), k) if "mask" in entry else None
     if "quant" in entry:
         from squeeze.algorithms.quant import dequantize
 
         spec = spec_of(entry)
-        name = "values" if "meta" in entry else "qweight"
-        width = k // 2 if "meta" in entry else k
         zero = get(entry["zero"]) if "zero" in entry else None
-        w = dequantize(get(entry[name]), spec, get(entry["scale"]), zero, K=width).to(dtype)
         if "meta" in entry:
+            spec_v = dataclasses.replace(spec, group_size=spec.group_width(k) // 2)
+            w = dequantize(get(entry["values"]), spec_v, get(entry["scale"]), zero, K=k // 2).to(dtype)
             w = unpack_24(w, get(entry["meta"]), k)
+        elif keep is not None:
+            nnz = int(keep.sum())
+            codes = get(entry["values"])
+            codes = (unpack_int4(codes, nnz) if spec.format == "int" and spec.bits == 4 else codes)[0]
+            dense = _bytes_op(codes, lambda c: torch.zeros(n, k, dtype=c.dtype).index_put_((keep,), c))
+            w = torch.where(keep, dequantize(dense, spec, get(entry["scale"]), zero), 0.0).to(dtype)
+        else:
+            w = dequantize(get(entry["qweight"]), spec, get(entry["scale"]), zero, K=k).to(dtype)
+    elif keep is not None:
+        values = get(entry["values"])
+        w = torch.zeros(n, k, dtype=values.dtype)
+        w[keep] = values
     else:
         w = unpack_24(get(entry["values"]), get(entry["meta"]), k)
         w = w if dtype is None else w.to(dtype)

@@ -5,8 +5,8 @@ architecture it applies to, one test id per case, all through one common tester:
     ``squeeze.json`` promised) -> reload with ``squeeze.load``, and with transformers: plain
     ``from_pretrained`` when the export is weights-only, else the export is marked
     ``model_type: squeeze`` and transformers' auto class (squeeze imported) loads it -> the same
-    outputs as the in-memory compressed model; where the promise is 2:4 or a quantization, the
-    ``format="compressed"`` export is smaller and reloads to the same outputs too. (That transformers *without* squeeze refuses marked
+    outputs as the in-memory compressed model; where a pass promised sparsity or a
+    quantization, the ``format="compressed"`` export is smaller and reloads to the same outputs too. (That transformers *without* squeeze refuses marked
     exports is tests/test_autoload.py's job.)
 
 A new method is tested by registering it and declaring its examples.
@@ -163,8 +163,7 @@ def test_conformance(name, example, arch, source, tiny_calib, tmp_path, monkeypa
         torch.testing.assert_close(_outputs(auto, inputs), want, **EXACT)
     assert want.shape != dense.shape or not torch.equal(want, dense), "the method changed nothing"
 
-    packable = [p for p in record["linears"].values()
-                if "quant" in p or (p.get("pattern") == "2:4" and p.get("pattern_axis") != "out")]
+    packable = [p for p in record["linears"].values() if {"quant", "pattern", "sparsity"} & set(p)]
     if packable:
         comp = squeeze.compress(src, tmp_path / "compressed", format="compressed", **kw).out
         info = _check_promise(comp, recipe, dense_adapter)

@@ -86,7 +86,7 @@ def test_user_errors(tiny_dir, tiny_calib, tmp_path):
     with pytest.raises(SqueezeError, match="fp8 .* has no zero point"):
         squeeze.compress(src, tmp_path / "a", quantize="fp8", asymmetric=True, **kw)
     with pytest.raises(SqueezeError, match="promises neither"):
-        squeeze.compress(src, tmp_path / "a", method="wanda", sparsity=0.5, format="compressed", **kw)
+        squeeze.compress(src, tmp_path / "a", method="teal", act_sparsity=0.5, format="compressed", **kw)
     packed = squeeze.compress(src, tmp_path / "p", quantize="int8", format="compressed", **kw).out
     with pytest.raises(SqueezeError, match="compressed squeeze export"):
         squeeze.compress(packed, tmp_path / "a", quantize="int4", **kw)
