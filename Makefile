@@ -10,7 +10,9 @@ LOCK := requirements.lock
 # torch stays at the lock's version in every environment: on this machine's image `torch==X` takes
 # the local CPU wheel; a newer or unpinned torch from PyPI is a multi-GB CUDA build.
 TORCH := $(shell sed -n 's/^torch==//p' $(LOCK))
-PYTEST := HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+# one worker per core (pytest-xdist), one torch thread each: on CI's 2 cores this halves the wall time
+# of a serial run, where two workers with two threads each would oversubscribe the cores
+PYTEST := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto
 
 .PHONY: setup demo test test-fast test-latest test-oldest lock bench clean
 

@@ -16,7 +16,7 @@ from squeeze.autoload import needs_squeeze
 from squeeze.errors import SqueezeError
 from squeeze.export import Spill, check_output_dir, commit, staging_dir, write_checkpoint
 from squeeze.formats import LAYOUT, check_format, kind_of
-from squeeze.modeling import WeightMap, build_skeleton, load_config
+from squeeze.modeling import WeightMap, as_loaded, build_skeleton, load_config
 from squeeze.passes.base import BlockPass, ModelContext
 from squeeze.recipe import build_passes, flags_recipe, read_recipe
 from squeeze.report import write_json
@@ -54,7 +54,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
              calib_generate: int = 0, calib_generate_mode: str = "sample", calib_generate_temperature: float = 1.0,
              calib_generate_top_p: float = 1.0, on_generate=None, repair: str | None = None,
              quantize: str | None = None, group_size: int | None = None, asymmetric: bool = False,
-             quant_solver: str | None = None, format: str = "dense", **pass_settings) -> CompressResult:
+             quant_solver: str | None = None, format: str = "auto", **pass_settings) -> CompressResult:
     """Compress a checkpoint folder and export it to ``out``.
 
     Either ``method`` (+ ``pattern`` or ``sparsity``) or ``recipe`` (a YAML/JSON file or a list
@@ -77,6 +77,8 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         seqlen = seqlen or defaults.DEFAULT_SEQLEN
         if method is None and recipe is None:
             method, pattern = "wanda", pattern or (None if sparsity else "2:4")
+        if dtype == "auto":  # the fp32 default model in bf16: half the bytes, the same cosines (bench/README.md)
+            dtype = "bfloat16"
     ckpt = Checkpoint(model)
     if out is None:
         raise SqueezeError("no output folder: give --out DIR")
@@ -193,9 +195,9 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     report["size_bytes"] = {"source": source_bytes, "export": export_bytes,
                             "ratio": round(export_bytes / max(source_bytes, 1), 4)}
     report["loads_with"] = "squeeze" if needs_squeeze(record) else "transformers"
-    if format == "compressed":
+    if format != "dense" and spill.packed:
         stored = [k.removesuffix(".weight") for k in spill.packed]  # checkpoint keys: maybe another prefix
-        report["format"] = {"kind": kind_of(spill.packed) if spill.packed else "dense",
+        report["format"] = {"kind": kind_of(spill.packed),
                             "packed_linears": len(spill.packed), "stored_dense": sorted(
                                 n for n in result.linears if not any(n.endswith(k) or k.endswith(n) for k in stored))}
     report["seconds"] = round(time.perf_counter() - t_start, 3)
@@ -204,7 +206,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         report.setdefault("pass_reports", {}).update(m.report or {})
     if json_path:
         write_json(json_path, report)
-    return CompressResult(out, report, _as_loaded(skeleton) if keep_in_memory else None)
+    return CompressResult(out, report, as_loaded(skeleton) if keep_in_memory else None)
 
 
 def _check_source(ckpt: Checkpoint, methods) -> None:
@@ -220,15 +222,6 @@ def _check_source(ckpt: Checkpoint, methods) -> None:
         raise SqueezeError(f"{ckpt.path} is already quantized ({done[0].get('quant')}): quantize its unquantized "
                            "source instead")
 
-
-def _as_loaded(model: torch.nn.Module) -> torch.nn.Module:
-    """The kept model in the state ``squeeze.load`` gives: trainable float parameters. The flag is
-    not cosmetic: torch.matmul picks its GEMM path for a strided 3-D input by whether the weight
-    requires grad, and the two paths round differently (MustDrop's CLS query differed by 1 ulp)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            p.requires_grad_(True)
-    return model
 
 
 def _summary(linears: dict) -> dict:

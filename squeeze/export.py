@@ -101,7 +101,7 @@ class Spill:
                     self.sidecar[full] = t.detach().clone().contiguous()
                 continue
             tensors[key] = self.cast(key, t.detach()).contiguous()
-        if self.format == "compressed":
+        if self.format != "dense":
             from squeeze.formats import pack_block
 
             self.packed.update(pack_block(block, self.weights, tensors, self.cast))

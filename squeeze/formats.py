@@ -1,11 +1,13 @@
 """Storage formats for exports.
 
-``dense`` (default): zeros and quantized values baked into ordinary safetensors in the model's
-dtype; plain ``from_pretrained`` loads it (unless a run-time method marks it, see
-:mod:`squeeze.autoload`).
+``auto`` (default): every linear is stored by what the passes promised it, one codec per linear
+(below); a linear no codec makes smaller, and every other tensor, stays as it is. An export with
+nothing to pack is a plain checkpoint. ``compressed`` is the same, but an error when the recipe
+promises nothing to pack. ``dense``: zeros and quantized values baked into ordinary safetensors
+in the model's dtype, for engines that need them; plain ``from_pretrained`` loads it (unless a
+run-time method marks it, see :mod:`squeeze.autoload`).
 
-``compressed``: every linear is stored by what the passes promised it, one codec per linear,
-described in ``squeeze.json`` under ``format.linears`` (weight key -> entry):
+Codecs, described in ``squeeze.json`` under ``format.linears`` (weight key -> entry):
 
 - ``2:4`` — a weight satisfying 2:4 along its input dimension becomes ``<stem>.values`` [N, K/2]
   in the weight's dtype and ``<stem>.meta`` [N, ceil(K/8)] uint8 (four 2-bit in-group positions
@@ -30,7 +32,7 @@ import torch
 from squeeze.errors import SqueezeError
 from squeeze.kernels.quant_format import unpack_int4
 
-FORMATS = ("dense", "compressed")
+FORMATS = ("auto", "compressed", "dense")
 COMPRESSED_KIND = "compressed-2:4"  # the record kind of exports whose only codec is 2:4
 LAYOUT = ("values [N, K/2] in the weight's dtype (kept entries in column order); meta [N, ceil(K/8)] uint8: "
           "for input-column group g (4 columns), the two kept in-group positions (ascending) occupy 2 bits "
@@ -41,7 +43,7 @@ LAYOUT = ("values [N, K/2] in the weight's dtype (kept entries in column order);
 
 def check_format(name: str) -> str:
     if name not in FORMATS:
-        raise SqueezeError(f"unknown --format {name!r}: use {' or '.join(FORMATS)}")
+        raise SqueezeError(f"unknown --format {name!r}: use {', '.join(FORMATS)}")
     return name
 
 

@@ -16,7 +16,7 @@ import torch
 from squeeze.checkpoint import Checkpoint
 from squeeze.errors import SqueezeError
 from squeeze.export import RECORD, SIDECAR
-from squeeze.modeling import load_config, model_class
+from squeeze.modeling import as_loaded, load_config, model_class
 
 
 def read_record(path: str | Path) -> dict:
@@ -53,7 +53,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
 
             install_quant(model, ckpt, packed, str(device))
     else:
-        model = _from_pretrained(ckpt, config, dtype, attn_implementation, trust_remote_code)
+        model = as_loaded(_from_pretrained(ckpt, config, dtype, attn_implementation, trust_remote_code))
     if record:
         from squeeze.runtime.spec import install
 
@@ -96,6 +96,7 @@ def _load_compressed(ckpt, config, packed, dtype, attn_implementation, trust_rem
         dtype = getattr(torch, named.pop()) if len(named) == 1 else ckpt.source_dtype()
     model = build_skeleton(config, trust_remote_code, attn_implementation or "sdpa")
     WeightMap(model, DecompressedView(ckpt, packed)).materialize(model, "", dtype)
+    as_loaded(model)
     try:
         from transformers import GenerationConfig
 

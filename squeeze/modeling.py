@@ -95,6 +95,19 @@ def build_skeleton(config, trust_remote_code: bool = False, attn_implementation:
     return model.eval().requires_grad_(False)
 
 
+def as_loaded(model: nn.Module) -> nn.Module:
+    """Every loaded model in one state, whichever path built it: trainable float parameters in
+    allocator-aligned memory. Neither is cosmetic: torch.matmul picks its GEMM path for a strided 3-D input
+    by whether the weight requires grad, and the two paths round differently (MustDrop's CLS query
+    and GPT-2's one-token calls differed by 1 ulp)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.requires_grad_(True)
+        if p.data_ptr() % 64:  # see WeightMap._read: a tensor read in place from a file's offset
+            p.data = torch.empty_like(p.data, memory_format=torch.contiguous_format).copy_(p.data)
+    return model
+
+
 class WeightMap:
     """Maps model parameter names to checkpoint keys (handles the base-model prefix and tied
     weights), and moves parameters between the checkpoint and the model."""
@@ -152,7 +165,11 @@ class WeightMap:
 
     def _read(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         t = self.ckpt.get(key)
-        return t.to(dtype) if t.is_floating_point() else t
+        t = t.to(dtype) if t.is_floating_point() else t
+        # Own, allocator-aligned memory: a tensor read from a file sits at the file's offset, and
+        # CPU GEMV kernels round differently at another alignment, so the same weights would give
+        # other last bits than the same model loaded from another file.
+        return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
 
     def release(self, module: nn.Module) -> None:
         """Drop the parameters of ``module`` back to meta (frees their memory)."""

@@ -1,13 +1,13 @@
 """The conformance grid: every registered method x each of its example settings x every tiny
 architecture it applies to, one test id per case, all through one common tester:
 
-    compress -> the promise holds (``squeeze.info`` re-measures the exported weights against what
-    ``squeeze.json`` promised) -> reload with ``squeeze.load``, and with transformers: plain
-    ``from_pretrained`` when the export is weights-only, else the export is marked
-    ``model_type: squeeze`` and transformers' auto class (squeeze imported) loads it -> the same
-    outputs as the in-memory compressed model; where a pass promised sparsity or a
-    quantization, the ``format="compressed"`` export is smaller and reloads to the same outputs too. (That transformers *without* squeeze refuses marked
-    exports is tests/test_autoload.py's job.)
+    compress (default format: packed where it pays) -> the promise holds (``squeeze.info``
+    re-measures the exported weights against what ``squeeze.json`` promised) -> reload with
+    ``squeeze.load``, and with transformers: plain ``from_pretrained`` when nothing needs squeeze,
+    else the export is marked ``model_type: squeeze`` and transformers' auto class (squeeze
+    imported) loads it -> the same outputs as the in-memory compressed model. When something was
+    packed, the ``--format dense`` export is bigger and reloads to the same outputs too. (That
+    transformers *without* squeeze refuses marked exports is tests/test_autoload.py's job.)
 
 A new method is tested by registering it and declaring its examples.
 """
@@ -23,11 +23,12 @@ import transformers
 
 import squeeze
 from squeeze.adapters import Adapter
+from squeeze.autoload import needs_squeeze
 from squeeze.loading import read_record
 from squeeze.modeling import model_class
 from squeeze.passes import REGISTRY
 from squeeze.recipe import build_passes
-from squeeze.runtime.spec import RUNTIMES, needs_runtime
+from squeeze.runtime.spec import RUNTIMES
 from tests import llava_tiny
 from tests.tiny import ARCHS
 
@@ -105,11 +106,6 @@ def _outputs(model, inputs) -> torch.Tensor:
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-def _weights_only(record: dict) -> bool:
-    """Plain from_pretrained gives the compressed model: no pass has run-time state to install."""
-    return not any(needs_runtime(e["pass"]) for e in record["passes"])
-
-
 def _check_promise(out, recipe: list[dict], adapter: Adapter) -> dict:
     """``squeeze info`` re-measures every linear of the export; each one squeeze.json promised a
     pattern or sparsity for must keep it, a pass that promises one must record it, and nothing
@@ -141,10 +137,10 @@ def test_conformance(name, example, arch, source, tiny_calib, tmp_path, monkeypa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # resume files (drelu) stay in tmp
     recipe = recipe_of(name, example)
     kw = dict(recipe=recipe, calib=str(tiny_calib), nsamples=4, seqlen=32, keep_in_memory=True)
-    res = squeeze.compress(src, tmp_path / "dense", **kw)
+    res = squeeze.compress(src, tmp_path / "auto", **kw)  # the default format: packed where it pays
     record = read_record(res.out)
     assert [e["pass"] for e in record["passes"]] == [e["pass"] for e in recipe]
-    _check_promise(res.out, recipe, dense_adapter)
+    info = _check_promise(res.out, recipe, dense_adapter)
 
     want = _outputs(res.model, inputs)
     loaded = squeeze.load(res.out)
@@ -152,25 +148,31 @@ def test_conformance(name, example, arch, source, tiny_calib, tmp_path, monkeypa
     if arch != "llava":  # one token, as in decoding: the run-times' input-sparse paths agree too
         one = {"input_ids": inputs["input_ids"][:1, :1]}
         torch.testing.assert_close(_outputs(loaded, one), _outputs(res.model, one), **EXACT)
-    config = json.loads((res.out / "config.json").read_text())
-    if _weights_only(record):  # any transformers loads it
-        assert config["model_type"] == json.loads((src / "config.json").read_text())["model_type"]
-        plain = model_class(res.model.config).from_pretrained(res.out)
-        torch.testing.assert_close(_outputs(plain, inputs), want, **EXACT)
-    else:  # marked for squeeze; with squeeze imported, transformers' auto class is squeeze.load
-        assert config["model_type"] == "squeeze"
-        auto = getattr(transformers, AUTO_CLASS.get(arch, "AutoModelForCausalLM")).from_pretrained(res.out)
-        torch.testing.assert_close(_outputs(auto, inputs), want, **EXACT)
+    _check_transformers(res.out, record, src, arch, inputs, want)
     assert want.shape != dense.shape or not torch.equal(want, dense), "the method changed nothing"
 
-    packable = [p for p in record["linears"].values() if {"quant", "pattern", "sparsity"} & set(p)]
-    if packable:
-        comp = squeeze.compress(src, tmp_path / "compressed", format="compressed", **kw).out
-        info = _check_promise(comp, recipe, dense_adapter)
+    if record.get("format"):  # packed: the dense format is one flag away, bigger, and loads the same
         assert info["format"].startswith("compressed-")
-        assert sum(info["file_bytes"].values()) < sum(_check_promise(res.out, recipe, dense_adapter)["file_bytes"]
-                                                      .values())
-        torch.testing.assert_close(_outputs(squeeze.load(comp), inputs), want, **EXACT)
-        assert json.loads((comp / "config.json").read_text())["model_type"] == "squeeze"
-        auto = getattr(transformers, AUTO_CLASS.get(arch, "AutoModelForCausalLM")).from_pretrained(comp)
+        plain = squeeze.compress(src, tmp_path / "dense", format="dense", **kw).out
+        plain_info = _check_promise(plain, recipe, dense_adapter)
+        assert plain_info["format"] == "dense"
+        assert sum(info["file_bytes"].values()) < sum(plain_info["file_bytes"].values())
+        torch.testing.assert_close(_outputs(squeeze.load(plain), inputs), want, **EXACT)
+        _check_transformers(plain, read_record(plain), src, arch, inputs, want)
+    else:
+        assert not any({"quant", "pattern", "sparsity"} & set(p) for p in record["linears"].values()), \
+            "a promised linear was stored dense"
+
+
+def _check_transformers(out, record, src, arch, inputs, want) -> None:
+    """Weights-only exports load in any transformers; the rest are marked for squeeze, and with
+    squeeze imported transformers' auto class gives squeeze.load's model."""
+    config = json.loads((out / "config.json").read_text())
+    if not needs_squeeze(record):
+        assert config["model_type"] == json.loads((src / "config.json").read_text())["model_type"]
+        plain = model_class(squeeze.load(out).config).from_pretrained(out)
+        torch.testing.assert_close(_outputs(plain, inputs), want, **EXACT)
+    else:
+        assert config["model_type"] == "squeeze"
+        auto = getattr(transformers, AUTO_CLASS.get(arch, "AutoModelForCausalLM")).from_pretrained(out)
         torch.testing.assert_close(_outputs(auto, inputs), want, **EXACT)

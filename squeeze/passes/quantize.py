@@ -42,7 +42,8 @@ class Quantize(BlockPass):
     @dataclasses.dataclass
     class Settings(BlockPass.Settings):
         bits: str = "int8"  # int8 | int4 | fp8
-        group_size: int | None = None  # input columns per scale; default 128 for int4, per row otherwise
+        group_size: int | str | None = None  # input columns per scale, or "channel" (one per output row);
+        # default 128 for int4, "channel" for int8 and fp8
         symmetric: bool = True
         solver: str = "obs"  # obs (GPTQ error compensation, needs calibration) | rtn (round to nearest)
         blocksize: int = 128
@@ -55,6 +56,7 @@ class Quantize(BlockPass):
         if not isinstance(s.blocksize, int) or s.blocksize < 1:
             raise SqueezeError(f"quantize: bad blocksize {s.blocksize!r}: expected a whole number >= 1, e.g. 128")
         group = s.group_size if s.group_size is not None else DEFAULT_GROUP.get(str(s.bits).strip().lower())
+        group = None if group == "channel" else group
         self.spec = QuantSpec.parse(s.bits, symmetric=s.symmetric, group_size=group)
         self.needs_calibration = s.solver == "obs"
 
