@@ -54,7 +54,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
              calib_generate: int = 0, calib_generate_mode: str = "sample", calib_generate_temperature: float = 1.0,
              calib_generate_top_p: float = 1.0, on_generate=None, repair: str | None = None,
              quantize: str | None = None, group_size: int | None = None, asymmetric: bool = False,
-             quant_solver: str | None = None, format: str = "auto", **pass_settings) -> CompressResult:
+             quant_solver: str | None = None, format: str = "dense", **pass_settings) -> CompressResult:
     """Compress a checkpoint folder and export it to ``out``.
 
     Either ``method`` (+ ``pattern`` or ``sparsity``) or ``recipe`` (a YAML/JSON file or a list

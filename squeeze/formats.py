@@ -1,11 +1,14 @@
 """Storage formats for exports.
 
-``auto`` (default): every linear is stored by what the passes promised it, one codec per linear
+``dense`` (default): zeros and quantized values baked into ordinary safetensors in the model's
+dtype, for engines that need them; plain ``from_pretrained`` loads it (unless a run-time method
+marks it, see :mod:`squeeze.autoload`). (``recover`` and ``finetune`` read dense exports only, so
+the default stays dense until they read packed ones.)
+
+``auto``: every linear is stored by what the passes promised it, one codec per linear
 (below); a linear no codec makes smaller, and every other tensor, stays as it is. An export with
 nothing to pack is a plain checkpoint. ``compressed`` is the same, but an error when the recipe
-promises nothing to pack. ``dense``: zeros and quantized values baked into ordinary safetensors
-in the model's dtype, for engines that need them; plain ``from_pretrained`` loads it (unless a
-run-time method marks it, see :mod:`squeeze.autoload`).
+promises nothing to pack.
 
 Codecs, described in ``squeeze.json`` under ``format.linears`` (weight key -> entry):
 

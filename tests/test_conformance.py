@@ -1,7 +1,7 @@
 """The conformance grid: every registered method x each of its example settings x every tiny
 architecture it applies to, one test id per case, all through one common tester:
 
-    compress (default format: packed where it pays) -> the promise holds (``squeeze.info``
+    compress (``--format auto``: packed where it pays) -> the promise holds (``squeeze.info``
     re-measures the exported weights against what ``squeeze.json`` promised) -> reload with
     ``squeeze.load``, and with transformers: plain ``from_pretrained`` when nothing needs squeeze,
     else the export is marked ``model_type: squeeze`` and transformers' auto class (squeeze
@@ -137,7 +137,7 @@ def test_conformance(name, example, arch, source, tiny_calib, tmp_path, monkeypa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # resume files (drelu) stay in tmp
     recipe = recipe_of(name, example)
     kw = dict(recipe=recipe, calib=str(tiny_calib), nsamples=4, seqlen=32, keep_in_memory=True)
-    res = squeeze.compress(src, tmp_path / "auto", **kw)  # the default format: packed where it pays
+    res = squeeze.compress(src, tmp_path / "auto", format="auto", **kw)  # packed where it pays
     record = read_record(res.out)
     assert [e["pass"] for e in record["passes"]] == [e["pass"] for e in recipe]
     info = _check_promise(res.out, recipe, dense_adapter)
