@@ -8,9 +8,9 @@ done in fp32:
 ==========================  =====================================  ==============================
 format                      codes                                  w
 ==========================  =====================================  ==============================
-int8 symmetric              ``int8 [N, K]`` in [-127, 127]         ``q * s``
+int8 symmetric              ``int8 [N, K]`` in [-128, 127]         ``q * s``
 int8 asymmetric             ``uint8 [N, K]``, zero ``uint8 [N, G]``  ``(u - z) * s``
-int4 symmetric              packed ``uint8 [N, ceil(K/2)]``, u in [1, 15]   ``(u - 8) * s``
+int4 symmetric              packed ``uint8 [N, ceil(K/2)]``, u in [0, 15]   ``(u - 8) * s``
 int4 asymmetric             packed, u in [0, 15], zero in [0, 15]  ``(u - z) * s``
 fp8 e4m3 (symmetric)        ``float8_e4m3fn [N, K]``               ``q.float() * s``
 ==========================  =====================================  ==============================

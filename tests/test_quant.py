@@ -100,8 +100,10 @@ def test_bad_specs_say_what_was_wrong_and_what_to_do(make, match):
 
 @pytest.mark.parametrize("spec, row, scale, zero, codes", [
     # scales that are powers of two keep every step exact; x.5 rounds to even
-    (QuantSpec(8), [127, -64, 2.5, 3.5, -2.5, 0], 1.0, None, [127, -64, 2, 4, -2, 0]),
-    (QuantSpec(4), [7, -3, 2.5, 0], 1.0, None, [15, 5, 10, 8]),
+    # symmetric int: s = absmax / (levels + 0.5), codes down to -(levels + 1) (compressed-tensors' grid)
+    (QuantSpec(8), [-127.5, -64, 2.5, 3.5, -2.5, 0], 1.0, None, [-128, -64, 2, 4, -2, 0]),
+    (QuantSpec(8), [127.5, -64, 0], 1.0, None, [127, -64, 0]),  # +127.5 clips to 127
+    (QuantSpec(4), [-7.5, -3, 2.5, 0], 1.0, None, [0, 5, 10, 8]),
     (QuantSpec(8, symmetric=False), [-2, 253, 0, 100.5], 1.0, 2, [0, 255, 2, 102]),
     (QuantSpec(4, symmetric=False), [-5, 10, 2, 0], 1.0, 5, [0, 15, 7, 5]),
     (QuantSpec(4, symmetric=False), [1, 15, 3], 1.0, 0, [1, 15, 3]),  # range extended to include 0

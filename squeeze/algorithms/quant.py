@@ -10,9 +10,9 @@ Layout (shared with the kernels; a weight W is [N, K] = [out, in]): groups of g 
 columns (``group_size=None``: one group per row, g = K); G = ceil(K / g) groups, the last one may
 be partial. ``scale`` is fp32 [N, G]; ``zero`` is uint8 [N, G] for asymmetric int, None otherwise.
 
-    int8 sym    codes int8 q in [-127, 127]      s = absmax / 127          w = q · s
+    int8 sym    codes int8 q in [-128, 127]      s = absmax / 127.5        w = q · s
     int8 asym   codes uint8 u in [0, 255]        s = (max - min) / 255     w = (u - z) · s
-    int4 sym    codes uint8 u = q + 8 in [1, 15] s = absmax / 7            w = (u - 8) · s
+    int4 sym    codes uint8 u = q + 8 in [0, 15] s = absmax / 7.5          w = (u - 8) · s
     int4 asym   codes uint8 u in [0, 15]         s = (max - min) / 15      w = (u - z) · s
     fp8         codes float8_e4m3fn              s = absmax / 448          w = float(q) · s
 
@@ -183,7 +183,10 @@ def _qparams(W: torch.Tensor, spec: QuantSpec, keep: torch.Tensor | None
         Wf = torch.where(keep, Wf, torch.zeros((), dtype=Wf.dtype))  # a zero never widens the range
     Wg = _grouped(Wf, spec.group_width(W.shape[1]))  # (N, G, g)
     if spec.symmetric:
-        top = _FP8_MAX if spec.format == "fp8" else float(spec.levels)
+        # int: the whole two's-complement range, as compressed-tensors does (absmax lands on
+        # +-(levels + 0.5); the negative end rounds to -(levels + 1)). The narrower +-levels grid
+        # measured 1.2x llm-compressor's KL on stories260k for both int8 and int4.
+        top = _FP8_MAX if spec.format == "fp8" else spec.levels + 0.5
         scale = Wg.abs().amax(-1) / top
         return torch.where(scale > 0, scale, torch.ones_like(scale)), None
     lo = Wg.amin(-1).clamp(max=0.0)
@@ -204,7 +207,7 @@ def _quantize(Wf: torch.Tensor, spec: QuantSpec, s: torch.Tensor, z: torch.Tenso
         return q.to(torch.float8_e4m3fn)
     q = torch.round(Wf / s)
     if spec.symmetric:
-        q = q.clamp(-spec.levels, spec.levels) + _zero_code(spec, None)
+        q = q.clamp(-spec.levels - 1, spec.levels) + _zero_code(spec, None)
     else:
         q = (q + z.float()).clamp(0, spec.levels)
     if keep is not None:
