@@ -37,8 +37,10 @@ def verify_export(result) -> dict:
     if result.model is not None:
         cal = result.report.get("calibration") or {}
         ids = torch.arange(2, 2 + min(32, cal.get("seqlen", 32)))[None] % reloaded.config.vocab_size
+        # both in fp32 from the export's rounding (a bf16 export of an fp32 model): an exact check
+        exported = load(result.out, dtype=torch.float32)
         with torch.no_grad():
-            a, b = reloaded(input_ids=ids), result.model.float()(input_ids=ids)
+            a, b = exported(input_ids=ids), result.model.to(reloaded.dtype).float()(input_ids=ids)
         key = "logits" if hasattr(a, "logits") and a.logits is not None else "last_hidden_state"
         out["reload_max_abs_diff"] = float((getattr(a, key).float() - getattr(b, key).float()).abs().max())
     if load_tokenizer(result.out) is not None:
