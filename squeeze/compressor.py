@@ -11,8 +11,8 @@ import torch
 
 from squeeze.adapters import Adapter
 from squeeze.calib.build import build_calibration, context_of
-from squeeze.checkpoint import Checkpoint
 from squeeze.autoload import needs_squeeze
+from squeeze.checkpoint import Checkpoint
 from squeeze.errors import SqueezeError
 from squeeze.export import Spill, check_output_dir, commit, staging_dir, write_checkpoint
 from squeeze.formats import LAYOUT, check_format, kind_of
@@ -196,10 +196,9 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
                             "ratio": round(export_bytes / max(source_bytes, 1), 4)}
     report["loads_with"] = "squeeze" if needs_squeeze(record) else "transformers"
     if format != "dense" and spill.packed:
-        stored = [k.removesuffix(".weight") for k in spill.packed]  # checkpoint keys: maybe another prefix
-        report["format"] = {"kind": kind_of(spill.packed),
-                            "packed_linears": len(spill.packed), "stored_dense": sorted(
-                                n for n in result.linears if not any(n.endswith(k) or k.endswith(n) for k in stored))}
+        report["format"] = {"kind": kind_of(spill.packed), "packed_linears": len(spill.packed),
+                            "stored_dense": sorted(n for n in result.linears
+                                                   if weights.to_ckpt.get(f"{n}.weight") not in spill.packed)}
     report["seconds"] = round(time.perf_counter() - t_start, 3)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
     for m in [*methods, *stages]:
@@ -221,7 +220,6 @@ def _check_source(ckpt: Checkpoint, methods) -> None:
     if done and any(m.name == "quantize" for m in methods):
         raise SqueezeError(f"{ckpt.path} is already quantized ({done[0].get('quant')}): quantize its unquantized "
                            "source instead")
-
 
 
 def _summary(linears: dict) -> dict:

@@ -64,11 +64,6 @@ def commit(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def packed_keys(entry: dict) -> list[str]:
-    """The stored tensors of one packed linear (see :mod:`squeeze.formats`)."""
-    return [entry[part] for part in ("values", "meta", "mask", "qweight", "scale", "zero") if part in entry]
-
-
 class Spill:
     """Per-block tensors written during the sweep (checkpoint keys, export dtype), read back
     lazily when the shards are assembled. Tensors of the block that the checkpoint does not know
@@ -104,7 +99,7 @@ class Spill:
         if self.format != "dense":
             from squeeze.formats import pack_block
 
-            self.packed.update(pack_block(block, self.weights, tensors, self.cast))
+            self.packed.update(pack_block(block, self.weights, tensors))
         path = self.folder / f"block{block.index:05d}.safetensors"
         save_file(tensors, str(path))
         for k in tensors:
@@ -138,6 +133,8 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | None, config_u
                 continue
             packed = getattr(spill, "packed", {}).get(k)
             if packed:  # stored as its codec's tensors instead of the dense weight
+                from squeeze.formats import packed_keys
+
                 for name in packed_keys(packed):
                     tensors[name] = spill.get(name)
                     weight_map[name] = shard

@@ -85,6 +85,24 @@ def fits_quant_grid(w: torch.Tensor, name: str) -> bool:
     return True
 
 
+def packed_keys(entry: dict) -> list[str]:
+    """The stored tensors of one packed linear."""
+    return [entry[part] for part in ("values", "meta", "mask", "qweight", "scale", "zero") if part in entry]
+
+
+def packed_modules(model: torch.nn.Module, packed: dict) -> dict[str, dict]:
+    """{module name: its packed entry}; the record's checkpoint keys may carry or lack the
+    base-model prefix the module names have."""
+    prefix = getattr(model, "base_model_prefix", "")
+    found = {}
+    for name, _ in model.named_modules():
+        for key in (f"{name}.weight", f"{name}.weight".removeprefix(prefix + "."), f"{prefix}.{name}.weight"):
+            if key in packed:
+                found[name] = packed[key]
+                break
+    return found
+
+
 def spec_of(entry: dict):
     """The QuantSpec of a packed entry that has one."""
     from squeeze.algorithms.quant import QuantSpec
@@ -92,7 +110,7 @@ def spec_of(entry: dict):
     return QuantSpec(**entry["quant"])
 
 
-def pack_block(block, weights, tensors: dict, cast) -> dict:
+def pack_block(block, weights, tensors: dict) -> dict:
     """Replace the weights of the block's linears in ``tensors`` (checkpoint key -> tensor, export
     dtype) by their codec's tensors. Returns {weight key: entry}."""
     done = {}
@@ -229,8 +247,6 @@ class DecompressedView:
 
     def __init__(self, ckpt, packed: dict):
         self.ckpt, self.packed, self.path = ckpt, packed, ckpt.path
-        from squeeze.export import packed_keys
-
         hidden = {k for p in packed.values() for k in packed_keys(p)}
         self._keys = [k for k in ckpt.keys() if k not in hidden] + list(packed)
 

@@ -109,12 +109,10 @@ def _load_compressed(ckpt, config, packed, dtype, attn_implementation, trust_rem
 def _swap_sparse24(model, ckpt, packed) -> None:
     from squeeze.runtime.sparse24 import Sparse24Linear
 
-    by_key = {}
-    prefix = getattr(model, "base_model_prefix", "")
-    for name, module in model.named_modules():
-        for cand in (f"{name}.weight", f"{name}.weight".removeprefix(prefix + "."), f"{prefix}.{name}.weight"):
-            if cand in packed and "quant" not in packed[cand]:  # 2:4 with quantized values stays dense here
-                by_key[name] = packed[cand]
+    from squeeze.formats import packed_modules
+
+    # 2:4 with quantized values stays dense here (decoded on load)
+    by_key = {name: e for name, e in packed_modules(model, packed).items() if "quant" not in e}
     for name, p in by_key.items():
         old = model.get_submodule(name)
         dtype = old.weight.dtype

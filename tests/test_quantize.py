@@ -67,6 +67,18 @@ def test_cpu_kernels_run_the_codes(kw, tiny_dir, tiny_calib, tmp_path):
         assert ((q(x).float() - want).abs() <= bound).all(), name
 
 
+def test_codes_inside_a_sparse_layout_stay_decoded(tiny_dir, tiny_calib, tmp_path):
+    """bf16 50% unstructured + int8 is stored as bitmask + codes: no whole-weight codes for a kernel,
+    so loading decodes them exactly (it used to look for a whole-weight codes tensor and fail)."""
+    out = _bf16_export(tiny_dir, tiny_calib, tmp_path, method="wanda", sparsity=0.5, quantize="int8")
+    assert squeeze.info(out)["format"] == "compressed-bitmask+int8"
+    fast, exact = squeeze.load(out), squeeze.load(out, quant_kernels=False)
+    assert not any(type(m).__name__ == "QuantLinear" for m in fast.modules())
+    ids = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(fast(input_ids=ids).logits, exact(input_ids=ids).logits)
+
+
 def test_fp32_keeps_the_exact_path(tiny_dir, tiny_calib, tmp_path):
     out = squeeze.compress(tiny_dir("llama"), tmp_path / "q", calib=str(tiny_calib), nsamples=4, seqlen=32,
                            quantize="int8", format="compressed").out

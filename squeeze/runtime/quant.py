@@ -55,20 +55,17 @@ def _cpu_fn(spec, codes, scale, zero, k):
 
 
 def install(model: nn.Module, ckpt, packed: dict, device: str) -> int:
-    """Swap every quantized (not 2:4) linear of ``packed`` whose layout a kernel on ``device``
+    """Swap every quantized (not sparse) linear of ``packed`` whose layout a kernel on ``device``
     runs for a :class:`QuantLinear`. Returns how many were swapped."""
-    from squeeze.formats import spec_of
+    from squeeze.formats import packed_modules, spec_of
     from squeeze.kernels import QUANT_CPU_FAST_DTYPES
 
     cuda = torch.device(device).type == "cuda"
-    prefix = getattr(model, "base_model_prefix", "")
     swapped = 0
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear):
-            continue
-        entry = next((packed[c] for c in (f"{name}.weight", f"{name}.weight".removeprefix(prefix + "."),
-                                          f"{prefix}.{name}.weight") if c in packed), None)
-        if entry is None or "quant" not in entry or "meta" in entry:
+    for name, entry in packed_modules(model, packed).items():
+        module = model.get_submodule(name)
+        # codes of a whole weight only: codes inside a sparse layout (2:4 values, bitmask) stay decoded
+        if not isinstance(module, nn.Linear) or "qweight" not in entry:
             continue
         if not cuda and module.weight.dtype not in QUANT_CPU_FAST_DTYPES:
             continue
