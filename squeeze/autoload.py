@@ -108,7 +108,7 @@ def register() -> None:
     AutoConfig.register(MODEL_TYPE, SqueezeConfig, exist_ok=True)
     for name, auto in auto_model_classes().items():
         loader = type(f"Squeeze{name.removeprefix('Auto')}", (_Loader,),
-                      {"config_class": SqueezeConfig, "auto_name": name})
+                      {"config_class": SqueezeConfig, "auto_class": auto})
         try:
             auto.register(SqueezeConfig, loader, exist_ok=True)
         except (ValueError, AttributeError, TypeError):  # an auto class with its own rules: leave it
@@ -118,20 +118,18 @@ def register() -> None:
 class _Loader:
     """Stands in for a model class in one auto mapping: ``from_pretrained`` is squeeze.load."""
 
-    auto_name = "AutoModel"
+    auto_class: type  # the transformers auto class this stand-in is registered in
 
     @classmethod
     def from_pretrained(cls, path, *args, config=None, **kwargs):
-        return load_for_auto(path, cls.auto_name, **kwargs)
+        return load_for_auto(path, cls.auto_class, **kwargs)
 
 
-def load_for_auto(path, auto_name: str, **kwargs):
-    """``squeeze.load`` for ``<auto_name>.from_pretrained(path, **kwargs)``: the same model, or its
+def load_for_auto(path, auto: type, **kwargs):
+    """``squeeze.load`` for ``<auto>.from_pretrained(path, **kwargs)``: the same model, or its
     base model for ``AutoModel`` (as transformers gives), or a clear refusal for another head."""
-    from squeeze.checkpoint import Checkpoint
     from squeeze.compat import auto_model_targets
     from squeeze.loading import load
-    from squeeze.modeling import load_config
 
     folder = _local_folder(path, kwargs)
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
@@ -140,14 +138,13 @@ def load_for_auto(path, auto_name: str, **kwargs):
                  device=device if isinstance(device, str) and device != "auto" else "cpu",
                  trust_remote_code=bool(kwargs.get("trust_remote_code")),
                  attn_implementation=kwargs.get("attn_implementation"))
-    base_config = load_config(Checkpoint(folder), bool(kwargs.get("trust_remote_code")))
-    wanted = auto_model_targets(auto_model_classes()[auto_name], base_config)
+    wanted = auto_model_targets(auto, model.config)  # the loaded model's own (unmarked) config
     if wanted and isinstance(model, wanted):
         return model
     base = getattr(model, "base_model", None)
-    if auto_name == "AutoModel" and base is not None and (not wanted or isinstance(base, wanted)):
+    if auto.__name__ == "AutoModel" and base is not None and (not wanted or isinstance(base, wanted)):
         return base
-    raise SqueezeError(f"{folder} is a squeeze export of a {type(model).__name__}; {auto_name} cannot load it: "
+    raise SqueezeError(f"{folder} is a squeeze export of a {type(model).__name__}; {auto.__name__} cannot load it: "
                        "use the auto class for that head, or squeeze.load")
 
 

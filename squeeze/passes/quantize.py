@@ -73,8 +73,8 @@ class Quantize(BlockPass):
                 raise SqueezeError(f"quantize: {lin.name} is already quantized; quantize once (one quantize pass, "
                                    "from an unquantized model)")
             w = lin.weight.float()
-            keep = (w != 0) if "pattern" in ctx.promises.get(lin.name, {}) or \
-                "sparsity" in ctx.promises.get(lin.name, {}) else None  # a mask promised before: keep it exact
+            masked = {"pattern", "sparsity"} & set(ctx.promises.get(lin.name, {}))
+            keep = (w != 0) if masked else None  # a mask promised before: keep it exact
             if self.settings.solver == "obs":
                 h = ctx.scratch(self).pop(lin.name)
                 w_hat, scale, zero = obs_quantize(w, h.matrix(), self.spec, keep=keep,
