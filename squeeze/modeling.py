@@ -150,9 +150,10 @@ class WeightMap:
             full = prefix + name
             if full in self.tied:
                 source = model.get_parameter(self.tied[full])
-                if source.device.type == "meta":
-                    source = self._read(self.to_ckpt[self.tied[full]], dtype)
-                set_param(module, name, source if isinstance(source, nn.Parameter) else nn.Parameter(source, False))
+                if source.device.type == "meta":  # read once, for both: one copy of a tied weight
+                    source = nn.Parameter(self._read(self.to_ckpt[self.tied[full]], dtype), requires_grad=False)
+                    set_param(model, self.tied[full], source)
+                set_param(module, name, source)
                 continue
             if p.device.type != "meta":
                 continue
