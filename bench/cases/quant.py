@@ -92,12 +92,12 @@ def broken_24(model) -> float | None:
     return bad / total if total else None
 
 
-def _compress(recipe, out: Path, nsamples: int, seqlen: int, model: str = "stories260k"):
+def _compress(recipe, out: Path, nsamples: int, seqlen: int, model: str = "stories260k", calib: Path = CALIB):
     import squeeze
 
     if model == "minilm":
         return squeeze.compress(None, out, recipe=recipe, keep_in_memory=False, format="compressed")
-    return squeeze.compress(STORIES, out, recipe=recipe, calib=str(CALIB), nsamples=nsamples, seqlen=seqlen,
+    return squeeze.compress(STORIES, out, recipe=recipe, calib=str(calib), nsamples=nsamples, seqlen=seqlen,
                             keep_in_memory=False, format="compressed")
 
 
@@ -167,16 +167,19 @@ def _squeeze_row(label, recipe, out, nsamples, seqlen, model) -> dict:
 
 
 def _load_compressed_tensors(path: Path, encoder: bool):
+    """llm-compressor's saved model, dequantized to float32 (a pruning-only save is a plain checkpoint)."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
+    cls = AutoModel if encoder else AutoModelForCausalLM
+    if "quantization_config" not in json.loads((path / "config.json").read_text()):
+        return cls.from_pretrained(path, dtype=torch.float32).eval()
     try:
         from transformers import CompressedTensorsConfig
         import compressed_tensors  # noqa: F401
     except ImportError:
         raise Skip("scoring llm-compressor's output needs compressed-tensors in squeeze's venv: "
                    ".venv/bin/pip install compressed-tensors==0.20.0") from None
-    cls = AutoModel if encoder else AutoModelForCausalLM
     return cls.from_pretrained(path, dtype=torch.float32,
                                quantization_config=CompressedTensorsConfig(run_compressed=False)).eval()
 
@@ -265,12 +268,48 @@ def versus(row: str, recipe: list, llmc_recipe: str, nsamples: int, seqlen: int,
                                   seqlen, model, observer="mse"))
             rows.append(_llmc_row("llm-compressor, mse observer, rows in file order", python, llmc_recipe,
                                   tmp / "l2", nsamples, seqlen, model, observer="mse", file_order=True))
+        _same_weights(rows, tmp, model)
     base = next(r for r in rows if r["row"] == "llm-compressor")
     if "error" not in base["metrics"]:  # squeeze's rows as ratios to llm-compressor's defaults
         for r in rows:
             if r["params"]["tool"] == "squeeze":
                 r["ratio_to"] = "llm-compressor"
     return rows
+
+
+def _same_weights(rows: list[dict], tmp: Path, model: str) -> None:
+    """For each llm-compressor row, the fraction of block-linear weight entries exactly equal to the
+    squeeze row run with the same settings (act-order, observer), if there is one."""
+    import squeeze
+
+    def settings(r):
+        q = r["params"].get("settings") or {}
+        if r["params"]["tool"] == "squeeze":
+            return (q.get("observer"), q.get("actorder") in (None, "static")) if q else ("none", True)
+        if "gptq" not in q.get("recipe", "") and "rtn" not in q.get("recipe", ""):
+            return "none", True  # pruning only
+        obs = q.get("observer", "default")
+        return ("minmax" if obs == "default" else obs), True
+
+    squeeze_dirs = {i: tmp / f"s{i}" for i in range(len(rows)) if rows[i]["params"]["tool"] == "squeeze"}
+    llmc_dirs = [tmp / f"l{j}" for j in range(3)]
+    llmc_rows = [r for r in rows if r["params"]["tool"] == "llm-compressor"]
+    for r, d in zip(llmc_rows, llmc_dirs):
+        if "error" in r["metrics"] or not d.is_dir():
+            continue
+        match = next((i for i in squeeze_dirs if settings(rows[i]) == settings(r)), None)
+        if match is None:
+            continue
+        ours = squeeze.load(squeeze_dirs[match]).state_dict()
+        theirs = _load_compressed_tensors(d, model == "minilm").state_dict()
+        same = total = 0
+        for k, w in ours.items():
+            if k.endswith(".weight") and w.dim() == 2 and k in theirs and ("layers." in k or "layer." in k):
+                same += int((w.float() == theirs[k].float()).sum())
+                total += w.numel()
+        if total:
+            r["metrics"]["same_weights"] = same / total
+            r["params"]["same_weights_as"] = rows[match]["row"]
 
 
 def llmc_spread(recipe: str, observer: str | None, repeats: int, nsamples: int, seqlen: int) -> list[dict]:
@@ -310,26 +349,31 @@ OPTIONS = {"obs": [("none", "minmax"), ("static", "minmax"), ("none", "mse"), ("
            "rtn": [(None, "minmax"), (None, "mse")]}
 
 
-def options(nsamples: int, seqlen: int) -> list[dict]:
-    """Every recipe of OPTION_RECIPES under every (actorder, observer): KL on held-out calibration rows
-    (``dev``: rows nsamples.. of the calibration file, never calibrated on) and on the eval file."""
+def options(nsamples: int, seqlen: int, half: str = "first") -> list[dict]:
+    """Every recipe of OPTION_RECIPES under every (actorder, observer): KL on the calibration file's
+    rows that were not calibrated on (``dev``) and on the eval file. ``half="first"``: calibrate on
+    the first ``nsamples`` rows (as every other case), hold out the rest; ``"second"``: the other way
+    round, a second draw of the same comparison."""
     if not STORIES.is_dir():
         raise Skip(f"{STORIES} not present")
     rows = []
+    lines = CALIB.read_text().splitlines()
+    first, rest = lines[:nsamples], lines[nsamples:]
+    calib_rows, dev_rows = (first, rest) if half == "first" else (rest, first)
     with tempfile.TemporaryDirectory() as tmp:
-        dev = Path(tmp) / "dev.jsonl"
-        lines = CALIB.read_text().splitlines()[nsamples:]
-        dev.write_text("\n".join(lines) + "\n")
+        dev, calib = Path(tmp) / "dev.jsonl", Path(tmp) / "calib.jsonl"
+        dev.write_text("\n".join(dev_rows) + "\n")
+        calib.write_text("\n".join(calib_rows) + "\n")
         for name, recipe in OPTION_RECIPES.items():
             solver = recipe[-1]["solver"]
             for actorder, observer in OPTIONS[solver]:
                 settings = {"observer": observer, **({"actorder": actorder} if actorder else {})}
                 out = Path(tmp) / f"out-{len(rows)}"
-                _compress(_with(recipe, {solver: settings}), out, nsamples, seqlen)
+                _compress(_with(recipe, {solver: settings}), out, nsamples, seqlen, calib=calib)
                 rows.append({"row": f"{name} | {actorder or '-'} | {observer}",
                              "params": {"recipe": name, **settings},
                              "metrics": {"dev_kl": _quality(out, data=str(dev))["kl"], "kl": _quality(out)["kl"],
-                                         "dev_rows": len(lines)}})
+                                         "dev_rows": len(dev_rows)}})
                 shutil.rmtree(out)
     return rows
 
@@ -348,7 +392,9 @@ CASES += [Case("quant", "vs-llmc-" + _slug(row), "bench.cases.quant:versus",
 CASES += [Case("quant", "minilm-" + _slug(row), "bench.cases.quant:versus",
                {"row": row, "recipe": rec, "llmc_recipe": lr, "nsamples": 64, "seqlen": 128, "model": "minilm"})
           for row, (rec, lr) in MINILM.items()]
-CASES += [Case("quant", "options", "bench.cases.quant:options", {"nsamples": 128, "seqlen": 400})]
+CASES += [Case("quant", "options", "bench.cases.quant:options", {"nsamples": 128, "seqlen": 400}),
+          Case("quant", "options-second-half", "bench.cases.quant:options",
+               {"nsamples": 128, "seqlen": 400, "half": "second"})]
 CASES += [Case("quant", f"llmc-spread-{name}", "bench.cases.quant:llmc_spread",
                {"recipe": "gptq:W4A16:ch", "observer": obs, "repeats": 5, "nsamples": 128, "seqlen": 400})
           for name, obs in (("minmax", None), ("mse", "mse"))]
@@ -402,19 +448,21 @@ def _versus_table(records, cases, metric, ratio_of, head) -> str:
             m = r["metrics"]
             tool, settings = _tool_and_settings(r)
             if "error" in m:
-                cells = [m["error"], "", "", ""]
+                cells = [m["error"], "", "", "", ""]
             else:
                 ratio = (r["ratio_to"] or {}).get("metrics", {}).get(ratio_of)
-                b = m.get("broken_24")
+                b, same = m.get("broken_24"), m.get("same_weights")
                 cells = [f"{m[metric]:.4g}" if metric == "kl" else f"{m[metric]:.5f}", f"{ratio:.3f}x" if ratio else "",
-                         "" if b is None else f"{100 * b:.1f}%", f"{m['seconds']:.1f}"]
+                         "" if b is None else f"{100 * b:.1f}%", "" if same is None else f"{100 * same:.2f}%",
+                         f"{m['seconds']:.1f}"]
             out.append([c.params["row"] if first else "", tool, settings, *cells])
             first = False
         if c.params["row"] in ISSUE and metric == "kl":
             issue.append(f"{c.params['row']} {ISSUE[c.params['row']]}")
     what = "KL" if metric == "kl" else "cosine mean"
     vs = "squeeze / llm-compressor defaults" + ("" if ratio_of == metric else " (of 1 - cosine)")
-    table = md_table([head, "tool", "settings", what, vs, "2:4 groups broken", "compress s"], out)
+    table = md_table([head, "tool", "settings", what, vs, "2:4 groups broken",
+                      "weights identical to squeeze's, same settings", "compress s"], out)
     if issue:
         table += ("\n\nIssue 13's llm-compressor 0.14.0.1 numbers (measured then, not in this run): "
                   + ", ".join(issue))
@@ -446,15 +494,18 @@ def table_spread(records) -> str:
 
 
 def table_options(records) -> str:
-    rs = latest(records, "quant", "options")
-    out = []
-    last = None
-    for r in rs:
-        name, actorder, observer = r["row"].split(" | ")
-        out.append([name if name != last else "", actorder, observer, f"{r['metrics']['dev_kl']:.5f}",
-                    f"{r['metrics']['kl']:.5f}"])
+    a = {r["row"]: r["metrics"] for r in latest(records, "quant", "options")}
+    b = {r["row"]: r["metrics"] for r in latest(records, "quant", "options-second-half")}
+    out, last = [], None
+    for row, m in a.items():
+        name, actorder, observer = row.split(" | ")
+        mb = b.get(row, {})
+        cells = [f"{m['dev_kl']:.4g}", f"{m['kl']:.4g}"] + \
+                ([f"{mb['dev_kl']:.4g}", f"{mb['kl']:.4g}"] if mb else ["", ""])
+        out.append([name if name != last else "", actorder, observer, *cells])
         last = name
-    return md_table(["stories260k", "actorder", "observer", "KL held-out calib rows", "KL eval"], out)
+    return md_table(["stories260k", "actorder", "observer", "A: KL held-out rows", "A: KL eval",
+                     "B: KL held-out rows", "B: KL eval"], out)
 
 
 TABLES = {"quant-stories260k": table, "quant-vs-llmc": table_versus, "quant-minilm": table_minilm,
