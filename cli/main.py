@@ -89,8 +89,8 @@ def cli():
 @click.option("--asymmetric", is_flag=True, help="--quantize int8/int4 with zero points (default: symmetric).")
 @click.option("--quant-solver", type=click.Choice(["obs", "rtn"]), help="--quantize: obs = GPTQ error compensation "
               "on calibration data (columns in act-order; --set actorder=none for left to right), rtn = round to "
-              "nearest [default: obs]. Scales: --set observer=minmax|mse [default: mse for symmetric int, but "
-              "minmax for int8 rtn].")
+              "nearest [default: obs]. Scales: --set observer=minmax|mse [default: mse, but minmax for "
+              "--asymmetric and for int8/fp8 rtn].")
 @click.option("--format", "fmt", type=click.Choice(["dense", "auto", "compressed"]), default="dense", show_default=True,
               help="dense: zeros and dequantized values in plain safetensors that any engine loads; auto: store what the passes promise compactly (2:4 as values + 2-bit positions, other sparsity "
                    "as values + bitmask, quantized weights as codes + scales; loaded by squeeze.load or, after "

@@ -113,7 +113,8 @@ def test_user_errors(tiny_dir, tiny_calib, tmp_path):
     ({"bits": "int4", "solver": "rtn"}, None, "mse"),
     ({"bits": "int8"}, "static", "mse"),
     ({"bits": "int8", "solver": "rtn"}, None, "minmax"),
-    ({"bits": "fp8"}, "static", "minmax"),
+    ({"bits": "fp8"}, "static", "mse"),
+    ({"bits": "fp8", "solver": "rtn"}, None, "minmax"),
     ({"bits": "int4", "symmetric": False}, "static", "minmax"),
     ({"bits": "int4", "actorder": "none", "observer": "minmax"}, "none", "minmax"),
 ])
