@@ -88,9 +88,13 @@ def cli():
               "output row for int8/fp8]; any dimension works (a partial last group).")
 @click.option("--asymmetric", is_flag=True, help="--quantize int8/int4 with zero points (default: symmetric).")
 @click.option("--quant-solver", type=click.Choice(["obs", "rtn"]), help="--quantize: obs = GPTQ error compensation "
-              "on calibration data (columns in act-order; --set actorder=none for left to right), rtn = round to "
-              "nearest [default: obs]. Scales: --set observer=minmax|mse [default: mse, but minmax for "
-              "--asymmetric and for int8/fp8 rtn].")
+              "on calibration data, rtn = round to nearest [default: obs].")
+@click.option("--quant-actorder", type=click.Choice(["static", "none"]), help="--quantize with obs: the column "
+              "order of the sweep, static = GPTQ's act-order (decreasing calibrated input energy), none = left to "
+              "right [default: static].")
+@click.option("--quant-observer", type=click.Choice(["minmax", "mse"]), help="--quantize: how each group's scale is "
+              "chosen, minmax = the whole range, mse = the clipping that minimises the rounding error [default: "
+              "mse, but minmax for --asymmetric and for int8/fp8 with rtn].")
 @click.option("--format", "fmt", type=click.Choice(["dense", "auto", "compressed"]), default="dense", show_default=True,
               help="dense: zeros and dequantized values in plain safetensors that any engine loads; auto: store what the passes promise compactly (2:4 as values + 2-bit positions, other sparsity "
                    "as values + bitmask, quantized weights as codes + scales; loaded by squeeze.load or, after "
