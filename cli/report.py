@@ -122,7 +122,7 @@ def _size_line(r: dict) -> str:
                  f"for them), e.g. {fmt['stored_dense'][0]}")
     elif not fmt and any(rec.get("pattern") == "2:4" and rec.get("pattern_axis") != "out"
                          for rec in r.get("linears", {}).values()):
-        line += "; the zeros are stored: --format compressed keeps 2:4 linears at ~0.56x of 16-bit weights"
+        line += "; the zeros are stored (--format dense): --format auto keeps 2:4 linears at ~0.56x of 16-bit weights"
     if fmt:
         line += f" [{fmt['kind']}]"
     return line

@@ -166,11 +166,11 @@ def drop_layers(model_dir, out, remove: int, by: str = "importance", calib: str 
                 seqlen: int = 256, seed: int = 0, score: str = "kl", overwrite: bool = False) -> dict:
     """Score, choose and remove ``remove`` layers of the checkpoint at ``model_dir``; export to ``out``."""
     from squeeze.calib.build import build_calibration
-    from squeeze.checkpoint import Checkpoint
+    from squeeze.formats import open_dense
     from squeeze.export import check_output_dir, commit, staging_dir, write_checkpoint
     from squeeze.loading import load
 
-    ckpt = Checkpoint(model_dir)
+    ckpt = open_dense(model_dir)
     check_output_dir(Path(out), ckpt.path, overwrite)
     model = load(ckpt.path, dtype=torch.float32)
     from squeeze.adapters import Adapter

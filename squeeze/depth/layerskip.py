@@ -164,7 +164,7 @@ def finetune(model_dir, out, calib: str = "builtin", distill_from=None, resume: 
              overwrite: bool = False, progress=None, **settings) -> dict:
     """Run the LayerSkip recipe on ``model_dir`` and export to ``out``. ``progress(step, steps,
     loss)`` is called after every step. Returns a report (losses, timings)."""
-    from squeeze.checkpoint import Checkpoint
+    from squeeze.formats import open_dense
     from squeeze.export import TensorSource, check_output_dir, commit, staging_dir, write_checkpoint
     from squeeze.loading import load
     from squeeze.modeling import WeightMap
@@ -174,7 +174,7 @@ def finetune(model_dir, out, calib: str = "builtin", distill_from=None, resume: 
 
     cfg = LayerSkipConfig(**settings)
     cfg.validate()
-    ckpt = Checkpoint(model_dir)
+    ckpt = open_dense(model_dir)
     check_output_dir(Path(out), ckpt.path, overwrite)
     torch.manual_seed(cfg.seed)
     model = load(ckpt.path, dtype=torch.float32)

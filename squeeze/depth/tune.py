@@ -59,7 +59,7 @@ def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=
               prompt_len: int = 32, max_new_tokens: int = 32, seed: int = 0, repeats: int = 1,
               overwrite: bool = False) -> dict:
     from squeeze.calib.build import build_calibration
-    from squeeze.checkpoint import Checkpoint
+    from squeeze.formats import open_dense
     from squeeze.export import RECORD, check_output_dir, commit, staging_dir, write_checkpoint
     from squeeze.loading import load, read_record
     from squeeze.report import write_json
@@ -67,7 +67,7 @@ def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=
     from squeeze.runtime.stack import Stack
     from squeeze.versions import without_versions
 
-    ckpt = Checkpoint(model_dir)
+    ckpt = open_dense(model_dir)
     record = read_record(ckpt.path)
     if out is None and not record:
         raise SqueezeError(f"{ckpt.path} is not a squeeze export (no squeeze.json); tune-exit never modifies an "
