@@ -58,9 +58,12 @@ def _fmt(v):
 def print_kv(title: str, report: dict) -> None:
     t = Table(title=title, show_header=False)
     for k, v in report.items():
-        if not isinstance(v, (dict, list)):
+        if not isinstance(v, (dict, list)) and k != "loads_with":
             t.add_row(k, _fmt(v))
     console.print(t)
+    if "size_bytes" in report:  # a command that wrote an export
+        console.print(_size_line(report))
+        console.print(_loads_line(report))
 
 
 def print_compress_report(r: dict, details: bool = False) -> None:
@@ -124,7 +127,7 @@ def _size_line(r: dict) -> str:
                          for rec in r.get("linears", {}).values()):
         line += "; the zeros are stored (--format dense): --format auto keeps 2:4 linears at ~0.56x of 16-bit weights"
     if fmt:
-        line += f" [{fmt['kind']}]"
+        line += f", stored as {fmt['kind']}"
     return line
 
 

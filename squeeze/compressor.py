@@ -11,9 +11,8 @@ import torch
 
 from squeeze.adapters import Adapter
 from squeeze.calib.build import build_calibration, context_of
-from squeeze.autoload import needs_squeeze
 from squeeze.errors import SqueezeError
-from squeeze.export import Spill, check_output_dir, commit, staging_dir, write_checkpoint
+from squeeze.export import Spill, check_output_dir, commit, size_report, staging_dir, write_checkpoint
 from squeeze.formats import check_format, kind_of, open_dense
 from squeeze.modeling import WeightMap, as_loaded, build_skeleton, load_config
 from squeeze.passes.base import BlockPass, ModelContext
@@ -199,10 +198,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         shutil.rmtree(tmp / ".spill", ignore_errors=True)
         commit(tmp, out)
     report["files"] = sizes
-    source_bytes, export_bytes = ckpt.weight_bytes(), sum(sizes.values())
-    report["size_bytes"] = {"source": source_bytes, "export": export_bytes,
-                            "ratio": round(export_bytes / max(source_bytes, 1), 4)}
-    report["loads_with"] = "squeeze" if needs_squeeze(record) else "transformers"
+    report.update(size_report(ckpt, sizes, record))
     if format != "dense" and spill.packed:
         report["format"] = {"kind": kind_of(spill.packed), "packed_linears": len(spill.packed),
                             "stored_dense": sorted(n for n in result.linears

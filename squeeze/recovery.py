@@ -203,7 +203,7 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
     from squeeze.calib.build import build_calibration, load_tokenizer
     from squeeze.compressor import peak_rss_mb
     from squeeze.evaluation import model_kind
-    from squeeze.export import TensorSource, check_output_dir, commit, staging_dir, write_checkpoint
+    from squeeze.export import TensorSource, check_output_dir, commit, size_report, staging_dir, write_checkpoint
     from squeeze.loading import read_record
     from squeeze.formats import open_dense
     from squeeze.modeling import WeightMap, load_config
@@ -332,6 +332,7 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
               "resumed_from": trained.start or None, "losses": [round(v, 6) for v in trained.losses],
               "trainable_params": sum(p.numel() for p in params.values()),
               "pruned_weights_kept_zero": zeros_before, "files": sizes,
+              **size_report(ref_ckpt, sizes, record),  # bytes beside the dense model's
               "train_seconds": round(trained.seconds, 3), "seconds": round(time.perf_counter() - t_start, 3),
               "peak_rss_mb": round(peak_rss_mb(), 1)}
     if json_path:

@@ -167,7 +167,7 @@ def drop_layers(model_dir, out, remove: int, by: str = "importance", calib: str 
     """Score, choose and remove ``remove`` layers of the checkpoint at ``model_dir``; export to ``out``."""
     from squeeze.calib.build import build_calibration
     from squeeze.formats import open_dense
-    from squeeze.export import check_output_dir, commit, staging_dir, write_checkpoint
+    from squeeze.export import check_output_dir, commit, size_report, staging_dir, write_checkpoint
     from squeeze.loading import load
 
     ckpt = open_dense(model_dir)
@@ -194,8 +194,9 @@ def drop_layers(model_dir, out, remove: int, by: str = "importance", calib: str 
         record["calibration"] = calib_info
     keep = [i for i in range(L) if i not in set(removed)]
     with staging_dir(Path(out)) as tmp:
-        write_checkpoint(ckpt, tmp, None, config_updates(ckpt.config_dict, keep, L), record,
-                         keys=renumbered_keys(ckpt.key_to_shard, prefix, keep))
+        sizes = write_checkpoint(ckpt, tmp, None, config_updates(ckpt.config_dict, keep, L), record,
+                                 keys=renumbered_keys(ckpt.key_to_shard, prefix, keep))
         commit(tmp, Path(out))
-    return {"removed": removed, "scores": scores, "by": by, "out": str(out), "num_layers": L - len(removed)}
+    return {"removed": removed, "scores": scores, "by": by, "out": str(out), "num_layers": L - len(removed),
+            **size_report(ckpt, sizes, record)}
 

@@ -60,7 +60,7 @@ def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=
               overwrite: bool = False) -> dict:
     from squeeze.calib.build import build_calibration
     from squeeze.formats import open_dense
-    from squeeze.export import RECORD, check_output_dir, commit, staging_dir, write_checkpoint
+    from squeeze.export import RECORD, check_output_dir, commit, size_report, staging_dir, write_checkpoint
     from squeeze.loading import load, read_record
     from squeeze.report import write_json
     from squeeze.runtime.speculative import RECORD_KEY
@@ -103,7 +103,8 @@ def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=
 
             sidecar = load_file(str(ckpt.path / "squeeze.safetensors"))
         with staging_dir(Path(out)) as tmp:
-            write_checkpoint(ckpt, tmp, None, {}, new_record, sidecar=sidecar)
+            sizes = write_checkpoint(ckpt, tmp, None, {}, new_record, sidecar=sidecar)
             commit(tmp, Path(out))
         where = str(out)
-    return {"written_to": where, **{k: v for k, v in chosen.items() if k != "calibration"}}
+    written = size_report(ckpt, sizes, new_record) if out is not None else {}
+    return {"written_to": where, **{k: v for k, v in chosen.items() if k != "calibration"}, **written}
