@@ -114,7 +114,7 @@ def _swap_sparse24(model, ckpt, packed) -> None:
 
     from squeeze.formats import packed_modules
 
-    # 2:4 with quantized values stays dense here (decoded on load)
+    # 2:4 with quantized values: the quant run-time's (runtime.quant), or decoded
     by_key = {name: e for name, e in packed_modules(model, packed).items() if "quant" not in e}
     for name, p in by_key.items():
         old = model.get_submodule(name)
