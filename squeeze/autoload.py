@@ -55,6 +55,15 @@ def needs_squeeze(record: dict) -> bool:
     return any(needs_runtime(e.get("pass")) for e in record.get("passes") or [])
 
 
+def loads_with(record: dict) -> str:
+    """What loads the export this record describes, as the reports say it."""
+    if needs_squeeze(record):
+        return "squeeze"
+    if (record.get("format") or {}).get("kind") == "compressed-tensors":  # see squeeze.export_ct
+        return "transformers + compressed-tensors"
+    return "transformers"
+
+
 def mark(config: dict, record: dict) -> dict:
     """The ``config.json`` to write for an export with this record."""
     config = unmark(config)

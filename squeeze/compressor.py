@@ -88,6 +88,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     out = Path(out)
     check_output_dir(out, ckpt.path, overwrite)
     check_format(format)
+    ct = format == "compressed-tensors"  # swept as for auto, then rewritten in that layout (squeeze.export_ct)
     export_dtype = parse_dtype(dtype)
 
     if recipe is not None:
@@ -133,6 +134,10 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         why = m.unsupported(adapter)
         if why:
             raise SqueezeError(why)
+    if ct:
+        from squeeze.export_ct import check_recipe
+
+        check_recipe(methods, passes, adapter)
     weights = WeightMap(skeleton, ckpt)
     calibration = None
     if any(m.needs_calibration for m in methods):
@@ -159,7 +164,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     from squeeze.calib.runner import BlockRunner, RunResult
 
     with staging_dir(out) as tmp:
-        spill = Spill(tmp / ".spill", weights, export_dtype, format)
+        spill = Spill(tmp / ".spill", weights, export_dtype, "auto" if ct else format)
         result = RunResult()
         if passes:
             runner = BlockRunner(skeleton, adapter, weights, passes, calibration, keep=keep_in_memory, spill=spill,
@@ -192,14 +197,26 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         # transformers 5 reads "dtype"; older versions "torch_dtype": keep both in step
         updates = {k: str(export_dtype).removeprefix("torch.") for k in ("dtype", "torch_dtype")} \
             if export_dtype else {}
-        sizes = write_checkpoint(ckpt, tmp, spill, updates, record)
+        dest = tmp / ".compact" if ct else tmp  # compressed-tensors: converted from the compact export
+        dest.mkdir(exist_ok=True)
+        sizes = write_checkpoint(ckpt, dest, spill, updates, record)
+        if ct:
+            from squeeze.checkpoint import Checkpoint
+            from squeeze.export_ct import write as write_ct
+
+            sizes, record = write_ct(Checkpoint(dest), tmp)
         import shutil
 
-        shutil.rmtree(tmp / ".spill", ignore_errors=True)
+        for scratch in (tmp / ".spill", tmp / ".compact"):
+            shutil.rmtree(scratch, ignore_errors=True)
         commit(tmp, out)
     report["files"] = sizes
     report.update(size_report(ckpt, sizes, record))
-    if format != "dense" and spill.packed:
+    if ct:
+        from squeeze.export_ct import report_format
+
+        report["format"] = report_format(record)
+    elif format != "dense" and spill.packed:
         report["format"] = {"kind": kind_of(spill.packed), "packed_linears": len(spill.packed),
                             "stored_dense": sorted(n for n in result.linears
                                                    if weights.to_ckpt.get(f"{n}.weight") not in spill.packed)}

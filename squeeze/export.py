@@ -197,11 +197,11 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | TensorSource |
 def size_report(baseline, sizes: dict, record: dict) -> dict:
     """What a command's report says of an export written by :func:`write_checkpoint`: its bytes
     beside ``baseline``'s (the checkpoint it is measured against), and what can load it."""
-    from squeeze.autoload import needs_squeeze
+    from squeeze.autoload import loads_with
 
     source, export = baseline.weight_bytes(), sum(sizes.values())
     return {"size_bytes": {"source": source, "export": export, "ratio": round(export / max(source, 1), 4)},
-            "loads_with": "squeeze" if needs_squeeze(record) else "transformers"}
+            "loads_with": loads_with(record)}
 
 
 class TensorSource:

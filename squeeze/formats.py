@@ -27,6 +27,9 @@ Codecs, described in ``squeeze.json`` under ``format.linears`` (weight key -> en
 
 Only squeeze loads a packed export (it is marked for it). Decoding is exact: the dense
 weight it gives equals the compressed model's weight in the export dtype.
+
+``compressed-tensors``: the same sweep as ``auto``, whose codes :mod:`squeeze.export_ct` then writes in
+the layout transformers + compressed-tensors loads without squeeze (:mod:`squeeze.formats_ct`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import torch
 from squeeze.errors import SqueezeError
 from squeeze.kernels.quant_format import unpack_int4
 
-FORMATS = ("auto", "compressed", "dense")
+FORMATS = ("auto", "compressed", "dense", "compressed-tensors")  # the last: squeeze.export_ct
 COMPRESSED_KIND = "compressed-2:4"  # the record kind of exports whose only codec is 2:4
 LAYOUT = ("values [N, K/2] in the weight's dtype (kept entries in column order); meta [N, ceil(K/8)] uint8: "
           "for input-column group g (4 columns), the two kept in-group positions (ascending) occupy 2 bits "
@@ -245,6 +248,34 @@ def unpack_linear(entry: dict, get) -> torch.Tensor:
         w = unpack_24(get(entry["values"]), get(entry["meta"]), k)
         w = w if dtype is None else w.to(dtype)
     return w.t().contiguous() if entry["transposed"] else w
+
+
+def codes_of(entry: dict, get) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes [N, K] in the quant layout, int4 one nibble per uint8; scale; zero) of a quantized
+    codec entry, in [out, in] orientation: a sparse layout's kept codes in place and the code that
+    decodes to 0 elsewhere, so ``dequantize`` of them is :func:`unpack_linear`'s weight in fp32."""
+    from squeeze.kernels import unpack_24
+
+    n, k = entry["shape"]
+    spec = spec_of(entry)
+    scale = get(entry["scale"])
+    zero = get(entry["zero"]) if "zero" in entry else None
+    int4 = spec.format == "int" and spec.bits == 4
+    stored = get(entry["qweight"] if "qweight" in entry else entry["values"])
+    if "qweight" in entry:
+        return (unpack_int4(stored, k) if int4 else stored), scale, zero
+    if "meta" in entry:  # 2:4: two kept positions per group of 4, the values in row-major order
+        keep = unpack_24(torch.ones(n, k // 2, dtype=torch.uint8), get(entry["meta"]), k).bool()
+        kept = unpack_int4(stored, k // 2) if int4 else stored
+    else:  # bitmask: the kept entries' codes as one row
+        keep = unpack_bits(get(entry["mask"]), k)
+        kept = unpack_int4(stored, int(keep.sum())) if int4 else stored
+    if spec.symmetric:  # the code that decodes to 0: int4 nibble 8, else 0 (fp8 +0.0 is the byte 0)
+        dense = torch.full((n, k), 8 if int4 else 0, dtype=torch.uint8)
+    else:
+        dense = zero.repeat_interleave(spec.group_width(k), dim=1)[:, :k].clone()
+    dense[keep] = kept.reshape(-1).view(torch.uint8)  # through the bytes: int8 and fp8 codes alike
+    return dense.view(spec.code_dtype), scale, zero
 
 
 SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
