@@ -326,11 +326,15 @@ class DenseView:
 
 def open_dense(path):
     """The checkpoint folder ``path`` with its dense keys: a :class:`DenseView` of a packed squeeze
-    export, the :class:`~squeeze.checkpoint.Checkpoint` itself otherwise."""
+    export, a :class:`~squeeze.formats_ct.CompressedTensorsView` of a compressed-tensors checkpoint,
+    the :class:`~squeeze.checkpoint.Checkpoint` itself otherwise."""
     from squeeze.checkpoint import Checkpoint
+    from squeeze.formats_ct import CompressedTensorsView, is_compressed_tensors
     from squeeze.loading import read_record
 
     ckpt = Checkpoint(path)
+    if is_compressed_tensors(ckpt.config_dict):  # decoded by squeeze too: no compressed-tensors needed
+        return CompressedTensorsView(ckpt, ckpt.config_dict["quantization_config"])
     packed = (read_record(ckpt.path).get("format") or {}).get("linears")
     return DenseView(ckpt, packed) if packed else ckpt
 

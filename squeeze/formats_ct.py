@@ -246,13 +246,20 @@ def _scheme(path, qconfig: dict):
 
 
 class CompressedTensorsView:
-    """A compressed-tensors checkpoint seen as the dense one (like :class:`squeeze.formats.DecompressedView`):
-    ``get`` of a quantized linear's ``.weight`` decodes it to fp32 exactly as squeeze dequantizes."""
+    """A compressed-tensors checkpoint seen as the dense one it stores, with the interface of
+    :class:`squeeze.formats.DenseView` (what :func:`squeeze.formats.open_dense` gives every command
+    that reads weights): a quantized linear's ``.weight`` key instead of its tensors, ``get``
+    decoding it exactly as squeeze dequantizes (fp32, then the export dtype), a config without
+    ``quantization_config``; everything else is the checkpoint's own (``raw``)."""
+
+    _SUFFIXES = ("_packed", "_scale", "_shape", "_zero_point")
 
     def __init__(self, ckpt, qconfig: dict):
-        self.ckpt, self.path = ckpt, ckpt.path
+        from squeeze.checkpoint import SAFETENSORS_DTYPES
+
+        self.raw = ckpt
         self.spec = _scheme(ckpt.path, qconfig)
-        keys = list(ckpt.keys())
+        keys = set(ckpt.keys())
         self.stems = {k.removesuffix(".weight_scale") for k in keys if k.endswith(".weight_scale")}
         if self.stems and self.spec is None:
             raise SqueezeError(f"{ckpt.path}: quantization scales but no quantization scheme in config.json; a broken "
@@ -260,33 +267,49 @@ class CompressedTensorsView:
         if any(k.endswith(".weight_g_idx") for k in keys):
             raise SqueezeError(f"{ckpt.path}: activation-ordered groups (weight_g_idx), which squeeze's decoder does "
                                "not read: load it with transformers + compressed-tensors")
-        suffixes = ("_packed", "_scale", "_shape", "_zero_point")
-        hidden = {f"{s}.weight{x}" for s in self.stems for x in suffixes}
-        self._keys = [k for k in keys if k not in hidden] + [f"{s}.weight" for s in sorted(self.stems)
-                                                            if f"{s}.weight" not in keys]
+        hidden = {f"{s}.weight{x}" for s in self.stems for x in self._SUFFIXES}
+        self.key_to_shard = {k: shard for k, shard in ckpt.key_to_shard.items() if k not in hidden}
+        self.key_to_shard.update({f"{s}.weight": ckpt.key_to_shard[f"{s}.weight_scale"] for s in self.stems})
+        # the export dtype: the other floats' (scales are fp32, fp8 codes are no model dtype)
+        counts: dict[str, int] = {}
+        for k in self.key_to_shard:
+            if k.removesuffix(".weight") not in self.stems:
+                info = ckpt.headers[ckpt.key_to_shard[k]][k]
+                counts[info["dtype"]] = counts.get(info["dtype"], 0) + info["data_offsets"][1] - info["data_offsets"][0]
+        floats = {k: c for k, c in counts.items() if SAFETENSORS_DTYPES.get(k, torch.int8).is_floating_point}
+        self._dtype = max(floats, key=floats.get) if floats else "F32"
+
+    def __getattr__(self, name):  # path, shards, headers, extra_files, weight_bytes, ...: the checkpoint's own
+        return getattr(self.raw, name)
+
+    @property
+    def config_dict(self) -> dict:
+        return {k: v for k, v in self.raw.config_dict.items() if k != "quantization_config"}
 
     def keys(self):
-        return self._keys
+        return self.key_to_shard.keys()
+
+    def source_dtype(self) -> torch.dtype:
+        from squeeze.checkpoint import SAFETENSORS_DTYPES
+
+        return SAFETENSORS_DTYPES[self._dtype]
+
+    def dtype_of(self, key: str) -> str:
+        return self._dtype if key.removesuffix(".weight") in self.stems else self.raw.dtype_of(key)
+
+    def shape_of(self, key: str) -> list[int]:
+        stem = key.removesuffix(".weight")
+        if stem not in self.stems or key in self.raw.keys():  # not quantized, or fp8 codes of the weight's shape
+            return self.raw.shape_of(key)
+        return [int(v) for v in self.raw.get(f"{stem}.weight_shape").tolist()]
 
     def get(self, key: str) -> torch.Tensor:
         stem = key.removesuffix(".weight")
         if not key.endswith(".weight") or stem not in self.stems:
-            return self.ckpt.get(key)
+            return self.raw.get(key)
         from squeeze.algorithms.quant import dequantize
 
         names = ("weight", "weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
-        parts = {n: self.ckpt.get(f"{stem}.{n}") for n in names if f"{stem}.{n}" in self.ckpt.keys()}
+        parts = {n: self.raw.get(f"{stem}.{n}") for n in names if f"{stem}.{n}" in self.raw.keys()}
         codes, scale, zero = squeeze_codes(parts, self.spec)
-        return dequantize(codes, self.spec, scale, zero)
-
-    def dtype(self) -> torch.dtype:
-        """The dtype most of the checkpoint's other float bytes are stored in (the export dtype)."""
-        from squeeze.checkpoint import SAFETENSORS_DTYPES
-
-        counts: dict[str, int] = {}
-        for shard, header in self.ckpt.headers.items():
-            for key, v in header.items():
-                if key.removesuffix(".weight_scale") not in self.stems and key.removesuffix(".weight") not in self.stems:
-                    counts[v["dtype"]] = counts.get(v["dtype"], 0) + v["data_offsets"][1] - v["data_offsets"][0]
-        floats = {k: c for k, c in counts.items() if SAFETENSORS_DTYPES.get(k, torch.int8).is_floating_point}
-        return SAFETENSORS_DTYPES[max(floats, key=floats.get)] if floats else torch.float32
+        return dequantize(codes, self.spec, scale, zero).to(self.source_dtype())

@@ -59,7 +59,7 @@ def info(path, trust_remote_code: bool = False) -> dict:
         "linear_parameters": lin_params,
         "zero_fraction_linears": round(lin_zeros / max(lin_params, 1), 6),
         "file_bytes": {s: (ckpt.path / s).stat().st_size for s in ckpt.shards},
-        "format": kind_of(packed) if packed else "dense",
+        "format": kind_of(packed) if packed else (record.get("format") or {}).get("kind", "dense"),
         "linears": linears,
         "squeeze": {"passes": record.get("passes"), "calibration": record.get("calibration"),
                     "made_with": {k: record.get(k) for k in VERSION_KEYS}} if record else None,

@@ -37,17 +37,20 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     run kept. On CUDA, or with ``sparse24=True``, its 2:4 linears become
     :class:`~squeeze.runtime.sparse24.Sparse24Linear` modules over the packed data; its quantized
     linears run weight-only kernels where one pays (:mod:`squeeze.runtime.quant`: CUDA, or bf16 on
-    CPU), unless ``quant_kernels=False`` keeps the exact dense path.
+    CPU), unless ``quant_kernels=False`` keeps the exact dense path. A compressed-tensors checkpoint
+    (``--format compressed-tensors``, or weight-only int4/int8/fp8 from llm-compressor) is decoded by
+    squeeze (:mod:`squeeze.formats_ct`) into that exact dense model, without compressed-tensors.
     """
     from squeeze.formats import open_dense
+    from squeeze.formats_ct import CompressedTensorsView
 
     ckpt = open_dense(path)
     config = load_config(ckpt, trust_remote_code)
     record = read_record(ckpt.path)
     packed = getattr(ckpt, "packed", None)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
     if packed:
-        if isinstance(dtype, str) and dtype != "auto":
-            dtype = getattr(torch, dtype)
         if not isinstance(dtype, torch.dtype):  # the export dtype: packed codes may outweigh every float tensor
             named = {e["dtype"] for e in packed.values() if "dtype" in e}
             dtype = getattr(torch, named.pop()) if len(named) == 1 else ckpt.source_dtype()
@@ -58,6 +61,10 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
             from squeeze.runtime.quant import install as install_quant
 
             install_quant(model, ckpt.raw, packed, str(device))
+    elif isinstance(ckpt, CompressedTensorsView):  # decoded here: loading it needs no compressed-tensors
+        del config.quantization_config  # the model is a dense one now (and saves as one)
+        dtype = dtype if isinstance(dtype, torch.dtype) else ckpt.source_dtype()
+        model = load_dense(ckpt, config, dtype, attn_implementation, trust_remote_code)
     else:
         model = as_loaded(_from_pretrained(ckpt, config, dtype, attn_implementation, trust_remote_code))
     if record:
