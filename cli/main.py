@@ -89,12 +89,14 @@ def cli():
 @click.option("--asymmetric", is_flag=True, help="--quantize int8/int4 with zero points (default: symmetric).")
 @click.option("--quant-solver", type=click.Choice(["obs", "rtn"]), help="--quantize: obs = GPTQ error compensation "
               "on calibration data, rtn = round to nearest [default: obs].")
-@click.option("--format", "fmt", type=click.Choice(["auto", "dense", "compressed"]), default="auto", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(["auto", "dense", "compressed", "compressed-tensors"]), default="auto",
+              show_default=True,
               help="auto: store what the passes promise compactly (2:4 as values + 2-bit positions, other sparsity "
                    "as values + bitmask when smaller, quantized weights as codes + scales; loaded by squeeze.load "
                    "or, after `import squeeze`, transformers' auto classes), else a plain checkpoint; dense: zeros "
                    "and dequantized values in plain safetensors that any engine loads; compressed: like auto, an "
-                   "error when there is nothing to pack.")
+                   "error when there is nothing to pack; compressed-tensors: the layout transformers + "
+                   "compressed-tensors loads without squeeze and vLLM serves (quantized codes, zeros in place).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
 @click.option("--details", is_flag=True, help="Report every linear, not one row per layer.")
@@ -199,6 +201,7 @@ def info(model_dir, as_json):
 
 from squeeze.cli import (
     cmd_depth,  # noqa: F401  (registers finetune, tune-exit, drop-layers, generate)
+    cmd_convert,  # noqa: F401  (registers `squeeze convert`)
     cmd_recover,  # noqa: F401  (registers `squeeze recover`)
 )
 

@@ -120,7 +120,7 @@ def _size_line(r: dict) -> str:
     b = r["size_bytes"]
     line = f"size: source {b['source'] / 1e6:.2f} MB -> export {b['export'] / 1e6:.2f} MB ({b['ratio']:.2f}x)"
     fmt = r.get("format")
-    if fmt and fmt["stored_dense"]:
+    if fmt and fmt.get("stored_dense"):
         line += (f"; {len(fmt['stored_dense'])} of the compressed linears stored dense (no compact layout is smaller "
                  f"for them), e.g. {fmt['stored_dense'][0]}")
     elif not fmt and any(rec.get("pattern") == "2:4" and rec.get("pattern_axis") != "out"
@@ -135,6 +135,9 @@ def _loads_line(r: dict) -> str:
     if r.get("loads_with") == "squeeze":
         return ("loads with: squeeze.load, or transformers' auto classes after `import squeeze` (config.json is "
                 "marked: transformers alone refuses it)")
+    if r.get("loads_with") == "transformers + compressed-tensors":
+        return ("loads with: transformers + compressed-tensors (plain from_pretrained, no squeeze; vLLM and SGLang "
+                "read the layout), and squeeze.load")
     return "loads with: any transformers (plain from_pretrained), and squeeze.load"
 
 
