@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 
 from squeeze.checkpoint import Checkpoint
 from squeeze.errors import SqueezeError
-from squeeze.formats_ct import FORMAT, VERSION, linear_tensors, module_names, quantization_config, sparsity_config
+from squeeze.formats_ct import (FORMAT, VERSION, is_compressed_tensors, linear_tensors, module_names,
+                                quantization_config, sparsity_config)
 
 LAYOUT = (f"compressed-tensors {VERSION}: quantized linears as weight_packed int32 (pack-quantized int4/int8: unsigned "
           "codes q + 2^(b-1), 32/b per word, low bits first) + weight_shape + fp32 weight_scale (+ weight_zero_point "
@@ -75,6 +76,8 @@ def _plan(src: Checkpoint, record: dict, packed: dict):
     if not record:
         raise SqueezeError(f"{src.path} has no squeeze.json: convert reads squeeze exports (compress with --format "
                            "compressed-tensors instead)")
+    if is_compressed_tensors(src.config_dict):
+        raise SqueezeError(f"{src.path} is already in the compressed-tensors layout")
     _refuse_runtime([e.get("pass") for e in record.get("passes") or []], "compress the dense source again with "
                     "--format compressed-tensors, leaving that method out")
     if (src.path / SIDECAR).is_file():

@@ -474,16 +474,34 @@ def test_convert_refuses_what_it_cannot_write(tiny_dir, tiny_calib, tiny_exports
         convert(dense, tmp_path / "out")
     with pytest.raises(SqueezeError, match="has no squeeze.json"):
         convert(tiny_dir("llama"), tmp_path / "out")
+    with pytest.raises(SqueezeError, match="already in the compressed-tensors layout"):
+        convert(tiny_exports["int8"].out, tmp_path / "out")
     teal = squeeze.compress(tiny_dir("llama"), tmp_path / "teal", method="teal", act_sparsity=0.5,
                             calib=str(tiny_calib), nsamples=4, seqlen=32).out
     with pytest.raises(SystemExit) as done:  # the CLI: one line, exit code 2
         main(["convert", str(teal), "--out", str(tmp_path / "out")])
     assert done.value.code == 2
     assert _nothing_written(tmp_path)
-    with pytest.raises(SqueezeError, match="is a quantized checkpoint \\(compressed-tensors\\)"):
+    with pytest.raises(SqueezeError, match="already quantized"):  # read through the decoder, then refused
         squeeze.compress(tiny_exports["int8"].out, tmp_path / "out", quantize="int8")
-    with pytest.raises(SqueezeError, match="is a quantized checkpoint"):
-        squeeze.recover(tiny_exports["2:4"].out, reference=tiny_dir("llama"), out=tmp_path / "out", steps=1)
+    with pytest.raises(SqueezeError, match="is quantized"):
+        squeeze.recover(tiny_exports["int8"].out, reference=tiny_dir("llama"), out=tmp_path / "out", steps=1)
+    assert _nothing_written(tmp_path)
+
+
+def test_a_compressed_tensors_export_is_a_source_like_any_export(tiny_exports, tmp_path):
+    """Prune into compressed-tensors, then quantize that export: the mask stays promised and exact."""
+    pytest.importorskip("compressed_tensors")
+    import transformers
+
+    res = squeeze.compress(tiny_exports["2:4"].out, tmp_path / "q", quantize="int4", group_size=32,
+                           quant_solver="rtn", format=FMT)
+    record = json.loads((res.out / "squeeze.json").read_text())
+    assert [p["pass"] for p in record["passes"]] == ["wanda", "quantize"]
+    assert record["format"]["sparsity_structure"] == "2:4" and len(record["format"]["quantized_linears"]) == 14
+    state = transformers.AutoModelForCausalLM.from_pretrained(res.out).state_dict()
+    assert_identical(squeeze_side(res.out)[0], state)
+    assert all(satisfies_nm(state[f"{lin}.weight"], 2, 4) for lin in record["linears"])
 
 
 def test_decoder_refuses_what_it_does_not_read(tiny_exports):
