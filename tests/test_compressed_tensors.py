@@ -241,10 +241,11 @@ def test_in_process_transformers_with_compressed_tensors(tiny_exports):
         path = tiny_exports[name].out
         model = transformers.AutoModelForCausalLM.from_pretrained(path)
         assert type(model).__name__ == "LlamaForCausalLM"
-        ours, out, _ = squeeze_side(path)
+        ours, out, dense = squeeze_side(path)
         assert_identical(ours, model.state_dict())
         with torch.no_grad():
             assert torch.equal(out, model(input_ids=torch.tensor(IDS)).logits)
+        assert getattr(dense.config, "quantization_config", None) is None  # squeeze.load's model saves as dense
 
 
 @pytest.mark.slow
