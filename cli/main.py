@@ -26,6 +26,16 @@ def _parse_sets(values) -> dict:
     return out
 
 
+def _group_size(_ctx, _param, value):
+    """--group-size N (a whole number) or "channel" (one scale per output row)."""
+    if value is None or value == "channel":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a whole number of input columns nor 'channel'") from None
+
+
 def _quiet_transformers():
     import transformers
 
@@ -84,8 +94,9 @@ def cli():
 @click.option("--quantize", type=click.Choice(["int8", "int4", "fp8"]), help="Also quantize the weights (after the "
               "method, in the same sweep; pruned zeros stay exact), e.g. --method sparsegpt --pattern 2:4 "
               "--quantize int4.")
-@click.option("--group-size", type=int, help="--quantize: input columns per scale [default: 128 for int4, one per "
-              "output row for int8/fp8]; any dimension works (a partial last group).")
+@click.option("--group-size", callback=_group_size, metavar="N|channel", help="--quantize: input columns per scale, "
+              "or channel (one per output row) [default: 128 for int4, channel for int8/fp8]; any dimension works "
+              "(a partial last group; --format compressed-tensors needs N to divide it).")
 @click.option("--asymmetric", is_flag=True, help="--quantize int8/int4 with zero points (default: symmetric).")
 @click.option("--quant-solver", type=click.Choice(["obs", "rtn"]), help="--quantize: obs = GPTQ error compensation "
               "on calibration data, rtn = round to nearest [default: obs].")

@@ -51,7 +51,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
              keep_in_memory: bool | None = None, trust_remote_code: bool = False, on_block=None,
              calib_generate: int = 0, calib_generate_mode: str = "sample", calib_generate_temperature: float = 1.0,
              calib_generate_top_p: float = 1.0, on_generate=None, repair: str | None = None,
-             quantize: str | None = None, group_size: int | None = None, asymmetric: bool = False,
+             quantize: str | None = None, group_size: int | str | None = None, asymmetric: bool = False,
              quant_solver: str | None = None, format: str = "auto", **pass_settings) -> CompressResult:
     """Compress a checkpoint folder and export it to ``out``.
 

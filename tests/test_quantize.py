@@ -5,6 +5,8 @@ the layout and the OBS math: test_quant.py; the kernels alone: tests/kernels/.)"
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -126,3 +128,21 @@ def test_the_compressed_export_is_smaller(tiny_dir, tiny_calib, tmp_path):
             w = squeeze.load(res.out).model.layers[0].mlp.up_proj.weight
             assert satisfies_nm(w, 2, 4)
     assert sizes["24int4"] < sizes["int4"] < sizes["24"] < sizes["dense"], sizes
+
+
+def test_cli_group_size_channel_or_number(tiny_dir, tiny_calib, tmp_path):
+    from click.testing import CliRunner
+
+    from squeeze.cli.main import cli
+
+    base = ["compress", str(tiny_dir("llama")), "--calib", str(tiny_calib), "--nsamples", "4", "--seqlen", "16",
+            "--quantize", "int4", "--quant-solver", "rtn"]
+    r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "c"), "--group-size", "channel",
+                                        "--json", str(tmp_path / "c.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "c.json").read_text())["passes"][-1]["quant"] == "int4"  # one scale per row
+    r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "g"), "--group-size", "16"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "g" / "squeeze.json").read_text())["passes"][-1]["quant"] == "int4-g16"
+    r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "x"), "--group-size", "rows"])
+    assert r.exit_code == 2 and "neither a whole number" in r.output and not (tmp_path / "x").exists()
