@@ -49,7 +49,7 @@ def _check_linear(name: str, transposed: bool, k: int, spec) -> None:
     if spec.group_size and k % spec.group_size:
         raise SqueezeError(f"compressed-tensors needs the group size to divide every quantized linear's input "
                            f"dimension, and {name} has {k} (not a multiple of {spec.group_size}): choose a --group-size "
-                           "that divides it (or group_size: channel in a recipe), or use --format auto")
+                           "that divides it (or --group-size channel), or use --format auto")
 
 
 def check_recipe(methods, passes, adapter) -> None:
