@@ -1,7 +1,8 @@
 """Weight-only quantization math: the layout on hand-computed rows, partial and per-channel groups,
 masked entries, codes recovered exactly from a weight cast to the model dtype, nibble packing; the
-OBS sweep (GPTQ against a column-by-column reference, joint SparseGPT 2:4 + int4, the fixed-mask
-mode, bit-identical pruning without quant); and the error messages."""
+mse observer (a hand-computed clipping, a brute-force reference); the OBS sweep (GPTQ against a
+column-by-column reference, joint SparseGPT 2:4 + int4, the fixed-mask mode, act-order against the
+sweep of the reordered problem, bit-identical pruning without quant); and the error messages."""
 
 import dataclasses
 
@@ -20,6 +21,7 @@ from squeeze.algorithms.quant import (
 )
 from squeeze.algorithms.sparsegpt import (
     _block_mask_unstructured,
+    act_order,
     inverse_cholesky_upper,
     obs_quantize,
     prepare_hessian,
@@ -242,6 +244,85 @@ def test_layout_errors(call, match):
 
 
 # ---------------------------------------------------------------------------------------------
+# the mse observer
+
+
+@pytest.mark.parametrize("unit", [1.0, 2.0**-6])
+def test_mse_observer_clips_by_hand(unit):
+    # int4 symmetric, group [-1, 0.376]: minmax s = 1/7.5 rounds -1 to -8 s = -1.0667 and 0.376 to 3 s = 0.4;
+    # shrinking the range to p = 0.94 puts 0.376 on the grid (3 s) and -1 within 0.0027 of -8 s
+    W = torch.tensor([[-1.0, 0.376]]) * unit
+    s_mm, _ = qparams(W, QuantSpec(4))
+    s_mse, _ = qparams(W, QuantSpec(4), observer="mse")
+    assert torch.equal(s_mm, torch.tensor([[1 / 7.5]]) * unit)
+    assert torch.allclose(s_mse, torch.tensor([[0.94 / 7.5]]) * unit, rtol=1e-6, atol=0)
+    # maxshrink 0.05 stops the search at p = 0.96: the best of 1, 0.99 .. 0.96
+    s_short, _ = qparams(W, QuantSpec(4), observer="mse", maxshrink=0.05)
+    assert s_short[0, 0] > s_mse[0, 0]
+
+
+def _mse_by_brute_force(W, spec, keep, grid=100, maxshrink=0.2, norm=2.4):
+    """For each group separately: every shrink p of the minmax range, scored with the public layout."""
+    g = spec.group_size or W.shape[1]
+    one = dataclasses.replace(spec, group_size=None)
+    Wk = W * keep if keep is not None else W
+    out_s, out_z = [], []
+    for r in range(W.shape[0]):
+        srow, zrow = [], []
+        for c in range(0, W.shape[1], g):
+            w = Wk[r:r + 1, c:c + g]
+            k = None if keep is None else keep[r:r + 1, c:c + g]
+            s1, z1 = qparams(w, one, k)
+            best = None
+            for i in range(int(maxshrink * grid + 1e-9)):
+                p = 1 - i / grid
+                if one.symmetric:
+                    s_p = qparams(w * p, one, k)[0]  # a shrunk range is the range of the shrunk weights
+                    z_p = None
+                else:
+                    s_p, z_p = qparams(w * p, one, k)
+                err = float((w - dequantize(quantize(w, one, s_p, z_p, k), one, s_p, z_p)).abs().pow(norm).sum())
+                if best is None or err < best[0]:
+                    best = (err, s_p, z_p)
+            srow.append(best[1])
+            zrow.append(best[2])
+        out_s.append(torch.cat(srow, 1))
+        out_z.append(None if spec.symmetric else torch.cat(zrow, 1))
+    return torch.cat(out_s), None if spec.symmetric else torch.cat(out_z)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(4, group_size=24), QuantSpec(8, group_size=32),
+                                  QuantSpec(4, symmetric=False, group_size=32), QuantSpec(8, "fp8", group_size=32)],
+                         ids=ids)
+def test_mse_observer_is_the_best_shrink_of_each_group(spec, masked):
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(3, 72, generator=g) ** 3  # heavy tails: clipping pays somewhere
+    keep = torch.rand(3, 72, generator=g) > 0.4 if masked else None
+    s, z = qparams(W, spec, keep, observer="mse")
+    s_ref, z_ref = _mse_by_brute_force(W, spec, keep)
+    assert torch.allclose(s, s_ref, rtol=1e-6, atol=0) and (z is None or torch.equal(z, z_ref))
+    s_mm, _ = qparams(W, spec, keep)
+    assert (s <= s_mm).all()  # only ever shrinks
+    if spec.bits == 4:
+        assert (s < s_mm).any()  # and at 4 bits it does here (8-bit grids are fine enough for these tails)
+    W_hat, codes, s2, z2 = rtn(W, spec, keep, observer="mse")
+    assert torch.equal(s2, s) and torch.equal(dequantize(codes, spec, s2, z2), W_hat)
+    if keep is not None:
+        assert (W_hat[~keep] == 0).all()
+
+
+def test_observer_settings_are_checked():
+    W = torch.ones(2, 4)
+    for kw, match in [({"observer": "max"}, "unknown observer 'max': use one of minmax, mse"),
+                      ({"observer": "mse", "grid": 0}, "grid must be a whole number >= 1"),
+                      ({"observer": "mse", "maxshrink": 1.0}, r"maxshrink must be in \[0, 1\)"),
+                      ({"observer": "mse", "norm": 0}, "norm must be > 0")]:
+        with pytest.raises(SqueezeError, match=match):
+            qparams(W, QuantSpec(4), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
 # the OBS sweep
 
 
@@ -411,6 +492,82 @@ def test_fixed_mask_mode_keeps_exactly_that_mask(spec):
     assert (W_hat2[~keep] == 0).all()
 
 
+# act-order
+
+
+def _energetic_problem(rows=32, cols=128, tokens=512, seed=0):
+    """As _problem, with the 8 last input channels 10x louder: GPTQ's case for act-order."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    mix = torch.eye(cols) + 2 * torch.randn(cols, cols, generator=g) / cols**0.5
+    X = torch.randn(tokens, cols, generator=g) @ mix
+    X[:, -8:] *= 10
+    X = X.T.double()
+    return W, 2.0 / tokens * X @ X.T
+
+
+def test_act_order_is_by_decreasing_hessian_diagonal_ties_in_column_order():
+    H = torch.diag(torch.tensor([1.0, 3.0, 0.0, 3.0, 2.0], dtype=torch.float64))
+    assert act_order(H).tolist() == [1, 3, 4, 0, 2]  # a dead channel (0) last
+
+
+@pytest.mark.parametrize("observer", ["minmax", "mse"])
+@pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(8, symmetric=False), QuantSpec(8, "fp8")], ids=ids)
+def test_act_order_is_the_sweep_of_the_reordered_problem_put_back(spec, observer):
+    # per-channel scales do not depend on the column order, so act-order must equal quantizing the
+    # reordered weight and Hessian left to right, then undoing the order (dampening 0: nothing is summed
+    # in another order)
+    W, H = _energetic_problem(seed=1)
+    H[5, :] = H[:, 5] = 0.0  # a dead input channel
+    perm = act_order(H)
+    got, s, z = obs_quantize(W, H, spec, actorder=True, observer=observer, dampening=0.0, blocksize=32)
+    ref, s_ref, z_ref = obs_quantize(W[:, perm], H[perm][:, perm], spec, observer=observer, dampening=0.0,
+                                     blocksize=32)
+    assert torch.equal(got, ref[:, torch.argsort(perm)])
+    assert torch.equal(s, s_ref) and (z is None or torch.equal(z, z_ref))
+    assert (got[:, 5] == 0).all()
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, group_size=32), QuantSpec(4, symmetric=False, group_size=48)],
+                         ids=ids)
+def test_act_order_with_groups_fixes_the_scales_first_in_the_original_layout(spec):
+    W, H = _energetic_problem(seed=2)
+    W_hat, s, z = obs_quantize(W, H, spec, actorder=True, observer="mse")
+    s_ref, z_ref = qparams(W, spec, observer="mse")  # from the weight before the sweep, original groups
+    assert torch.equal(s, s_ref) and (z is None or torch.equal(z, z_ref))
+    codes = quantize(W_hat, spec, s, z)
+    assert torch.equal(dequantize(codes, spec, s, z), W_hat)  # the same codes layout as without act-order
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(4, group_size=32), QuantSpec(8)], ids=ids)
+def test_act_order_pays_when_a_few_inputs_dominate(spec, seed):
+    W, H = _energetic_problem(seed=seed)
+    loss_act = reconstruction_loss(W, obs_quantize(W, H, spec, actorder=True)[0], H)
+    loss_ltr = reconstruction_loss(W, obs_quantize(W, H, spec)[0], H)
+    assert loss_act < 0.5 * loss_ltr, (loss_act, loss_ltr)  # about 5x here
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, group_size=32), QuantSpec(4), QuantSpec(8, symmetric=False)],
+                         ids=ids)
+def test_act_order_keeps_a_fixed_24_mask_exact(spec):
+    W, H = _energetic_problem(seed=3)
+    keep = torch.zeros(32, 32, 4, dtype=torch.bool)
+    keep.scatter_(-1, W.abs().view(32, 32, 4).topk(2, dim=-1).indices, True)
+    keep = keep.view(32, 128)
+    W_pruned = W * keep
+    W_hat, s, z = obs_quantize(W_pruned, H, spec, keep=keep, actorder=True, observer="mse")
+    assert (W_hat[~keep] == 0).all() and satisfies_nm(W_hat, 2, 4)
+    s_ref, z_ref = qparams(W_pruned, spec, keep, observer="mse")
+    assert torch.equal(s, s_ref) and (z is None or torch.equal(z, z_ref))
+    codes = quantize(W_hat, spec, s, z, keep)
+    assert torch.equal(codes.float()[~keep], _zero_code(spec, z, W.shape)[~keep])
+    assert torch.equal(dequantize(codes, spec, s, z), W_hat)
+    loss_act = reconstruction_loss(W_pruned, W_hat, H)
+    loss_rtn = reconstruction_loss(W_pruned, rtn(W_pruned, spec, keep, observer="mse")[0], H)
+    assert loss_act < loss_rtn, (loss_act, loss_rtn)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda W, H: obs_quantize(W, H[:5, :5], QuantSpec(8)), r"Hessian must be \[in, in\] = \(8, 8\)"),
     (lambda W, H: obs_quantize(W, H, QuantSpec(8), keep=torch.ones(4, 8)), "kept mask must be bool"),
@@ -420,6 +577,12 @@ def test_fixed_mask_mode_keeps_exactly_that_mask(spec):
     (lambda W, H: obs_quantize(W * float("nan"), H, QuantSpec(8)), "NaN or inf"),
     (lambda W, H: sparsegpt_prune(W, H, nm=(2, 4), quant=QuantSpec(4, group_size=6)),
      "group size 6 must be a multiple of 4"),
+    (lambda W, H: sparsegpt_prune(W, H, nm=(2, 4), quant=QuantSpec(4), actorder=True),
+     "act-order reorders the columns, so it cannot choose an N:M or per-block mask in the same sweep"),
+    (lambda W, H: sparsegpt_prune(W, H, sparsity=0.5, quant=QuantSpec(4), actorder=True),
+     "prune first"),
+    (lambda W, H: obs_quantize(W, H, QuantSpec(8), actorder="static"), "actorder must be True or False"),
+    (lambda W, H: obs_quantize(W, H, QuantSpec(8), observer="absmax"), "unknown observer 'absmax'"),
 ])
 def test_obs_settings_are_checked(call, match):
     W, H = _problem(rows=4, cols=8, tokens=32, seed=14)
@@ -428,3 +591,5 @@ def test_obs_settings_are_checked(call, match):
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="exactly one of"):
         sparsegpt_prune(W, H, sparsity=0.5, nm=(2, 4), quant=QuantSpec(8))
+    with pytest.raises(ValueError, match="quantization settings: pass quant"):
+        sparsegpt_prune(W, H, sparsity=0.5, actorder=True)

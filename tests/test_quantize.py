@@ -111,6 +111,34 @@ def test_user_errors(tiny_dir, tiny_calib, tmp_path):
     assert not (tmp_path / "a").exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("settings, actorder, observer", [
+    ({"bits": "int4"}, "static", "mse"),
+    ({"bits": "int4", "solver": "rtn"}, None, "mse"),
+    ({"bits": "int8"}, "static", "mse"),
+    ({"bits": "int8", "solver": "rtn"}, None, "minmax"),
+    ({"bits": "fp8"}, "static", "minmax"),
+    ({"bits": "int4", "symmetric": False}, "static", "minmax"),
+    ({"bits": "int4", "actorder": "none", "observer": "minmax"}, "none", "minmax"),
+])
+def test_the_pass_resolves_and_records_its_defaults(settings, actorder, observer):
+    from squeeze.passes.base import get_pass
+
+    desc = get_pass("quantize")(**settings).describe()  # what squeeze.json records
+    assert desc.get("actorder") == actorder and desc["observer"] == observer
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"actorder": "weight"}, "unknown actorder 'weight': use static"),
+    ({"solver": "rtn", "actorder": "static"}, "actorder is the order of the OBS sweep; solver rtn has none"),
+    ({"observer": "percentile"}, "unknown observer 'percentile': use minmax or mse"),
+])
+def test_the_pass_refuses_bad_quantize_settings(settings, match):
+    from squeeze.passes.base import get_pass
+
+    with pytest.raises(SqueezeError, match=match):
+        get_pass("quantize")(**settings)
+
+
 def test_the_compressed_export_is_smaller(tiny_dir, tiny_calib, tmp_path):
     kw = {"calib": str(tiny_calib), "nsamples": 4, "seqlen": 32}
     sizes = {}

@@ -27,6 +27,15 @@ group's later columns after its scale is fixed, so a few kept entries clip (abou
 random layers): harmless for int4, where joint beats pruning then rounding, but for int8 that
 clipping costs more than int8 rounding itself, and pruning first, then ``obs_quantize`` with the
 fixed mask, does better.
+
+Activation order (``actorder=True``, quantization alone or with a fixed mask): the sweep visits the
+input columns by decreasing H_jj (the calibrated input energy), GPTQ's "act-order" heuristic
+(Frantar et al. 2023, the authors' ``--act-order``): the columns that matter most are rounded first,
+while many columns are still free to absorb their error. The scales are then fixed before the sweep,
+from the whole weight's kept entries in its original column groups (a group's columns are no longer
+visited together), and the result is put back in the original column order, so the codes, scales
+and any mask keep exactly the layout they have without it (llm-compressor's ``actorder="static"`` /
+``"weight"``; no per-column group index is stored).
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ import math
 
 import torch
 
-from squeeze.algorithms.quant import QuantSpec, _dequantize, _qparams, _quantize
+from squeeze.algorithms.quant import QuantSpec, _check_observer, _dequantize, _expand, _observe, _quantize
 from squeeze.errors import SqueezeError
 
 
@@ -120,7 +129,7 @@ def _blocks(cols: int, blocksize: int, group: int | None):
 
 
 def _check_quant_call(W: torch.Tensor, H: torch.Tensor, quant: QuantSpec, nm, mask, blocksize,
-                      dampening) -> None:
+                      dampening, actorder=False, observer="minmax", sparsity=None) -> None:
     if not isinstance(quant, QuantSpec):
         raise SqueezeError(f"quant must be a QuantSpec (e.g. QuantSpec.parse('int4')), got "
                            f"{type(quant).__name__}")
@@ -141,6 +150,12 @@ def _check_quant_call(W: torch.Tensor, H: torch.Tensor, quant: QuantSpec, nm, ma
         raise SqueezeError(f"blocksize must be a whole number >= 1, got {blocksize!r}")
     if not dampening >= 0:
         raise SqueezeError(f"dampening must be >= 0, got {dampening!r}")
+    _check_observer(observer)
+    if not isinstance(actorder, bool):
+        raise SqueezeError(f"actorder must be True or False, got {actorder!r}")
+    if actorder and (nm is not None or sparsity is not None):
+        raise SqueezeError("act-order reorders the columns, so it cannot choose an N:M or per-block mask in the "
+                           "same sweep: prune first (the mask is then fixed), or quantize without actorder")
     g = quant.group_width(cols)
     if nm is not None and g < cols and g % nm[1]:
         raise SqueezeError(f"{quant.name} with {nm[0]}:{nm[1]}: the group size {g} must be a multiple of "
@@ -149,8 +164,8 @@ def _check_quant_call(W: torch.Tensor, H: torch.Tensor, quant: QuantSpec, nm, ma
 
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None,
                     nm: tuple[int, int] | None = None, blocksize: int = 128, dampening: float = 0.01,
-                    mask: torch.Tensor | None = None, quant: QuantSpec | None = None
-                    ) -> tuple[torch.Tensor, ...]:
+                    mask: torch.Tensor | None = None, quant: QuantSpec | None = None,
+                    actorder: bool = False, observer: str = "minmax") -> tuple[torch.Tensor, ...]:
     """Prune W [out, in] with calibration Hessian H [in, in]. Exactly one of ``sparsity``
     (unstructured, per block), ``nm`` = (N kept, M) or ``mask`` (True = kept, fixed in advance).
 
@@ -163,15 +178,29 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = N
     float32, zero [out, G] uint8 or None): W_hat is exactly ``dequantize`` of its codes, which
     ``quantize(W_hat, quant, scale, zero, kept)`` recovers. The block size is then rounded down to
     a multiple of the group size (when the group is smaller), so groups never straddle a block.
+    ``observer`` ("minmax" | "mse", :func:`squeeze.algorithms.quant.qparams`) chooses each group's
+    scale; ``actorder`` sweeps the columns by decreasing H_jj (module docstring; quant alone or with
+    ``mask`` only).
     """
     rules = sum(x is not None for x in (sparsity, nm, mask))
     if rules > 1 or (rules == 0 and quant is None):
         raise ValueError("give exactly one of sparsity, nm, mask (or none of them, with quant)")
+    if quant is None and (actorder or observer != "minmax"):
+        raise ValueError("actorder and observer are quantization settings: pass quant")
     if quant is not None:
-        _check_quant_call(W, H, quant, nm, mask, blocksize, dampening)
+        _check_quant_call(W, H, quant, nm, mask, blocksize, dampening, actorder, observer, sparsity)
     rows, cols = W.shape
     assert H.shape == (cols, cols), (H.shape, W.shape)
+    perm = act_order(H) if actorder else None  # from the calibrated diagonal: dead channels (0) last
     H, W = prepare_hessian(H, W, dampening)
+    if perm is not None:
+        # scales first, in the original groups (dead columns already zeroed), then reorder everything
+        g = quant.group_width(cols)
+        scale, zero = _observe(W, quant, mask, observer)
+        col_scale = _expand(scale, g, cols)[:, perm]  # (rows, in): each column's own group's scale
+        col_zero = None if zero is None else _expand(zero, g, cols)[:, perm]
+        W, H = W[:, perm].contiguous(), H[perm][:, perm]
+        mask = None if mask is None else mask[:, perm]
     U = inverse_cholesky_upper(H).float()  # (in, in)
     del H
     if nm is not None:
@@ -179,7 +208,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = N
         blocksize = max(m, blocksize - blocksize % m)
         full = cols - cols % m  # columns in complete groups
     g = None
-    if quant is not None:
+    if quant is not None and perm is None:
         g = quant.group_width(cols)
         if g <= blocksize:
             blocksize -= blocksize % g
@@ -216,13 +245,16 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = N
                     kept_g = ~_unstructured_ahead(cur, dU[c:c + width], pruned1[:, i:], blocksize, sparsity)
                 else:
                     kept_g = None
-                s_g, z_g = _qparams(cur, one_group, kept_g)  # (rows, 1) each
+                s_g, z_g = _observe(cur, one_group, kept_g, observer)  # (rows, 1) each
                 scale[:, c // g] = s_g[:, 0]
                 if zero is not None:
                     zero[:, c // g] = z_g[:, 0]
             w = W1[:, i]
             q = torch.where(pruned1[:, i], torch.zeros_like(w), w)
-            if g is not None:
+            if perm is not None:  # scales fixed before the sweep
+                c = i1 + i
+                s_g, z_g = col_scale[:, c:c + 1], None if col_zero is None else col_zero[:, c:c + 1]
+            if quant is not None:
                 kept_i = ~pruned1[:, i:i + 1]
                 q = _dequantize(_quantize(q[:, None], quant, s_g, z_g, kept_i), quant, s_g, z_g)[:, 0]
             err = (w - q) / d[i]  # (rows,)
@@ -233,26 +265,35 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = N
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of everything right of the block
         pruned_all[:, i1:i2] = pruned1
     W[pruned_all] = 0.0
+    if perm is not None:  # back to the original column order
+        inv = torch.argsort(perm)
+        W, pruned_all = W[:, inv].contiguous(), pruned_all[:, inv]
     if quant is None:
         return W, ~pruned_all
     return W, ~pruned_all, scale, zero
 
 
+def act_order(H: torch.Tensor) -> torch.Tensor:
+    """GPTQ's activation order: the input columns by decreasing H_jj (ties in column order)."""
+    return torch.argsort(torch.diagonal(H), descending=True, stable=True)
+
+
 def obs_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, keep: torch.Tensor | None = None,
-                 blocksize: int = 128, dampening: float = 0.01
+                 blocksize: int = 128, dampening: float = 0.01, actorder: bool = False, observer: str = "minmax"
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize W [out, in] with OBS error compensation (GPTQ, Frantar et al. 2023), Hessian H [in, in].
 
     ``keep`` (bool, True = kept) fixes a sparsity mask decided earlier (e.g. Wanda 2:4): entries
     outside it become exactly 0 and the rest are quantized with their error compensated, so the
     pattern survives exactly. Without ``keep`` this is plain GPTQ. To prune and quantize in one
-    sweep, use ``sparsegpt_prune(..., quant=spec)``.
+    sweep, use ``sparsegpt_prune(..., quant=spec)``. ``actorder`` and ``observer``: see
+    :func:`sparsegpt_prune`.
 
     Returns (W_hat [out, in] float32, scale [out, G] float32, zero [out, G] uint8 or None); the codes
     are ``quantize(W_hat, spec, scale, zero, keep)``, and dequantizing them gives W_hat exactly.
     """
     W_hat, _, scale, zero = sparsegpt_prune(W, H, mask=keep, blocksize=blocksize, dampening=dampening,
-                                            quant=spec)
+                                            quant=spec, actorder=actorder, observer=observer)
     return W_hat, scale, zero
 
 

@@ -1,7 +1,9 @@
 """Weight-only quantization as a block pass: int8 / int4 (group-wise scales, symmetric or
 asymmetric) or fp8 e4m3, by round-to-nearest or by GPTQ's OBS error compensation (Frantar et al.
 2023, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers"), on
-SparseGPT's Hessian machinery (:func:`squeeze.algorithms.sparsegpt.obs_quantize`).
+SparseGPT's Hessian machinery (:func:`squeeze.algorithms.sparsegpt.obs_quantize`). By default OBS
+sweeps the columns in GPTQ's act-order (``actorder: static``, llm-compressor's default too) and
+symmetric int scales come from the mse clipping search (``observer``, :func:`default_observer`).
 
 It composes with any pruning pass before it in the recipe, in the same calibration sweep: the
 mask that pass promised stays exact zeros (pruned entries get the code that decodes to 0, and OBS
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from squeeze.algorithms.quant import QuantSpec, rtn
+from squeeze.algorithms.quant import OBSERVERS, QuantSpec, rtn
 from squeeze.algorithms.sparsegpt import obs_quantize
 from squeeze.calib.stats import Hessian
 from squeeze.errors import SqueezeError
@@ -24,6 +26,18 @@ from squeeze.formats import attach_quant, quant_of
 from squeeze.passes.base import BlockContext, BlockPass, register
 
 DEFAULT_GROUP = {"int4": 128}  # int8 and fp8: one scale per output row unless asked
+
+
+def default_observer(spec: QuantSpec, solver: str) -> str:
+    """The observer a quantize pass uses unless told: ``mse`` for symmetric int, except int8 by RTN;
+    ``minmax`` for fp8, asymmetric int and int8 RTN. Chosen on stories260k by KL on held-out
+    calibration rows (bench/README.md §2b, case ``quant/options``): mse won on every symmetric int4
+    row (RTN and OBS, per-channel and g32) and on int8 OBS; minmax won for int8 RTN (nothing
+    compensates a clipped outlier), fp8 (a logarithmic grid: clipping buys little resolution) and
+    asymmetric int4."""
+    if spec.format == "int" and spec.symmetric and not (spec.bits == 8 and solver == "rtn"):
+        return "mse"
+    return "minmax"
 
 
 @register
@@ -48,17 +62,32 @@ class Quantize(BlockPass):
         solver: str = "obs"  # obs (GPTQ error compensation, needs calibration) | rtn (round to nearest)
         blocksize: int = 128
         dampening: float = 0.01
+        actorder: str | None = None  # obs only: static (columns by decreasing H_jj; the default) | none
+        observer: str | None = None  # minmax (whole range) | mse (clipping search); default: default_observer
 
     def validate(self) -> None:
         s = self.settings
         if s.solver not in ("obs", "rtn"):
             raise SqueezeError(f"quantize: unknown solver {s.solver!r}: use obs (GPTQ) or rtn (round to nearest)")
+        if s.actorder not in (None, "static", "none"):
+            raise SqueezeError(f"quantize: unknown actorder {s.actorder!r}: use static (columns by decreasing "
+                               "calibrated input energy) or none (left to right)")
+        if s.actorder is not None and s.solver != "obs":
+            raise SqueezeError(f"quantize: actorder is the order of the OBS sweep; solver {s.solver} has none "
+                               "(drop actorder, or use solver obs)")
+        if s.observer is not None and s.observer not in OBSERVERS:
+            raise SqueezeError(f"quantize: unknown observer {s.observer!r}: use {' or '.join(OBSERVERS)}")
         if not isinstance(s.blocksize, int) or s.blocksize < 1:
             raise SqueezeError(f"quantize: bad blocksize {s.blocksize!r}: expected a whole number >= 1, e.g. 128")
         group = s.group_size if s.group_size is not None else DEFAULT_GROUP.get(str(s.bits).strip().lower())
         group = None if group == "channel" else group
         self.spec = QuantSpec.parse(s.bits, symmetric=s.symmetric, group_size=group)
         self.needs_calibration = s.solver == "obs"
+        # the defaults, resolved here so that squeeze.json records what ran
+        if s.solver == "obs" and s.actorder is None:
+            s.actorder = "static"
+        if s.observer is None:
+            s.observer = default_observer(self.spec, s.solver)
 
     def observed(self, block):
         return self.targets(block) if self.settings.solver == "obs" else []
@@ -79,9 +108,11 @@ class Quantize(BlockPass):
                 h = ctx.scratch(self).pop(lin.name)
                 w_hat, scale, zero = obs_quantize(w, h.matrix(), self.spec, keep=keep,
                                                   blocksize=self.settings.blocksize,
-                                                  dampening=self.settings.dampening)
+                                                  dampening=self.settings.dampening,
+                                                  actorder=self.settings.actorder == "static",
+                                                  observer=self.settings.observer)
             else:
-                w_hat, _, scale, zero = rtn(w, self.spec, keep=keep)
+                w_hat, _, scale, zero = rtn(w, self.spec, keep=keep, observer=self.settings.observer)
             out[lin.name] = (w_hat, scale, zero)
         return out
 
