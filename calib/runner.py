@@ -59,8 +59,9 @@ class RunResult:
 class BlockRunner:
     def __init__(self, model: nn.Module, adapter: Adapter, weights, passes: list[BlockPass],
                  calib: Calibration | None, dtype: torch.dtype = torch.float32, keep: bool = True, spill=None,
-                 on_block=None, batch_tokens: int = 4096):
+                 on_block=None, batch_tokens: int = 4096, promised: dict[str, dict] | None = None):
         self.model, self.adapter, self.weights, self.passes = model, adapter, weights, passes
+        self.promised = promised or {}  # linear name -> what the source export promised (e.g. its mask)
         self.calib, self.dtype, self.keep, self.spill, self.on_block = calib, dtype, keep, spill, on_block
         self.batch_tokens = batch_tokens
         self.result = RunResult()
@@ -174,6 +175,7 @@ class BlockRunner:
             block_t0 = time.perf_counter()
             block = self._load(i)
             ctx = BlockContext(block, batches)
+            ctx.promises.update({n: dict(self.promised[n]) for n in block.linears if n in self.promised})
             if wants_dense:
                 ctx.dense = {name: lin.weight.detach().float().clone() for name, lin in block.linears.items()}
             forwards = 0

@@ -26,6 +26,16 @@ def _parse_sets(values) -> dict:
     return out
 
 
+def _group_size(_ctx, _param, value):
+    """--group-size N (a whole number) or "channel" (one scale per output row)."""
+    if value is None or value == "channel":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a whole number of input columns nor 'channel'") from None
+
+
 def _quiet_transformers():
     import transformers
 
@@ -84,8 +94,9 @@ def cli():
 @click.option("--quantize", type=click.Choice(["int8", "int4", "fp8"]), help="Also quantize the weights (after the "
               "method, in the same sweep; pruned zeros stay exact), e.g. --method sparsegpt --pattern 2:4 "
               "--quantize int4.")
-@click.option("--group-size", type=int, help="--quantize: input columns per scale [default: 128 for int4, one per "
-              "output row for int8/fp8]; any dimension works (a partial last group).")
+@click.option("--group-size", callback=_group_size, metavar="N|channel", help="--quantize: input columns per scale, "
+              "or channel (one per output row) [default: 128 for int4, channel for int8/fp8]; any dimension works "
+              "(a partial last group; --format compressed-tensors needs N to divide it).")
 @click.option("--asymmetric", is_flag=True, help="--quantize int8/int4 with zero points (default: symmetric).")
 @click.option("--quant-solver", type=click.Choice(["obs", "rtn"]), help="--quantize: obs = GPTQ error compensation "
               "on calibration data, rtn = round to nearest [default: obs].")
@@ -95,11 +106,14 @@ def cli():
 @click.option("--quant-observer", type=click.Choice(["minmax", "mse"]), help="--quantize: how each group's scale is "
               "chosen, minmax = the whole range, mse = the clipping that minimises the rounding error [default: "
               "mse, but minmax for --asymmetric and for int8/fp8 with rtn].")
-@click.option("--format", "fmt", type=click.Choice(["dense", "auto", "compressed"]), default="dense", show_default=True,
-              help="dense: zeros and dequantized values in plain safetensors that any engine loads; auto: store what the passes promise compactly (2:4 as values + 2-bit positions, other sparsity "
-                   "as values + bitmask, quantized weights as codes + scales; loaded by squeeze.load or, after "
-                   "`import squeeze`, transformers' auto classes), else a plain checkpoint; compressed: the same, "
-                   "an error when there is nothing to pack.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "dense", "compressed", "compressed-tensors"]), default="auto",
+              show_default=True,
+              help="auto: store what the passes promise compactly (2:4 as values + 2-bit positions, other sparsity "
+                   "as values + bitmask when smaller, quantized weights as codes + scales; loaded by squeeze.load "
+                   "or, after `import squeeze`, transformers' auto classes), else a plain checkpoint; dense: zeros "
+                   "and dequantized values in plain safetensors that any engine loads; compressed: like auto, an "
+                   "error when there is nothing to pack; compressed-tensors: the layout transformers + "
+                   "compressed-tensors loads without squeeze and vLLM serves (quantized codes, zeros in place).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
 @click.option("--details", is_flag=True, help="Report every linear, not one row per layer.")
@@ -204,6 +218,7 @@ def info(model_dir, as_json):
 
 from squeeze.cli import (
     cmd_depth,  # noqa: F401  (registers finetune, tune-exit, drop-layers, generate)
+    cmd_convert,  # noqa: F401  (registers `squeeze convert`)
     cmd_recover,  # noqa: F401  (registers `squeeze recover`)
 )
 

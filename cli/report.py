@@ -58,9 +58,12 @@ def _fmt(v):
 def print_kv(title: str, report: dict) -> None:
     t = Table(title=title, show_header=False)
     for k, v in report.items():
-        if not isinstance(v, (dict, list)):
+        if not isinstance(v, (dict, list)) and k != "loads_with":
             t.add_row(k, _fmt(v))
     console.print(t)
+    if "size_bytes" in report:  # a command that wrote an export
+        console.print(_size_line(report))
+        console.print(_loads_line(report))
 
 
 def print_compress_report(r: dict, details: bool = False) -> None:
@@ -117,14 +120,14 @@ def _size_line(r: dict) -> str:
     b = r["size_bytes"]
     line = f"size: source {b['source'] / 1e6:.2f} MB -> export {b['export'] / 1e6:.2f} MB ({b['ratio']:.2f}x)"
     fmt = r.get("format")
-    if fmt and fmt["stored_dense"]:
+    if fmt and fmt.get("stored_dense"):
         line += (f"; {len(fmt['stored_dense'])} of the compressed linears stored dense (no compact layout is smaller "
                  f"for them), e.g. {fmt['stored_dense'][0]}")
     elif not fmt and any(rec.get("pattern") == "2:4" and rec.get("pattern_axis") != "out"
                          for rec in r.get("linears", {}).values()):
-        line += "; the zeros are stored: --format compressed keeps 2:4 linears at ~0.56x of 16-bit weights"
+        line += "; the zeros are stored (--format dense): --format auto keeps 2:4 linears at ~0.56x of 16-bit weights"
     if fmt:
-        line += f" [{fmt['kind']}]"
+        line += f", stored as {fmt['kind']}"
     return line
 
 
@@ -132,6 +135,9 @@ def _loads_line(r: dict) -> str:
     if r.get("loads_with") == "squeeze":
         return ("loads with: squeeze.load, or transformers' auto classes after `import squeeze` (config.json is "
                 "marked: transformers alone refuses it)")
+    if r.get("loads_with") == "transformers + compressed-tensors":
+        return ("loads with: transformers + compressed-tensors (plain from_pretrained, no squeeze; vLLM and SGLang "
+                "read the layout), and squeeze.load")
     return "loads with: any transformers (plain from_pretrained), and squeeze.load"
 
 

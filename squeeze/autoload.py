@@ -5,12 +5,19 @@ Packed weights, WINA's transform, dReLU, activation thresholds and token droppin
 marked in ``config.json``: ``model_type`` becomes ``"squeeze"``, the model's own config moves under
 ``squeeze_base_config`` (its model type beside it as ``squeeze_base_model_type``: a nested dict
 with the model's type would be picked up by ``LlamaConfig.from_pretrained`` and load the skeleton),
-and ``attn_implementation`` names no implementation.
+and ``layer_types`` names no layer type (with a ``num_hidden_layers`` of 1 beside it, so that
+composite configs such as LLaVA's, which have no layer count of their own, check it too).
 
 - Without squeeze, the auto classes stop with "The checkpoint you are trying to load has model
   type `squeeze` but Transformers does not recognize this architecture", and a model class used
-  directly (``LlamaForCausalLM.from_pretrained``) stops before building anything with
-  "Specified `attn_implementation="needs_squeeze..."` is not supported".
+  directly (``LlamaForCausalLM.from_pretrained``, with any keyword arguments) stops while reading
+  the config, before building anything: every transformers config validates ``layer_types``
+  against the known layer types ("The `layer_types` entries must be in (...) but got
+  ['needs_squeeze...']"; transformers' ``PreTrainedConfig.validate_layer_type``, checked by
+  tests/test_autoload.py). (An ``attn_implementation`` that names nothing, the mark before this
+  one, is overridden by an ``attn_implementation=`` argument, and the model class then built a
+  default-sized skeleton from a config without the model's dimensions: a 7B Llama's worth of
+  memory.)
 - After ``import squeeze``, ``AutoConfig`` and every ``AutoModel*`` class know the type and hand
   the folder to :func:`squeeze.load`, so ``AutoModelForCausalLM.from_pretrained(out)`` (and
   sentence-transformers on top of ``AutoModel``) gives exactly ``squeeze.load(out)``.
@@ -33,8 +40,7 @@ from squeeze.errors import SqueezeError
 MODEL_TYPE = "squeeze"
 BASE_KEY = "squeeze_base_config"
 BASE_TYPE_KEY = "squeeze_base_model_type"
-# no "/" (transformers would fetch it as a hub kernel repo)
-NO_ATTENTION = "needs_squeeze__import_squeeze_then_AutoModel_or_squeeze_load"
+NO_LAYER_TYPE = "needs_squeeze__import_squeeze_then_AutoModel_or_squeeze_load"
 NOTE = ("this export needs squeeze at load time (pip install squeeze; then `import squeeze` before "
         "transformers' AutoModel*.from_pretrained, or squeeze.load)")
 
@@ -49,6 +55,15 @@ def needs_squeeze(record: dict) -> bool:
     return any(needs_runtime(e.get("pass")) for e in record.get("passes") or [])
 
 
+def loads_with(record: dict) -> str:
+    """What loads the export this record describes, as the reports say it."""
+    if needs_squeeze(record):
+        return "squeeze"
+    if (record.get("format") or {}).get("kind") == "compressed-tensors":  # see squeeze.export_ct
+        return "transformers + compressed-tensors"
+    return "transformers"
+
+
 def mark(config: dict, record: dict) -> dict:
     """The ``config.json`` to write for an export with this record."""
     config = unmark(config)
@@ -56,7 +71,7 @@ def mark(config: dict, record: dict) -> dict:
         return config
     base = {k: v for k, v in config.items() if k != "model_type"}
     return {"model_type": MODEL_TYPE, "architectures": config.get("architectures"), "squeeze_note": NOTE,
-            "attn_implementation": NO_ATTENTION, BASE_TYPE_KEY: config.get("model_type"), BASE_KEY: base}
+            "layer_types": [NO_LAYER_TYPE], "num_hidden_layers": 1, BASE_TYPE_KEY: config.get("model_type"), BASE_KEY: base}
 
 
 def unmark(config: dict) -> dict:
@@ -104,6 +119,9 @@ def register() -> None:
 
     class SqueezeConfig(PretrainedConfig):
         model_type = MODEL_TYPE
+
+        def validate_layer_type(self):  # the mark's layer_types is there to stop every other config
+            pass
 
     AutoConfig.register(MODEL_TYPE, SqueezeConfig, exist_ok=True)
     for name, auto in auto_model_classes().items():

@@ -11,11 +11,9 @@ import torch
 
 from squeeze.adapters import Adapter
 from squeeze.calib.build import build_calibration, context_of
-from squeeze.autoload import needs_squeeze
-from squeeze.checkpoint import Checkpoint
 from squeeze.errors import SqueezeError
-from squeeze.export import Spill, check_output_dir, commit, staging_dir, write_checkpoint
-from squeeze.formats import LAYOUT, check_format, kind_of
+from squeeze.export import Spill, check_output_dir, commit, size_report, staging_dir, write_checkpoint
+from squeeze.formats import check_format, kind_of, open_dense
 from squeeze.modeling import WeightMap, as_loaded, build_skeleton, load_config
 from squeeze.passes.base import BlockPass, ModelContext
 from squeeze.recipe import build_passes, flags_recipe, read_recipe
@@ -53,9 +51,9 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
              keep_in_memory: bool | None = None, trust_remote_code: bool = False, on_block=None,
              calib_generate: int = 0, calib_generate_mode: str = "sample", calib_generate_temperature: float = 1.0,
              calib_generate_top_p: float = 1.0, on_generate=None, repair: str | None = None,
-             quantize: str | None = None, group_size: int | None = None, asymmetric: bool = False,
+             quantize: str | None = None, group_size: int | str | None = None, asymmetric: bool = False,
              quant_solver: str | None = None, quant_actorder: str | None = None, quant_observer: str | None = None,
-             format: str = "dense", **pass_settings) -> CompressResult:
+             format: str = "auto", **pass_settings) -> CompressResult:
     """Compress a checkpoint folder and export it to ``out``.
 
     Either ``method`` (+ ``pattern`` or ``sparsity``) or ``recipe`` (a YAML/JSON file or a list
@@ -67,6 +65,11 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     sample by K tokens (``calib_generate_mode`` "sample" with ``calib_generate_temperature`` /
     ``calib_generate_top_p``, seeded by ``seed``, or "greedy"), and every pass calibrates on
     prompt + generated tokens; the report's calibration says how many of each.
+
+    ``format``: ``auto`` (default) stores what the passes promise compactly, ``dense`` plain
+    weights, ``compressed`` like auto but refuses a recipe with nothing to pack
+    (:mod:`squeeze.formats`). The source may itself be a squeeze export, packed or dense: its masks
+    stay promised (a quantize pass keeps their zeros) and its passes stay in the record.
     """
     t_start = time.perf_counter()
     from squeeze import defaults
@@ -80,12 +83,13 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
             method, pattern = "wanda", pattern or (None if sparsity else "2:4")
         if dtype == "auto":  # the fp32 default model in bf16: half the bytes, the same cosines (bench/README.md)
             dtype = "bfloat16"
-    ckpt = Checkpoint(model)
+    ckpt = open_dense(model)
     if out is None:
         raise SqueezeError("no output folder: give --out DIR")
     out = Path(out)
     check_output_dir(out, ckpt.path, overwrite)
     check_format(format)
+    ct = format == "compressed-tensors"  # swept as for auto, then rewritten in that layout (squeeze.export_ct)
     export_dtype = parse_dtype(dtype)
 
     if recipe is not None:
@@ -114,7 +118,10 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     methods = build_passes(entries, defaults={"targets": targets, "ignore": ignore, "strict": strict or None})
     passes = [m for m in methods if isinstance(m, BlockPass)]
     stages = [st for m in methods for st in m.stages()]
-    _check_source(ckpt, methods)
+    from squeeze.loading import read_record
+
+    source_record = read_record(ckpt.path)
+    _check_source(ckpt, source_record, methods)
     if format == "compressed" and not any(set(p.promise()) & {"pattern", "sparsity", "quant"} for p in passes):
         raise SqueezeError("--format compressed stores sparse and quantized linears compactly, and this recipe "
                            "promises neither: add --pattern, --sparsity or --quantize, or use --format dense")
@@ -128,6 +135,10 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         why = m.unsupported(adapter)
         if why:
             raise SqueezeError(why)
+    if ct:
+        from squeeze.export_ct import check_recipe
+
+        check_recipe(methods, passes, adapter)
     weights = WeightMap(skeleton, ckpt)
     calibration = None
     if any(m.needs_calibration for m in methods):
@@ -154,11 +165,11 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     from squeeze.calib.runner import BlockRunner, RunResult
 
     with staging_dir(out) as tmp:
-        spill = Spill(tmp / ".spill", weights, export_dtype, format)
+        spill = Spill(tmp / ".spill", weights, export_dtype, "auto" if ct else format)
         result = RunResult()
         if passes:
             runner = BlockRunner(skeleton, adapter, weights, passes, calibration, keep=keep_in_memory, spill=spill,
-                                 on_block=on_block)
+                                 on_block=on_block, promised=_promises(source_record))
             result = runner.run()
         elif keep_in_memory:  # nothing to sweep: the kept model is the source's weights
             weights.materialize(skeleton, "", torch.float32)
@@ -180,23 +191,33 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
             "forwards_per_block": result.forwards_per_block,
         }
         record = {k: report[k] for k in ("passes", "calibration", "linears", "summary", "adapter")}
+        # a squeeze export as the source: what was done before stays recorded (and promised)
+        record["passes"] = list(source_record.get("passes") or []) + record["passes"]
+        record["linears"] = {**(source_record.get("linears") or {}), **record["linears"]}
         record["source"] = {"path": str(ckpt.path), "model_type": config.model_type}
-        if spill.packed:
-            record["format"] = {"kind": kind_of(spill.packed), "layout": LAYOUT, "linears": spill.packed}
         # transformers 5 reads "dtype"; older versions "torch_dtype": keep both in step
         updates = {k: str(export_dtype).removeprefix("torch.") for k in ("dtype", "torch_dtype")} \
             if export_dtype else {}
-        sizes = write_checkpoint(ckpt, tmp, spill, updates, record)
+        dest = tmp / ".compact" if ct else tmp  # compressed-tensors: converted from the compact export
+        dest.mkdir(exist_ok=True)
+        sizes = write_checkpoint(ckpt, dest, spill, updates, record)
+        if ct:
+            from squeeze.checkpoint import Checkpoint
+            from squeeze.export_ct import write as write_ct
+
+            sizes, record = write_ct(Checkpoint(dest), tmp)
         import shutil
 
-        shutil.rmtree(tmp / ".spill", ignore_errors=True)
+        for scratch in (tmp / ".spill", tmp / ".compact"):
+            shutil.rmtree(scratch, ignore_errors=True)
         commit(tmp, out)
     report["files"] = sizes
-    source_bytes, export_bytes = ckpt.weight_bytes(), sum(sizes.values())
-    report["size_bytes"] = {"source": source_bytes, "export": export_bytes,
-                            "ratio": round(export_bytes / max(source_bytes, 1), 4)}
-    report["loads_with"] = "squeeze" if needs_squeeze(record) else "transformers"
-    if format != "dense" and spill.packed:
+    report.update(size_report(ckpt, sizes, record))
+    if ct:
+        from squeeze.export_ct import report_format
+
+        report["format"] = report_format(record)
+    elif format != "dense" and spill.packed:
         report["format"] = {"kind": kind_of(spill.packed), "packed_linears": len(spill.packed),
                             "stored_dense": sorted(n for n in result.linears
                                                    if weights.to_ckpt.get(f"{n}.weight") not in spill.packed)}
@@ -209,18 +230,29 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     return CompressResult(out, report, as_loaded(skeleton) if keep_in_memory else None)
 
 
-def _check_source(ckpt: Checkpoint, methods) -> None:
-    """Refuse sources a sweep would read wrong: packed weights, or quantizing twice."""
-    from squeeze.loading import read_record
+def _check_source(ckpt, record: dict, methods) -> None:
+    """Refuse sources a sweep would read wrong: run-time state it would drop, or quantizing twice."""
+    from squeeze.runtime.spec import needs_runtime
 
-    record = read_record(ckpt.path)
-    if (record.get("format") or {}).get("linears"):
-        raise SqueezeError(f"{ckpt.path} is a compressed squeeze export (its weights are packed): compress its dense "
-                           "source instead, or re-export it with --format dense")
+    runtime = [e["pass"] for e in record.get("passes") or [] if needs_runtime(e.get("pass"))]
+    if runtime:
+        raise SqueezeError(f"{ckpt.path} is a squeeze export with run-time state ({', '.join(runtime)}), which a "
+                           "new sweep would not carry over: compress its source instead, with every pass in one "
+                           "recipe (--recipe)")
     done = [e for e in record.get("passes") or [] if e.get("pass") == "quantize"]
     if done and any(m.name == "quantize" for m in methods):
         raise SqueezeError(f"{ckpt.path} is already quantized ({done[0].get('quant')}): quantize its unquantized "
                            "source instead")
+
+
+# per-linear fields of a record that were measured, not promised
+_MEASURED = ("role", "shape", "pattern_ok", "dense_tail_columns", "dense_tail_rows")
+
+
+def _promises(record: dict) -> dict[str, dict]:
+    """{linear name: what the source export promised it} (masks a later pass must keep)."""
+    return {name: {k: v for k, v in rec.items() if k not in _MEASURED}
+            for name, rec in (record.get("linears") or {}).items() if rec.get("pass")}
 
 
 def _summary(linears: dict) -> dict:

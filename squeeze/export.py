@@ -115,42 +115,62 @@ class Spill:
             return f.get_tensor(key)
 
 
-def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | None, config_updates: dict, record: dict,
-                     sidecar: dict | None = None, keys: dict[str, str | None] | None = None) -> dict:
+def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | TensorSource | None, config_updates: dict,
+                     record: dict, sidecar: dict | None = None, keys: dict[str, str | None] | None = None) -> dict:
     """Assemble the export inside ``dest`` (the staging folder). Returns {file: bytes}.
 
-    ``keys`` renames source tensors (source key -> new key) or leaves them out (-> ``None``); keys
-    it does not name keep their name. Each tensor stays in the shard it came from."""
+    ``ckpt`` is the source with its dense keys (a packed source through
+    :class:`~squeeze.formats.DenseView`). Each weight is written as ``spill`` packed it, else as
+    ``spill`` holds it, else as the source stores it: a packed source weight that nothing replaced
+    keeps its stored tensors. ``record["format"]`` is set here to what the files then hold, so
+    squeeze.json and config.json always describe the files. ``keys`` renames source tensors
+    (source key -> new key) or leaves them out (-> ``None``); keys it does not name keep their
+    name. Each tensor stays in the shard it came from."""
+    from squeeze.formats import LAYOUT, kind_of, packed_keys, renamed_entry
+
     keys = keys or {}
     sizes = {}
     total = 0
     weight_map = {}
+    stored_packed = getattr(ckpt, "packed", {})  # the source's own packed weights
+    out_packed = {}
     for shard in ckpt.shards:
         tensors = {}
+
+        def put(name, t):
+            nonlocal total
+            tensors[name] = t.contiguous()
+            weight_map[name] = shard
+            total += t.numel() * t.element_size()
+
         for k in [k for k, s in ckpt.key_to_shard.items() if s == shard]:
             new = keys.get(k, k)
             if new is None:
                 continue
-            packed = getattr(spill, "packed", {}).get(k)
-            if packed:  # stored as its codec's tensors instead of the dense weight
-                from squeeze.formats import packed_keys
-
-                for name in packed_keys(packed):
-                    tensors[name] = spill.get(name)
-                    weight_map[name] = shard
-                    total += tensors[name].numel() * tensors[name].element_size()
+            entry = spill.packed.get(k) if spill is not None else None
+            if entry:  # packed by this run: its codec's tensors instead of the dense weight
+                for name in packed_keys(entry):
+                    put(name, spill.get(name))
+                out_packed[new] = entry
                 continue
             t = spill.get(k) if spill is not None else None
+            if t is None and k in stored_packed:  # untouched and stored packed: copied as stored
+                entry = renamed_entry(stored_packed[k], k, new)
+                for old, name in zip(packed_keys(stored_packed[k]), packed_keys(entry)):
+                    put(name, ckpt.raw.get(old))
+                out_packed[new] = entry
+                continue
             if t is None:
                 t = ckpt.get(k)
                 if spill is not None:
                     t = spill.cast(k, t)
-            tensors[new] = t.contiguous()
-            weight_map[new] = shard
-            total += t.numel() * t.element_size()
+            put(new, t)
         save_file(tensors, str(dest / shard), metadata={"format": "pt"})
         sizes[shard] = (dest / shard).stat().st_size
         del tensors
+    record.pop("format", None)
+    if out_packed:
+        record["format"] = {"kind": kind_of(out_packed), "layout": LAYOUT, "linears": out_packed}
     if ckpt.index_file:
         index = json.loads((ckpt.path / INDEX_NAME).read_text())
         index.setdefault("metadata", {})["total_size"] = total
@@ -174,13 +194,36 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | None, config_u
     return sizes
 
 
+def size_report(baseline, sizes: dict, record: dict) -> dict:
+    """What a command's report says of an export written by :func:`write_checkpoint`: its bytes
+    beside ``baseline``'s (the checkpoint it is measured against), and what can load it."""
+    from squeeze.autoload import loads_with
+
+    source, export = baseline.weight_bytes(), sum(sizes.values())
+    return {"size_bytes": {"source": source, "export": export, "ratio": round(export / max(source, 1), 4)},
+            "loads_with": loads_with(record)}
+
+
 class TensorSource:
     """In-memory replacement tensors keyed by checkpoint key (e.g. weights fine-tuned in memory),
     in the shape :func:`write_checkpoint` expects of a spill: keys it holds come from here, cast
-    to the dtype the source checkpoint stores them in; every other key is copied from the source."""
+    to the dtype the source checkpoint stores them in; every other key is copied from the source.
+    A weight the source stored packed is packed again (:func:`squeeze.formats.pack_linear`: its
+    sparsity layout, when that is still smaller than dense), so an export keeps its format."""
 
     def __init__(self, ckpt: Checkpoint, tensors: dict[str, torch.Tensor], sidecar: dict | None = None):
-        self.ckpt, self.tensors, self.sidecar = ckpt, tensors, dict(sidecar or {})
+        from squeeze.formats import pack_linear
+
+        self.ckpt, self.tensors, self.sidecar = ckpt, dict(tensors), dict(sidecar or {})
+        self.packed: dict[str, dict] = {}
+        self.parts: dict[str, torch.Tensor] = {}
+        for key, before in getattr(ckpt, "packed", {}).items():
+            if key in self.tensors:
+                entry = pack_linear(self.get(key), key.removesuffix(".weight"), before["transposed"])
+                if entry is not None:
+                    self.parts.update(entry.pop("tensors"))
+                    self.packed[key] = entry
+                    del self.tensors[key]
 
     def cast(self, key: str, t: torch.Tensor) -> torch.Tensor:
         if not t.is_floating_point():
@@ -190,5 +233,7 @@ class TensorSource:
         return t.to(SAFETENSORS_DTYPES.get(self.ckpt.dtype_of(key), t.dtype))
 
     def get(self, key: str) -> torch.Tensor | None:
+        if key in self.parts:
+            return self.parts[key]
         t = self.tensors.get(key)
         return None if t is None else self.cast(key, t.detach())

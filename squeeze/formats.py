@@ -1,14 +1,17 @@
 """Storage formats for exports.
 
-``dense`` (default): zeros and quantized values baked into ordinary safetensors in the model's
-dtype, for engines that need them; plain ``from_pretrained`` loads it (unless a run-time method
-marks it, see :mod:`squeeze.autoload`). (``recover`` and ``finetune`` read dense exports only, so
-the default stays dense until they read packed ones.)
-
-``auto``: every linear is stored by what the passes promised it, one codec per linear
+``auto`` (default): every linear is stored by what the passes promised it, one codec per linear
 (below); a linear no codec makes smaller, and every other tensor, stays as it is. An export with
 nothing to pack is a plain checkpoint. ``compressed`` is the same, but an error when the recipe
 promises nothing to pack.
+
+``dense``: zeros and quantized values baked into ordinary safetensors in the model's dtype, for
+engines that need plain weights; plain ``from_pretrained`` loads it (unless a run-time method
+marks it, see :mod:`squeeze.autoload`).
+
+Every command that reads weights (compress, recover, finetune, drop-layers, tune-exit, eval,
+info, load) reads a packed export as the dense checkpoint it stores (:func:`open_dense`), and a
+command that writes one back keeps a packed weight packed (:func:`squeeze.export.write_checkpoint`).
 
 Codecs, described in ``squeeze.json`` under ``format.linears`` (weight key -> entry):
 
@@ -22,8 +25,11 @@ Codecs, described in ``squeeze.json`` under ``format.linears`` (weight key -> en
   packed) with the metadata and the original-column scales (value column j' is in group
   j' // (g / 2); needs g % 4 == 0, else the linear is stored as quantized codes only).
 
-Only squeeze loads ``compressed`` (the export is marked for it). Decoding is exact: the dense
+Only squeeze loads a packed export (it is marked for it). Decoding is exact: the dense
 weight it gives equals the compressed model's weight in the export dtype.
+
+``compressed-tensors``: the same sweep as ``auto``, whose codes :mod:`squeeze.export_ct` then writes in
+the layout transformers + compressed-tensors loads without squeeze (:mod:`squeeze.formats_ct`).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import torch
 from squeeze.errors import SqueezeError
 from squeeze.kernels.quant_format import unpack_int4
 
-FORMATS = ("auto", "compressed", "dense")
+FORMATS = ("auto", "compressed", "dense", "compressed-tensors")  # the last: squeeze.export_ct
 COMPRESSED_KIND = "compressed-2:4"  # the record kind of exports whose only codec is 2:4
 LAYOUT = ("values [N, K/2] in the weight's dtype (kept entries in column order); meta [N, ceil(K/8)] uint8: "
           "for input-column group g (4 columns), the two kept in-group positions (ascending) occupy 2 bits "
@@ -85,9 +91,12 @@ def fits_quant_grid(w: torch.Tensor, name: str) -> bool:
     return True
 
 
+PARTS = ("values", "meta", "mask", "qweight", "scale", "zero")  # entry fields that name a stored tensor
+
+
 def packed_keys(entry: dict) -> list[str]:
     """The stored tensors of one packed linear."""
-    return [entry[part] for part in ("values", "meta", "mask", "qweight", "scale", "zero") if part in entry]
+    return [entry[part] for part in PARTS if part in entry]
 
 
 def packed_modules(model: torch.nn.Module, packed: dict) -> dict[str, dict]:
@@ -118,7 +127,7 @@ def pack_block(block, weights, tensors: dict) -> dict:
         key = weights.to_ckpt.get(f"{lin.name}.weight")
         if key is None or key not in tensors:
             continue
-        entry = pack_linear(lin, tensors[key], key.removesuffix(".weight"))
+        entry = pack_linear(tensors[key], key.removesuffix(".weight"), lin.transposed, quant_of(lin.module))
         if entry is None:
             continue
         parts = entry.pop("tensors")
@@ -153,25 +162,25 @@ def _bytes_op(codes: torch.Tensor, fn) -> torch.Tensor:
     return fn(codes)
 
 
-def pack_linear(lin, w: torch.Tensor, stem: str) -> dict | None:
-    """The codec entry (with its ``tensors``) for one linear whose exported weight is ``w``, or
-    None when it is best stored dense. Sparsity: 2:4 (values + 2-bit positions) when the weight
-    satisfies it, else a bitmask (values + 1 bit per entry) when that is smaller than dense; the
-    values are quantized codes when a quantize pass ran."""
+def pack_linear(w: torch.Tensor, stem: str, transposed: bool = False, quant=None) -> dict | None:
+    """The codec entry (with its ``tensors``) for one linear whose exported weight is ``w`` (stored
+    orientation: [in, out] when ``transposed``, as GPT-2's Conv1D), or None when it is best stored
+    dense. Sparsity: 2:4 (values + 2-bit positions) when the weight satisfies it, else a bitmask
+    (values + 1 bit per entry) when that is smaller than dense; the values are quantized codes when
+    ``quant`` (spec, scale, zero), what a quantize pass left on the linear, is given."""
     from squeeze.kernels import is_24_sparse, pack_24
 
-    w = w.t() if lin.transposed else w  # codecs work on [out, in]
+    w = w.t() if transposed else w  # codecs work on [out, in]
     n, k = w.shape
-    q = quant_of(lin.module)
-    spec, scale, zero = q if q is not None else (None, None, None)
+    spec, scale, zero = quant if quant is not None else (None, None, None)
     two_four = k % 4 == 0 and is_24_sparse(w) and (spec is None or spec.group_width(k) % 4 == 0)
     keep = w != 0
     size = _value_bytes(w, spec)
     bitmask = not two_four and int(keep.sum()) * size + n * -(-k // 8) < n * k * size
-    if q is None and not two_four and not bitmask:
+    if quant is None and not two_four and not bitmask:
         return None
     sparse = "2:4" if two_four else "bitmask" if bitmask else None
-    entry = {"shape": [n, k], "transposed": lin.transposed, "dtype": str(w.dtype).removeprefix("torch.")}
+    entry = {"shape": [n, k], "transposed": transposed, "dtype": str(w.dtype).removeprefix("torch.")}
     parts = {}
     if two_four:
         values, parts[f"{stem}.meta"] = pack_24(w.contiguous())
@@ -179,7 +188,7 @@ def pack_linear(lin, w: torch.Tensor, stem: str) -> dict | None:
     elif bitmask:
         values, parts[f"{stem}.mask"] = w[keep], pack_bits(keep)
         entry["mask"] = f"{stem}.mask"
-    if q is None:
+    if quant is None:
         parts[f"{stem}.values"] = values
         entry.update({"codec": sparse, "values": f"{stem}.values"})
         entry["tensors"] = parts
@@ -241,20 +250,99 @@ def unpack_linear(entry: dict, get) -> torch.Tensor:
     return w.t().contiguous() if entry["transposed"] else w
 
 
-class DecompressedView:
-    """A read-only view of a compressed checkpoint that looks like the dense one: ``get`` of a
-    packed weight key unpacks it. Lets the ordinary loading path rebuild the exact dense model."""
+def codes_of(entry: dict, get) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes [N, K] in the quant layout, int4 one nibble per uint8; scale; zero) of a quantized
+    codec entry, in [out, in] orientation: a sparse layout's kept codes in place and the code that
+    decodes to 0 elsewhere, so ``dequantize`` of them is :func:`unpack_linear`'s weight in fp32."""
+    from squeeze.kernels import unpack_24
+
+    n, k = entry["shape"]
+    spec = spec_of(entry)
+    scale = get(entry["scale"])
+    zero = get(entry["zero"]) if "zero" in entry else None
+    int4 = spec.format == "int" and spec.bits == 4
+    stored = get(entry["qweight"] if "qweight" in entry else entry["values"])
+    if "qweight" in entry:
+        return (unpack_int4(stored, k) if int4 else stored), scale, zero
+    if "meta" in entry:  # 2:4: two kept positions per group of 4, the values in row-major order
+        keep = unpack_24(torch.ones(n, k // 2, dtype=torch.uint8), get(entry["meta"]), k).bool()
+        kept = unpack_int4(stored, k // 2) if int4 else stored
+    else:  # bitmask: the kept entries' codes as one row
+        keep = unpack_bits(get(entry["mask"]), k)
+        kept = unpack_int4(stored, int(keep.sum())) if int4 else stored
+    if spec.symmetric:  # the code that decodes to 0: int4 nibble 8, else 0 (fp8 +0.0 is the byte 0)
+        dense = torch.full((n, k), 8 if int4 else 0, dtype=torch.uint8)
+    else:
+        dense = zero.repeat_interleave(spec.group_width(k), dim=1)[:, :k].clone()
+    dense[keep] = kept.reshape(-1).view(torch.uint8)  # through the bytes: int8 and fp8 codes alike
+    return dense.view(spec.code_dtype), scale, zero
+
+
+SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+class DenseView:
+    """A compressed checkpoint seen as the dense one it stores: its keys are the dense model's
+    (a packed weight's key instead of its codec's tensors), ``get`` of a packed weight unpacks it,
+    and everything else is the checkpoint's own. Every command that reads weights reads a packed
+    export through this view (:func:`open_dense`), so it works on packed and dense exports alike;
+    :func:`squeeze.export.write_checkpoint` copies a packed weight nothing replaced as its stored
+    tensors (``raw``, ``packed``)."""
 
     def __init__(self, ckpt, packed: dict):
-        self.ckpt, self.packed, self.path = ckpt, packed, ckpt.path
+        self.raw, self.packed = ckpt, packed
         hidden = {k for p in packed.values() for k in packed_keys(p)}
-        self._keys = [k for k in ckpt.keys() if k not in hidden] + list(packed)
+        missing = sorted(hidden - set(ckpt.keys()))
+        if missing:
+            raise SqueezeError(f"{ckpt.path}: squeeze.json names packed tensors the checkpoint lacks (e.g. "
+                               f"{missing[0]}); the export is incomplete: export it again")
+        self.key_to_shard = {k: s for k, s in ckpt.key_to_shard.items() if k not in hidden}
+        self.key_to_shard.update({k: ckpt.key_to_shard[packed_keys(e)[0]] for k, e in packed.items()})
+
+    def __getattr__(self, name):  # path, config_dict, shards, extra_files, ...: the checkpoint's own
+        return getattr(self.raw, name)
 
     def keys(self):
-        return self._keys
+        return self.key_to_shard.keys()
+
+    def dtype_of(self, key: str) -> str:
+        entry = self.packed.get(key)
+        if entry is None:
+            return self.raw.dtype_of(key)
+        return SAFETENSORS_NAMES[entry["dtype"]]
+
+    def shape_of(self, key: str) -> list[int]:
+        entry = self.packed.get(key)
+        if entry is None:
+            return self.raw.shape_of(key)
+        return entry["shape"][::-1] if entry["transposed"] else list(entry["shape"])
 
     def get(self, key: str) -> torch.Tensor:
         entry = self.packed.get(key)
         if entry is None:
-            return self.ckpt.get(key)
-        return unpack_linear(entry, self.ckpt.get)
+            return self.raw.get(key)
+        return unpack_linear(entry, self.raw.get)
+
+
+def open_dense(path):
+    """The checkpoint folder ``path`` with its dense keys: a :class:`DenseView` of a packed squeeze
+    export, a :class:`~squeeze.formats_ct.CompressedTensorsView` of a compressed-tensors checkpoint,
+    the :class:`~squeeze.checkpoint.Checkpoint` itself otherwise."""
+    from squeeze.checkpoint import Checkpoint
+    from squeeze.formats_ct import CompressedTensorsView, is_compressed_tensors
+    from squeeze.loading import read_record
+
+    ckpt = Checkpoint(path)
+    if is_compressed_tensors(ckpt.config_dict):  # decoded by squeeze too: no compressed-tensors needed
+        return CompressedTensorsView(ckpt, ckpt.config_dict["quantization_config"])
+    packed = (read_record(ckpt.path).get("format") or {}).get("linears")
+    return DenseView(ckpt, packed) if packed else ckpt
+
+
+def renamed_entry(entry: dict, old_key: str, new_key: str) -> dict:
+    """A packed entry whose weight key moves from ``old_key`` to ``new_key`` (layer drop renumbers
+    blocks): its stored tensors move with it."""
+    if old_key == new_key:
+        return entry
+    old, new = old_key.removesuffix(".weight"), new_key.removesuffix(".weight")
+    return {k: new + v.removeprefix(old) if k in PARTS else v for k, v in entry.items()}

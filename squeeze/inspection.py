@@ -4,8 +4,7 @@ at a time), checked against what ``squeeze.json`` promised."""
 from __future__ import annotations
 
 from squeeze.adapters import Adapter
-from squeeze.checkpoint import Checkpoint
-from squeeze.formats import fits_quant_grid, kind_of
+from squeeze.formats import fits_quant_grid, kind_of, open_dense
 from squeeze.loading import read_record
 from squeeze.modeling import WeightMap, build_skeleton, load_config
 from squeeze.sparsity import fraction_zero, parse_pattern, satisfies_nm
@@ -13,16 +12,12 @@ from squeeze.versions import KEYS as VERSION_KEYS
 
 
 def info(path, trust_remote_code: bool = False) -> dict:
-    ckpt = Checkpoint(path)
+    ckpt = open_dense(path)
     config = load_config(ckpt, trust_remote_code)
     skeleton = build_skeleton(config, trust_remote_code)
     adapter = Adapter(skeleton)
     record = read_record(ckpt.path)
-    packed = (record.get("format") or {}).get("linears")
-    if packed:
-        from squeeze.formats import DecompressedView
-
-        ckpt = DecompressedView(ckpt, packed)
+    packed = getattr(ckpt, "packed", None)
     weights = WeightMap(skeleton, ckpt)
     promised = record.get("linears", {})
     linears = {}
@@ -63,8 +58,8 @@ def info(path, trust_remote_code: bool = False) -> dict:
         "parameters": n_params,
         "linear_parameters": lin_params,
         "zero_fraction_linears": round(lin_zeros / max(lin_params, 1), 6),
-        "file_bytes": {s: (ckpt.path / s).stat().st_size for s in getattr(ckpt, "ckpt", ckpt).shards},
-        "format": kind_of(packed) if packed else "dense",
+        "file_bytes": {s: (ckpt.path / s).stat().st_size for s in ckpt.shards},
+        "format": kind_of(packed) if packed else (record.get("format") or {}).get("kind", "dense"),
         "linears": linears,
         "squeeze": {"passes": record.get("passes"), "calibration": record.get("calibration"),
                     "made_with": {k: record.get(k) for k in VERSION_KEYS}} if record else None,

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from squeeze.checkpoint import Checkpoint
 from squeeze.errors import SqueezeError
 from squeeze.export import RECORD, SIDECAR
 from squeeze.modeling import as_loaded, load_config, model_class
@@ -38,20 +37,34 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     run kept. On CUDA, or with ``sparse24=True``, its 2:4 linears become
     :class:`~squeeze.runtime.sparse24.Sparse24Linear` modules over the packed data; its quantized
     linears run weight-only kernels where one pays (:mod:`squeeze.runtime.quant`: CUDA, or bf16 on
-    CPU), unless ``quant_kernels=False`` keeps the exact dense path.
+    CPU), unless ``quant_kernels=False`` keeps the exact dense path. A compressed-tensors checkpoint
+    (``--format compressed-tensors``, or weight-only int4/int8/fp8 from llm-compressor) is decoded by
+    squeeze (:mod:`squeeze.formats_ct`) into that exact dense model, without compressed-tensors.
     """
-    ckpt = Checkpoint(path)
+    from squeeze.formats import open_dense
+    from squeeze.formats_ct import CompressedTensorsView
+
+    ckpt = open_dense(path)
     config = load_config(ckpt, trust_remote_code)
     record = read_record(ckpt.path)
-    packed = (record.get("format") or {}).get("linears")
+    packed = getattr(ckpt, "packed", None)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
     if packed:
-        model = _load_compressed(ckpt, config, packed, dtype, attn_implementation, trust_remote_code)
+        if not isinstance(dtype, torch.dtype):  # the export dtype: packed codes may outweigh every float tensor
+            named = {e["dtype"] for e in packed.values() if "dtype" in e}
+            dtype = getattr(torch, named.pop()) if len(named) == 1 else ckpt.source_dtype()
+        model = load_dense(ckpt, config, dtype, attn_implementation, trust_remote_code)
         if sparse24 if sparse24 is not None else torch.device(device).type == "cuda":
-            _swap_sparse24(model, ckpt, packed)
+            _swap_sparse24(model, ckpt.raw, packed)
         if quant_kernels is not False and any("quant" in e for e in packed.values()):
             from squeeze.runtime.quant import install as install_quant
 
-            install_quant(model, ckpt, packed, str(device))
+            install_quant(model, ckpt.raw, packed, str(device))
+    elif isinstance(ckpt, CompressedTensorsView):  # decoded here: loading it needs no compressed-tensors
+        del config.quantization_config  # the model is a dense one now (and saves as one)
+        dtype = dtype if isinstance(dtype, torch.dtype) else ckpt.source_dtype()
+        model = load_dense(ckpt, config, dtype, attn_implementation, trust_remote_code)
     else:
         model = as_loaded(_from_pretrained(ckpt, config, dtype, attn_implementation, trust_remote_code))
     if record:
@@ -84,18 +97,15 @@ def _from_pretrained(ckpt, config, dtype, attn_implementation, trust_remote_code
             raise SqueezeError(f"{ckpt.path}: cannot load model ({str(e).splitlines()[0][:160]})") from None
 
 
-def _load_compressed(ckpt, config, packed, dtype, attn_implementation, trust_remote_code):
-    """Build the dense model from a compressed export through the lazy loader."""
-    from squeeze.formats import DecompressedView
+def load_dense(ckpt, config, dtype: torch.dtype, attn_implementation: str | None = None,
+               trust_remote_code: bool = False) -> torch.nn.Module:
+    """The plain model of a checkpoint with dense keys (a packed export through
+    :class:`~squeeze.formats.DenseView`), through the lazy loader: no run-time state, exactly the
+    stored weights (what recover trains and what a compressed export decodes to)."""
     from squeeze.modeling import WeightMap, build_skeleton
 
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
-    if not isinstance(dtype, torch.dtype):  # the export dtype: packed codes may outweigh every float tensor
-        named = {e["dtype"] for e in packed.values() if "dtype" in e}
-        dtype = getattr(torch, named.pop()) if len(named) == 1 else ckpt.source_dtype()
     model = build_skeleton(config, trust_remote_code, attn_implementation or "sdpa")
-    WeightMap(model, DecompressedView(ckpt, packed)).materialize(model, "", dtype)
+    WeightMap(model, ckpt).materialize(model, "", dtype)
     as_loaded(model)
     try:
         from transformers import GenerationConfig
@@ -111,7 +121,7 @@ def _swap_sparse24(model, ckpt, packed) -> None:
 
     from squeeze.formats import packed_modules
 
-    # 2:4 with quantized values stays dense here (decoded on load)
+    # 2:4 with quantized values: the quant run-time's (runtime.quant), or decoded
     by_key = {name: e for name, e in packed_modules(model, packed).items() if "quant" not in e}
     for name, p in by_key.items():
         old = model.get_submodule(name)

@@ -48,8 +48,10 @@ for (vllm-project/llm-compressor#1028), kept deliberately small:
   work folder ``<out parent>/.<out name>.recover-work/``; ``resume=True`` continues from there and
   gives the same result as an uninterrupted run. The folder is removed after a successful export.
 - **Export** goes through the same atomic machinery as ``squeeze compress`` (staging folder,
-  rename), keeps the pruned checkpoint's sharding, dtypes, tokenizer and sidecar, and appends a
-  ``recover`` entry (steps, lr, loss before/after) to ``squeeze.json``'s passes.
+  rename), keeps the pruned checkpoint's sharding, dtypes, format (a packed export is written
+  packed again), tokenizer and sidecar, and appends a ``recover`` entry (steps, lr, loss
+  before/after) to ``squeeze.json``'s passes. A quantized export is refused: recover before
+  quantizing.
 
 The two models and the optimizer state are held in memory in float32 (unlike the block-streaming
 compress sweep), so this is meant for models that fit in RAM a few times over.
@@ -61,7 +63,6 @@ import gc
 import math
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,25 +167,6 @@ def parse_augment(spec: str | None) -> dict[str, float]:
 
 
 # -- loading -------------------------------------------------------------------------------------
-def _load_plain(ckpt: Checkpoint, config, trust_remote_code: bool) -> nn.Module:
-    """The checkpoint's weights as a plain transformers model (no run-time module swaps: we train
-    and write back exactly the stored tensors)."""
-    from squeeze.modeling import model_class
-
-    cls = model_class(config, trust_remote_code)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            if cls is None:
-                from transformers import AutoModelForCausalLM
-
-                return AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=torch.float32,
-                                                            trust_remote_code=True, use_safetensors=True)
-            return cls.from_pretrained(str(ckpt.path), dtype=torch.float32, use_safetensors=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise SqueezeError(f"{ckpt.path}: cannot load model ({str(e).splitlines()[0][:160]})") from None
-
-
 def _check_args(steps, lr, batch_size, checkpoint_every, rows="packed", schedule="constant", warmup=0) -> None:
     if not isinstance(steps, int) or steps < 1:
         raise SqueezeError(f"--steps must be a whole number >= 1 (got {steps!r})")
@@ -221,8 +203,9 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
     from squeeze.calib.build import build_calibration, load_tokenizer
     from squeeze.compressor import peak_rss_mb
     from squeeze.evaluation import model_kind
-    from squeeze.export import TensorSource, check_output_dir, commit, staging_dir, write_checkpoint
+    from squeeze.export import TensorSource, check_output_dir, commit, size_report, staging_dir, write_checkpoint
     from squeeze.loading import read_record
+    from squeeze.formats import open_dense
     from squeeze.modeling import WeightMap, load_config
 
     _check_args(steps, lr, batch_size, checkpoint_every, rows, lr_schedule, warmup)
@@ -234,12 +217,14 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
         raise SqueezeError("no dense model to distil from: give --reference DENSE_DIR")
     if out is None:
         raise SqueezeError("no output folder: give --out DIR")
-    ckpt, ref_ckpt, out = Checkpoint(pruned), Checkpoint(reference), Path(out)
+    ckpt, ref_ckpt, out = open_dense(pruned), Checkpoint(reference), Path(out)
     check_output_dir(out, ckpt.path, overwrite)
     check_output_dir(out, ref_ckpt.path, True)  # only the overlap check; `out` was checked above
-    if (read_record(ckpt.path).get("format") or {}).get("linears"):
-        raise SqueezeError(f"{ckpt.path} is stored in the compressed 2:4 format; recover a dense-format export "
-                           "(compress without --format compressed)")
+    quantized = [e.get("quant") for e in read_record(ckpt.path).get("passes") or [] if e.get("pass") == "quantize"]
+    if quantized:
+        raise SqueezeError(f"{ckpt.path} is quantized ({quantized[0]}), and training would move its weights off the "
+                           "quantization grid: recover the pruned export before quantizing, then quantize the "
+                           "recovered one (squeeze compress RECOVERED --out OUT --quantize ...)")
     config, ref_config = load_config(ckpt, trust_remote_code), load_config(ref_ckpt, trust_remote_code)
     for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
         a, b = getattr(config, key, None), getattr(ref_config, key, None)
@@ -260,8 +245,9 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
         special = set(getattr(tok, "all_special_ids", None) or []) | {pad_id}
         vocab_ids = torch.tensor([i for i in range(text_cfg.vocab_size) if i not in special], dtype=torch.long)
 
-    student = _load_plain(ckpt, config, trust_remote_code).eval()
-    from squeeze.loading import load
+    from squeeze.loading import load, load_dense
+
+    student = load_dense(ckpt, config, torch.float32, trust_remote_code=trust_remote_code).eval()
 
     teacher = load(ref_ckpt.path, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
     teacher.requires_grad_(False)
@@ -346,6 +332,7 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
               "resumed_from": trained.start or None, "losses": [round(v, 6) for v in trained.losses],
               "trainable_params": sum(p.numel() for p in params.values()),
               "pruned_weights_kept_zero": zeros_before, "files": sizes,
+              **size_report(ref_ckpt, sizes, record),  # bytes beside the dense model's
               "train_seconds": round(trained.seconds, 3), "seconds": round(time.perf_counter() - t_start, 3),
               "peak_rss_mb": round(peak_rss_mb(), 1)}
     if json_path:

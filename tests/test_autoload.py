@@ -18,7 +18,7 @@ from squeeze.errors import SqueezeError
 
 KINDS = {  # name -> (arch, compress settings)
     "teal": ("llama", {"method": "teal", "act_sparsity": 0.5}),
-    "compressed-2:4": ("llama", {"method": "wanda", "pattern": "2:4", "format": "compressed"}),
+    "compressed-2:4": ("llama", {"method": "wanda", "pattern": "2:4"}),  # the default format packs it
     "drelu": ("llama", {"method": "drelu"}),
     "wina-transform": ("bert", {"method": "wina", "act_sparsity": 0.5, "transform": True}),
 }
@@ -32,8 +32,12 @@ def exports(tiny_dir, tiny_calib, tmp_path_factory):
     for name, (arch, kw) in KINDS.items():
         out[name] = squeeze.compress(tiny_dir(arch), root / name.replace(":", ""), calib=str(tiny_calib),
                                      nsamples=4, seqlen=32, **kw).out
+    from tests import llava_tiny  # a composite config: no layer count of its own
+
+    out["pyramiddrop"] = squeeze.compress(llava_tiny.build(root / "llava-src"), root / "pyramiddrop",
+                                          method="pyramiddrop").out
     out["wanda"] = squeeze.compress(tiny_dir("llama"), root / "wanda", method="wanda", pattern="2:4",
-                                    calib=str(tiny_calib), nsamples=4, seqlen=32).out
+                                    calib=str(tiny_calib), nsamples=4, seqlen=32, format="dense").out
     return out
 
 
@@ -44,16 +48,18 @@ def _run(code: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow  # subprocesses pay the full import
 def test_transformers_without_squeeze_refuses_every_marked_export(exports):
     cases = [(str(exports[n]), AUTO[KINDS[n][0]], "LlamaForCausalLM" if KINDS[n][0] == "llama" else "BertModel")
-             for n in KINDS]
+             for n in KINDS] + [(str(exports["pyramiddrop"]), "AutoModelForImageTextToText",
+                                 "LlavaForConditionalGeneration")]
     code = f"""
 import sys, transformers
 for path, auto, direct in {cases!r}:
     for cls in (getattr(transformers, auto), getattr(transformers, direct)):
-        try:
-            cls.from_pretrained(path)
-            print("LOADED", cls.__name__, path)
-        except ValueError as e:
-            print("REFUSED", cls.__name__, "squeeze" in str(e))
+        for kwargs in ({{}}, {{"attn_implementation": "sdpa"}}):  # no keyword gets past the mark
+            try:
+                cls.from_pretrained(path, **kwargs)
+                print("LOADED", cls.__name__, path)
+            except Exception as e:  # a direct class stops in huggingface_hub's config validation
+                print("REFUSED", cls.__name__, "squeeze" in str(e))
 plain = transformers.AutoModelForCausalLM.from_pretrained({str(exports["wanda"])!r})
 print("PLAIN", type(plain).__name__)
 print("IMPORTED", "squeeze" in sys.modules)
@@ -62,7 +68,7 @@ print("IMPORTED", "squeeze" in sys.modules)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.splitlines()
     refused = [ln for ln in lines if ln.startswith("REFUSED")]
-    assert len(refused) == 2 * len(KINDS) and all(ln.endswith("True") for ln in refused), lines
+    assert len(refused) == 4 * len(cases) and all(ln.endswith("True") for ln in refused), lines
     assert "PLAIN LlamaForCausalLM" in lines and "IMPORTED False" in lines
 
 

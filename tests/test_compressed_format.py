@@ -55,11 +55,6 @@ def test_compressed_file_ratio_realistic_llama(tmp_path, tiny_calib):
     assert squeeze.info(tmp_path / "compressed")["linears"]  # info reads the compressed layout too
 
 
-class _Lin:  # what pack_linear reads of an adapter Linear
-    def __init__(self, module, transposed=False):
-        self.module, self.transposed = module, transposed
-
-
 @pytest.mark.parametrize("quant", [None, "int8", "int4-asym-g24", "fp8-g16"])
 @pytest.mark.parametrize("sparsity", ["none", "2:4", "unstructured"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -67,7 +62,7 @@ def test_every_codec_decodes_exactly(quant, sparsity, dtype):
     """pack_linear -> unpack_linear gives back the exported weight bit for bit, for every
     combination of sparsity layout and quantization (odd widths, partial groups, fp8 bytes)."""
     from squeeze.algorithms.quant import QuantSpec, rtn
-    from squeeze.formats import attach_quant, pack_linear, unpack_linear
+    from squeeze.formats import pack_linear, unpack_linear
     from squeeze.sparsity import nm_mask
 
     g = torch.Generator().manual_seed(0)
@@ -76,15 +71,15 @@ def test_every_codec_decodes_exactly(quant, sparsity, dtype):
         w = w * nm_mask(w.abs(), 2, 4)
     elif sparsity == "unstructured":
         w = w * (torch.rand(6, 48, generator=g) > 0.7)
-    module = torch.nn.Linear(48, 6)
+    q = None
     if quant:
         bits, *rest = quant.split("-")
         spec = QuantSpec.parse(bits, symmetric="asym" not in rest,
                                group_size=int(rest[-1][1:]) if rest and rest[-1].startswith("g") else None)
         w, _, scale, zero = rtn(w, spec, keep=(w != 0) if sparsity != "none" else None)
-        attach_quant(module, spec, scale, zero)
+        q = (spec, scale, zero)
     w = w.to(dtype)
-    entry = pack_linear(_Lin(module), w, "x")
+    entry = pack_linear(w, "x", quant=q)
     if quant is None and sparsity == "none":
         assert entry is None  # nothing to gain: stored dense
         return

@@ -172,3 +172,45 @@ def test_layerdrop_export_reloads_and_matches_in_memory(arch, by, tmp_path, tiny
         lt = ["sliding_attention", "full_attention"] * 2
         assert exported.config.layer_types == [lt[i] for i in kept]
     squeeze.load(tmp_path / "out")
+
+
+def test_whole_model_commands_read_and_keep_packed_exports(tmp_path, tiny_calib):
+    """drop-layers, tune-exit and finetune on a packed (default-format) 2:4 export: each reads it,
+    an untouched packed weight stays packed (renamed with its layer), and the export loads as
+    the weights it was given."""
+    from squeeze.depth.tune import tune_exit
+    from squeeze.formats import open_dense
+
+    src = tmp_path / "src"
+    tiny_model("llama", layers=4).save_pretrained(src)
+    pruned = squeeze.compress(src, tmp_path / "p", method="wanda", pattern="2:4", calib=str(tiny_calib),
+                              nsamples=4, seqlen=16).out
+    packed = json.loads((pruned / "squeeze.json").read_text())["format"]["linears"]
+    assert packed
+    rep = layerdrop.drop_layers(pruned, tmp_path / "d", 1, by="even", calib=str(tiny_calib))
+    (gone,) = rep["removed"]
+    assert rep["loads_with"] == "squeeze" and rep["size_bytes"]["ratio"] < 1
+    after = json.loads((tmp_path / "d" / "squeeze.json").read_text())
+    assert len(after["format"]["linears"]) == len(packed) * 3 // 4
+    a, b = open_dense(pruned), open_dense(tmp_path / "d")
+    for key in b.packed:  # layer i of the new export is layer renum[i] of the old
+        i = int(key.split(".")[2])
+        old = key.replace(f".layers.{i}.", f".layers.{i + (i >= gone)}.")
+        assert torch.equal(b.get(key), a.get(old)), key
+    model = squeeze.load(tmp_path / "d")
+    ref = layerdrop.remove_layers(squeeze.load(pruned), [gone])
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+    rep = tune_exit(pruned, calib=str(tiny_calib), out=tmp_path / "t", ks=(1,), nprompts=1, prompt_len=8,
+                    max_new_tokens=4)
+    assert json.loads((tmp_path / "t" / "squeeze.json").read_text())["format"]["linears"] == packed
+    assert rep["size_bytes"]["ratio"] == pytest.approx(1, abs=0.01)  # the same tensors, copied as stored
+
+    from squeeze.depth.layerskip import finetune
+
+    rep = finetune(pruned, tmp_path / "f", calib=str(tiny_calib), steps=2, nsamples=4, seqlen=16, batch_size=2)
+    # every weight trained, zeros too: nothing is smaller packed, so the export is dense and plain
+    assert "format" not in json.loads((tmp_path / "f" / "squeeze.json").read_text())
+    assert rep["loads_with"] == "transformers"

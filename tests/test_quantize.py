@@ -103,12 +103,13 @@ def test_user_errors(tiny_dir, tiny_calib, tmp_path):
         squeeze.compress(src, tmp_path / "a", quantize="fp8", asymmetric=True, **kw)
     with pytest.raises(SqueezeError, match="promises neither"):
         squeeze.compress(src, tmp_path / "a", method="teal", act_sparsity=0.5, format="compressed", **kw)
-    packed = squeeze.compress(src, tmp_path / "p", quantize="int8", format="compressed", **kw).out
-    with pytest.raises(SqueezeError, match="compressed squeeze export"):
-        squeeze.compress(packed, tmp_path / "a", quantize="int4", **kw)
-    dense = squeeze.compress(src, tmp_path / "d", quantize="int8", **kw).out
-    with pytest.raises(SqueezeError, match="already quantized"):
-        squeeze.compress(dense, tmp_path / "a", quantize="int4", **kw)
+    for fmt in ("compressed", "dense"):  # already quantized, whether packed or not
+        done = squeeze.compress(src, tmp_path / fmt, quantize="int8", format=fmt, **kw).out
+        with pytest.raises(SqueezeError, match="already quantized"):
+            squeeze.compress(done, tmp_path / "a", quantize="int4", **kw)
+    teal = squeeze.compress(src, tmp_path / "t", method="teal", act_sparsity=0.5, **kw).out
+    with pytest.raises(SqueezeError, match="run-time state .teal."):  # its thresholds would be dropped
+        squeeze.compress(teal, tmp_path / "a", quantize="int8", **kw)
     assert not (tmp_path / "a").exists()  # nothing half-written
 
 
@@ -162,7 +163,8 @@ def test_the_compressed_export_is_smaller(tiny_dir, tiny_calib, tmp_path):
                         "24int4": {"method": "wanda", "pattern": "2:4", "quantize": "int4", "group_size": 32,
                                    "format": "compressed"}}.items():
         if name == "dense":
-            res = squeeze.compress(tiny_dir("llama"), tmp_path / name, method="wanda", pattern="2:4", **kw)
+            res = squeeze.compress(tiny_dir("llama"), tmp_path / name, method="wanda", pattern="2:4", format="dense",
+                                   **kw)
         else:
             res = squeeze.compress(tiny_dir("llama"), tmp_path / name, **extra, **kw)
         sizes[name] = res.report["size_bytes"]["export"]
@@ -170,3 +172,21 @@ def test_the_compressed_export_is_smaller(tiny_dir, tiny_calib, tmp_path):
             w = squeeze.load(res.out).model.layers[0].mlp.up_proj.weight
             assert satisfies_nm(w, 2, 4)
     assert sizes["24int4"] < sizes["int4"] < sizes["24"] < sizes["dense"], sizes
+
+
+def test_cli_group_size_channel_or_number(tiny_dir, tiny_calib, tmp_path):
+    from click.testing import CliRunner
+
+    from squeeze.cli.main import cli
+
+    base = ["compress", str(tiny_dir("llama")), "--calib", str(tiny_calib), "--nsamples", "4", "--seqlen", "16",
+            "--quantize", "int4", "--quant-solver", "rtn"]
+    r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "c"), "--group-size", "channel",
+                                        "--json", str(tmp_path / "c.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "c.json").read_text())["passes"][-1]["quant"] == "int4"  # one scale per row
+    r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "g"), "--group-size", "16"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "g" / "squeeze.json").read_text())["passes"][-1]["quant"] == "int4-g16"
+    r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "x"), "--group-size", "rows"])
+    assert r.exit_code == 2 and "neither a whole number" in r.output and not (tmp_path / "x").exists()

@@ -13,13 +13,11 @@ from tests.conftest import STORIES, STORIES_CALIB, STORIES_EVAL, needs_shared
 
 # -- end to end on tiny models -------------------------------------------------------------------
 def _weights(path):
-    from safetensors.torch import load_file
+    """The dense weights an export stores (a packed one decoded)."""
+    from squeeze.formats import open_dense
 
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        if f.name != "squeeze.safetensors":
-            out.update(load_file(str(f)))
-    return out
+    ckpt = open_dense(path)
+    return {k: ckpt.get(k) for k in ckpt.keys()}
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +109,48 @@ def test_user_errors(pruned, tiny_dir, tiny_calib, tmp_path):
         squeeze.recover(pruned["llama"], pruned["gpt2"], reference=tiny_dir("llama"), **kw)
     with pytest.raises(SqueezeError, match="not a compression method"):
         squeeze.compress(tiny_dir("llama"), tmp_path / "y", method="recover", calib=str(tiny_calib))
-    packed = squeeze.compress(tiny_dir("llama"), tmp_path / "z", method="wanda", pattern="2:4", format="compressed",
-                              calib=str(tiny_calib), nsamples=4, seqlen=16).out
-    with pytest.raises(SqueezeError, match="compressed 2:4 format"):
-        squeeze.recover(packed, tmp_path / "x", reference=tiny_dir("llama"), **kw)
+    for fmt in ("auto", "dense"):  # training would leave the quantization grid, packed or not
+        quantized = squeeze.compress(tiny_dir("llama"), tmp_path / f"q-{fmt}", method="wanda", pattern="2:4",
+                                     quantize="int8", format=fmt, **kw).out
+        with pytest.raises(SqueezeError, match="recover the pruned export before quantizing"):
+            squeeze.recover(quantized, tmp_path / "x", reference=tiny_dir("llama"), **kw)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_export_recovers_packed_then_quantizes(arch, pruned, tiny_dir, tiny_calib, tmp_path):
+    """prune (packed by default) -> recover -> quantize: every step reads the packed export, writes
+    the format it was given, and the pruned zeros stay exact zeros through quantization."""
+    import squeeze
+    from squeeze.formats import open_dense
+    from squeeze.sparsity import satisfies_nm
+
+    kw = {"calib": str(tiny_calib), "nsamples": 4, "seqlen": 16}
+    src = json.loads((pruned[arch] / "squeeze.json").read_text())
+    assert src["format"]["linears"]  # the default export is packed
+    rec = squeeze.recover(pruned[arch], tmp_path / "rec", reference=tiny_dir(arch), steps=3, **kw).out
+    record = json.loads((rec / "squeeze.json").read_text())
+    assert record["format"]["kind"] == src["format"]["kind"]
+    assert record["format"]["linears"].keys() == src["format"]["linears"].keys()
+    before, after = _weights(pruned[arch]), _weights(rec)
+    assert sum(not torch.equal(before[k], after[k]) for k in src["format"]["linears"]) > 0  # trained, then packed
+    assert all(torch.equal(after[k] == 0, before[k] == 0) for k in src["format"]["linears"])
+
+    q = squeeze.compress(rec, tmp_path / "q", quantize="int8", **kw)
+    record = json.loads((q.out / "squeeze.json").read_text())
+    assert [e["pass"] for e in record["passes"]] == ["wanda", "recover", "quantize"]
+    quant = open_dense(q.out)
+    for k in src["format"]["linears"]:
+        w = quant.get(k)
+        assert torch.all(w[after[k] == 0] == 0), k  # the mask promised before stays exact
+        if arch == "llama":
+            assert satisfies_nm(w, 2, 4), k
+    assert all(r.get("quant") == "int8" and r["pass"] == "wanda" for r in record["linears"].values())
+    info = squeeze.info(q.out)
+    assert all(r["promise_ok"] for r in info["linears"].values() if "promised" in r)
+    with torch.no_grad():  # the packed chain loads as what it stores
+        ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(squeeze.load(q.out)(ids).logits).all()
 
 
 def test_cli(pruned, tiny_dir, tiny_calib, tmp_path):

@@ -95,7 +95,9 @@ def test_export_dtype(tiny_dir, tiny_calib, tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in t.values() if v.is_floating_point())
     import json
 
-    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    from squeeze.autoload import unmark
+
+    cfg = unmark(json.loads((tmp_path / "o" / "config.json").read_text()))  # packed by default: marked
     assert cfg["dtype"] == cfg["torch_dtype"] == "bfloat16"
     assert squeeze.load(tmp_path / "o").dtype == torch.bfloat16
     assert res.report["summary"]["pattern_ok"]

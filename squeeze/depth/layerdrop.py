@@ -166,11 +166,11 @@ def drop_layers(model_dir, out, remove: int, by: str = "importance", calib: str 
                 seqlen: int = 256, seed: int = 0, score: str = "kl", overwrite: bool = False) -> dict:
     """Score, choose and remove ``remove`` layers of the checkpoint at ``model_dir``; export to ``out``."""
     from squeeze.calib.build import build_calibration
-    from squeeze.checkpoint import Checkpoint
-    from squeeze.export import check_output_dir, commit, staging_dir, write_checkpoint
+    from squeeze.formats import open_dense
+    from squeeze.export import check_output_dir, commit, size_report, staging_dir, write_checkpoint
     from squeeze.loading import load
 
-    ckpt = Checkpoint(model_dir)
+    ckpt = open_dense(model_dir)
     check_output_dir(Path(out), ckpt.path, overwrite)
     model = load(ckpt.path, dtype=torch.float32)
     from squeeze.adapters import Adapter
@@ -194,8 +194,9 @@ def drop_layers(model_dir, out, remove: int, by: str = "importance", calib: str 
         record["calibration"] = calib_info
     keep = [i for i in range(L) if i not in set(removed)]
     with staging_dir(Path(out)) as tmp:
-        write_checkpoint(ckpt, tmp, None, config_updates(ckpt.config_dict, keep, L), record,
-                         keys=renumbered_keys(ckpt.key_to_shard, prefix, keep))
+        sizes = write_checkpoint(ckpt, tmp, None, config_updates(ckpt.config_dict, keep, L), record,
+                                 keys=renumbered_keys(ckpt.key_to_shard, prefix, keep))
         commit(tmp, Path(out))
-    return {"removed": removed, "scores": scores, "by": by, "out": str(out), "num_layers": L - len(removed)}
+    return {"removed": removed, "scores": scores, "by": by, "out": str(out), "num_layers": L - len(removed),
+            **size_report(ckpt, sizes, record)}
 

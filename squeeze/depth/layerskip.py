@@ -164,8 +164,8 @@ def finetune(model_dir, out, calib: str = "builtin", distill_from=None, resume: 
              overwrite: bool = False, progress=None, **settings) -> dict:
     """Run the LayerSkip recipe on ``model_dir`` and export to ``out``. ``progress(step, steps,
     loss)`` is called after every step. Returns a report (losses, timings)."""
-    from squeeze.checkpoint import Checkpoint
-    from squeeze.export import TensorSource, check_output_dir, commit, staging_dir, write_checkpoint
+    from squeeze.formats import open_dense
+    from squeeze.export import TensorSource, check_output_dir, commit, size_report, staging_dir, write_checkpoint
     from squeeze.loading import load
     from squeeze.modeling import WeightMap
     from squeeze.train.batches import batch_indices
@@ -174,7 +174,7 @@ def finetune(model_dir, out, calib: str = "builtin", distill_from=None, resume: 
 
     cfg = LayerSkipConfig(**settings)
     cfg.validate()
-    ckpt = Checkpoint(model_dir)
+    ckpt = open_dense(model_dir)
     check_output_dir(Path(out), ckpt.path, overwrite)
     torch.manual_seed(cfg.seed)
     model = load(ckpt.path, dtype=torch.float32)
@@ -232,13 +232,13 @@ def finetune(model_dir, out, calib: str = "builtin", distill_from=None, resume: 
     params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under each of their names
     tensors = {key: params[name].detach() for name, key in WeightMap(model, ckpt).to_ckpt.items()}
     with staging_dir(Path(out)) as tmp:
-        write_checkpoint(ckpt, tmp, TensorSource(ckpt, tensors), {}, record)
+        sizes = write_checkpoint(ckpt, tmp, TensorSource(ckpt, tensors), {}, record)
         commit(tmp, Path(out))
     import shutil
 
     shutil.rmtree(sdir, ignore_errors=True)
     return {"out": str(out), "steps": cfg.steps, "resumed_from": trained.start, "losses": history,
-            "dropout_rates": rates, **record["training"]}
+            "dropout_rates": rates, **record["training"], **size_report(ckpt, sizes, record)}
 
 
 def _forward_hiddens(model, ids):

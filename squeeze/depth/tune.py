@@ -59,15 +59,15 @@ def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=
               prompt_len: int = 32, max_new_tokens: int = 32, seed: int = 0, repeats: int = 1,
               overwrite: bool = False) -> dict:
     from squeeze.calib.build import build_calibration
-    from squeeze.checkpoint import Checkpoint
-    from squeeze.export import RECORD, check_output_dir, commit, staging_dir, write_checkpoint
+    from squeeze.formats import open_dense
+    from squeeze.export import RECORD, check_output_dir, commit, size_report, staging_dir, write_checkpoint
     from squeeze.loading import load, read_record
     from squeeze.report import write_json
     from squeeze.runtime.speculative import RECORD_KEY
     from squeeze.runtime.stack import Stack
     from squeeze.versions import without_versions
 
-    ckpt = Checkpoint(model_dir)
+    ckpt = open_dense(model_dir)
     record = read_record(ckpt.path)
     if out is None and not record:
         raise SqueezeError(f"{ckpt.path} is not a squeeze export (no squeeze.json); tune-exit never modifies an "
@@ -103,7 +103,8 @@ def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=
 
             sidecar = load_file(str(ckpt.path / "squeeze.safetensors"))
         with staging_dir(Path(out)) as tmp:
-            write_checkpoint(ckpt, tmp, None, {}, new_record, sidecar=sidecar)
+            sizes = write_checkpoint(ckpt, tmp, None, {}, new_record, sidecar=sidecar)
             commit(tmp, Path(out))
         where = str(out)
-    return {"written_to": where, **{k: v for k, v in chosen.items() if k != "calibration"}}
+    written = size_report(ckpt, sizes, new_record) if out is not None else {}
+    return {"written_to": where, **{k: v for k, v in chosen.items() if k != "calibration"}, **written}

@@ -4,7 +4,9 @@ weight-only kernel instead of a dequantized dense weight.
 - CPU: torch's own int8 / int4 kernels (:mod:`squeeze.kernels.quant_cpu`), only for activation
   dtypes where they beat dense ``F.linear`` on this kind of CPU (bf16; in fp32 they are 5-10x
   slower) and only for layouts they hold (int8: symmetric per row; int4: groups of 32k).
-- CUDA: the Triton dequantizing GEMM (:func:`squeeze.kernels.quant_linear`).
+- CUDA: the Triton dequantizing GEMM (:func:`squeeze.kernels.quant_linear`), and for 2:4 values
+  stored as symmetric int8 codes the 2:4 + int8 kernel (:func:`squeeze.kernels.quant_linear_24`,
+  which reads the values, the 2-bit positions and the scales as stored).
 
 Everything else keeps the exact dense weight the loader decoded. A kernel computes the same
 product in another order (and the CPU ops round scales to bf16), so its outputs match the dense
@@ -34,52 +36,67 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.label}"
 
 
-def _cuda_fn(spec, codes, scale, zero, k):
-    from squeeze.kernels import quant_linear
+def _cuda_fn(spec, entry, get, k, backend):
+    from squeeze.kernels import quant_linear, quant_linear_24
+
+    scale = get(entry["scale"])
+    if "meta" in entry:  # 2:4 values as codes: only symmetric int8 has a kernel
+        if spec.format != "int" or spec.bits != 8 or not spec.symmetric:
+            return None, None
+        values, meta = get(entry["values"]), get(entry["meta"])
+
+        def run_24(x, _prepared, bias):
+            return quant_linear_24(x, values, meta, scale, group_size=spec.group_width(k), bias=bias, backend=backend)
+
+        return run_24, None
+    codes = get(entry["qweight"])
+    zero = get(entry["zero"]) if "zero" in entry else None
 
     def run(x, _prepared, bias):
         return quant_linear(x, codes, scale, zero, bits=spec.bits, symmetric=spec.symmetric,
-                            group_size=spec.group_width(k), bias=bias)
+                            group_size=spec.group_width(k), bias=bias, backend=backend)
 
     return run, None
 
 
-def _cpu_fn(spec, codes, scale, zero, k):
+def _cpu_fn(spec, entry, get, k, backend):
     from squeeze.kernels import int4_linear_cpu, int8_linear_cpu, prepare_int4_cpu, prepare_int8_cpu, unpack_int4
 
-    if spec.format != "int":
+    if spec.format != "int" or "qweight" not in entry:  # codes inside a sparse layout stay decoded
         return None, None
+    codes, scale = get(entry["qweight"]), get(entry["scale"])
     if spec.bits == 8:
         return int8_linear_cpu, prepare_int8_cpu(codes, scale)
+    zero = get(entry["zero"]) if "zero" in entry else None
     return int4_linear_cpu, prepare_int4_cpu(unpack_int4(codes, k), scale, zero, spec.group_size)
 
 
-def install(model: nn.Module, ckpt, packed: dict, device: str) -> int:
-    """Swap every quantized (not sparse) linear of ``packed`` whose layout a kernel on ``device``
-    runs for a :class:`QuantLinear`. Returns how many were swapped."""
+def install(model: nn.Module, ckpt, packed: dict, device: str, backend: str = "auto") -> int:
+    """Swap every quantized linear of ``packed`` whose layout a kernel on ``device`` runs for a
+    :class:`QuantLinear`. Returns how many were swapped. ``backend="triton"`` takes the CUDA
+    kernels on any device (on CPU under TRITON_INTERPRET=1, for tests)."""
     from squeeze.formats import packed_modules, spec_of
     from squeeze.kernels import QUANT_CPU_FAST_DTYPES
 
-    cuda = torch.device(device).type == "cuda"
+    triton = torch.device(device).type == "cuda" or backend == "triton"
     swapped = 0
     for name, entry in packed_modules(model, packed).items():
         module = model.get_submodule(name)
-        # codes of a whole weight only: codes inside a sparse layout (2:4 values, bitmask) stay decoded
-        if not isinstance(module, nn.Linear) or "qweight" not in entry:
+        # codes of a bitmask layout never have a kernel: they stay decoded
+        if not isinstance(module, nn.Linear) or "quant" not in entry or "mask" in entry:
             continue
-        if not cuda and module.weight.dtype not in QUANT_CPU_FAST_DTYPES:
+        if not triton and module.weight.dtype not in QUANT_CPU_FAST_DTYPES:
             continue
         spec, (n, k) = spec_of(entry), entry["shape"]
-        codes, scale = ckpt.get(entry["qweight"]), ckpt.get(entry["scale"])
-        zero = ckpt.get(entry["zero"]) if "zero" in entry else None
-        if cuda:
-            codes, scale = codes.to(device), scale.to(device)
-            zero = None if zero is None else zero.to(device)
-        fn, prepared = (_cuda_fn if cuda else _cpu_fn)(spec, codes, scale, zero, k)
-        if fn is None or (not cuda and prepared is None):
+
+        def get(key):
+            return ckpt.get(key).to(device)
+
+        fn, prepared = (_cuda_fn if triton else _cpu_fn)(spec, entry, get, k, backend)
+        if fn is None or (not triton and prepared is None):
             continue
         owner, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, leaf,
-                QuantLinear(fn, prepared, module.bias, k, n, spec.name))
+                QuantLinear(fn, prepared, module.bias, k, n, spec.name + (" 2:4" if "meta" in entry else "")))
         swapped += 1
     return swapped

@@ -447,3 +447,33 @@ def test_24_custom_op_opcheck_and_compile():
         return quant_linear_24(x, values, meta, scale, group_size=32, bias=b) * 2
 
     assert torch.equal(torch.compile(f, backend="aot_eager", fullgraph=True)(x), f(x))
+
+
+@needs_triton
+@pytest.mark.parametrize("kw", [{"quantize": "int8"}, {"quantize": "int4", "group_size": 32},
+                                {"method": "wanda", "pattern": "2:4", "quantize": "int8", "group_size": 32}])
+def test_load_swaps_in_the_triton_kernels(kw, tiny_dir, tiny_calib, tmp_path):
+    """What squeeze.load installs on CUDA, run here through the interpreter (fp16: the interpreter's
+    bf16 is wrong): whole-weight codes through quant_linear, 2:4 values stored as int8 codes through
+    quant_linear_24, both reading the stored tensors; outputs within fp16 rounding of the exact
+    decoded model."""
+    import squeeze
+    from squeeze.formats import open_dense
+    from squeeze.runtime.quant import install
+
+    out = squeeze.compress(tiny_dir("llama"), tmp_path / "q", calib=str(tiny_calib), nsamples=4, seqlen=32,
+                           dtype="float16", **kw).out
+    exact = squeeze.load(out, quant_kernels=False)
+    fast = squeeze.load(out, quant_kernels=False)
+    ckpt = open_dense(out)
+    swapped = install(fast, ckpt.raw, ckpt.packed, "cpu", backend="triton")
+    assert swapped == len(ckpt.packed) > 0
+    labels = {m.label for m in fast.modules() if type(m).__name__ == "QuantLinear"}
+    assert labels == ({"int8-g32 2:4"} if "pattern" in kw else {"int8"} if kw["quantize"] == "int8" else {"int4-g32"})
+    eps = torch.finfo(torch.float16).eps
+    for name, q in ((n, m) for n, m in fast.named_modules() if type(m).__name__ == "QuantLinear"):
+        w = exact.get_submodule(name).weight.float()
+        x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.float16)
+        want = x.float() @ w.T
+        bound = 2 * eps * (x.float().abs() @ w.abs().T) + 1e-4  # fp16 output rounding + fp32 reordering
+        assert ((q(x).float() - want).abs() <= bound).all(), name
