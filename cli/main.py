@@ -99,9 +99,13 @@ def cli():
               "(a partial last group; --format compressed-tensors needs N to divide it).")
 @click.option("--asymmetric", is_flag=True, help="--quantize int8/int4 with zero points (default: symmetric).")
 @click.option("--quant-solver", type=click.Choice(["obs", "rtn"]), help="--quantize: obs = GPTQ error compensation "
-              "on calibration data (columns in act-order; --set actorder=none for left to right), rtn = round to "
-              "nearest [default: obs]. Scales: --set observer=minmax|mse [default: mse for symmetric int, but "
-              "minmax for int8 rtn].")
+              "on calibration data, rtn = round to nearest [default: obs].")
+@click.option("--quant-actorder", type=click.Choice(["static", "none"]), help="--quantize with obs: the column "
+              "order of the sweep, static = GPTQ's act-order (decreasing calibrated input energy), none = left to "
+              "right [default: static].")
+@click.option("--quant-observer", type=click.Choice(["minmax", "mse"]), help="--quantize: how each group's scale is "
+              "chosen, minmax = the whole range, mse = the clipping that minimises the rounding error [default: "
+              "mse, but minmax for --asymmetric and for int8/fp8 with rtn].")
 @click.option("--format", "fmt", type=click.Choice(["auto", "dense", "compressed", "compressed-tensors"]), default="auto",
               show_default=True,
               help="auto: store what the passes promise compactly (2:4 as values + 2-bit positions, other sparsity "

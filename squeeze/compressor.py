@@ -52,7 +52,8 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
              calib_generate: int = 0, calib_generate_mode: str = "sample", calib_generate_temperature: float = 1.0,
              calib_generate_top_p: float = 1.0, on_generate=None, repair: str | None = None,
              quantize: str | None = None, group_size: int | str | None = None, asymmetric: bool = False,
-             quant_solver: str | None = None, format: str = "auto", **pass_settings) -> CompressResult:
+             quant_solver: str | None = None, quant_actorder: str | None = None, quant_observer: str | None = None,
+             format: str = "auto", **pass_settings) -> CompressResult:
     """Compress a checkpoint folder and export it to ``out``.
 
     Either ``method`` (+ ``pattern`` or ``sparsity``) or ``recipe`` (a YAML/JSON file or a list
@@ -109,11 +110,11 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         entries = entries + [{"pass": repair}]
     if quantize:  # quantization last, on the mask the passes before left (same calibration sweep)
         q = {"pass": "quantize", "bits": quantize, "group_size": group_size, "symmetric": not asymmetric,
-             "solver": quant_solver}
+             "solver": quant_solver, "actorder": quant_actorder, "observer": quant_observer}
         entries = entries + [{k: v for k, v in q.items() if v is not None}]
-    elif group_size is not None or asymmetric or quant_solver:
-        raise SqueezeError("--group-size / --asymmetric / --quant-solver set how to quantize: add --quantize int8, "
-                           "int4 or fp8")
+    elif group_size is not None or asymmetric or quant_solver or quant_actorder or quant_observer:
+        raise SqueezeError("--group-size / --asymmetric / --quant-solver / --quant-actorder / --quant-observer set how "
+                           "to quantize: add --quantize int8, int4 or fp8")
     methods = build_passes(entries, defaults={"targets": targets, "ignore": ignore, "strict": strict or None})
     passes = [m for m in methods if isinstance(m, BlockPass)]
     stages = [st for m in methods for st in m.stages()]

@@ -93,6 +93,8 @@ def test_user_errors(tiny_dir, tiny_calib, tmp_path):
     src = tiny_dir("llama")
     with pytest.raises(SqueezeError, match="add --quantize"):
         squeeze.compress(src, tmp_path / "a", method="wanda", pattern="2:4", group_size=32, **kw)
+    with pytest.raises(SqueezeError, match="add --quantize"):
+        squeeze.compress(src, tmp_path / "a", method="wanda", pattern="2:4", quant_observer="mse", **kw)
     with pytest.raises(SqueezeError, match="bad quantization group size"):
         squeeze.compress(src, tmp_path / "a", quantize="int4", group_size=0, **kw)
     with pytest.raises(SqueezeError, match="unknown quantization"):
@@ -116,7 +118,8 @@ def test_user_errors(tiny_dir, tiny_calib, tmp_path):
     ({"bits": "int4", "solver": "rtn"}, None, "mse"),
     ({"bits": "int8"}, "static", "mse"),
     ({"bits": "int8", "solver": "rtn"}, None, "minmax"),
-    ({"bits": "fp8"}, "static", "minmax"),
+    ({"bits": "fp8"}, "static", "mse"),
+    ({"bits": "fp8", "solver": "rtn"}, None, "minmax"),
     ({"bits": "int4", "symmetric": False}, "static", "minmax"),
     ({"bits": "int4", "actorder": "none", "observer": "minmax"}, "none", "minmax"),
 ])
@@ -125,6 +128,19 @@ def test_the_pass_resolves_and_records_its_defaults(settings, actorder, observer
 
     desc = get_pass("quantize")(**settings).describe()  # what squeeze.json records
     assert desc.get("actorder") == actorder and desc["observer"] == observer
+
+
+def test_the_order_and_observer_flags_reach_the_pass(tiny_dir, tiny_calib, tmp_path):
+    from squeeze.cli.main import main as cli
+
+    out = tmp_path / "q"
+    args = ["compress", str(tiny_dir("llama")), "--out", str(out), "--calib", str(tiny_calib), "--nsamples", "4",
+            "--seqlen", "32", "--quantize", "int4", "--quant-actorder", "none", "--quant-observer", "minmax",
+            "--no-verify"]
+    cli(args)  # returns on success (errors exit with code 2)
+    record = json.loads((out / "squeeze.json").read_text())
+    q = next(p for p in record["passes"] if p["pass"] == "quantize")
+    assert (q["actorder"], q["observer"]) == ("none", "minmax")
 
 
 @pytest.mark.parametrize("settings, match", [

@@ -95,8 +95,9 @@ def broken_24(model) -> float | None:
 def _compress(recipe, out: Path, nsamples: int, seqlen: int, model: str = "stories260k", calib: Path = CALIB):
     import squeeze
 
-    if model == "minilm":
-        return squeeze.compress(None, out, recipe=recipe, keep_in_memory=False, format="compressed")
+    if model == "minilm":  # float32 like llm-compressor's output (the embedded default exports in bf16)
+        return squeeze.compress(None, out, recipe=recipe, keep_in_memory=False, format="compressed",
+                                dtype="float32")
     return squeeze.compress(STORIES, out, recipe=recipe, calib=str(calib), nsamples=nsamples, seqlen=seqlen,
                             keep_in_memory=False, format="compressed")
 
