@@ -167,31 +167,45 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | TensorSource |
             put(new, t)
         save_file(tensors, str(dest / shard), metadata={"format": "pt"})
         sizes[shard] = (dest / shard).stat().st_size
-        del tensors
     record.pop("format", None)
     if out_packed:
         record["format"] = {"kind": kind_of(out_packed), "layout": LAYOUT, "linears": out_packed}
-    if ckpt.index_file:
-        index = json.loads((ckpt.path / INDEX_NAME).read_text())
-        index.setdefault("metadata", {})["total_size"] = total
-        index["weight_map"] = dict(sorted(weight_map.items()))
-        write_json(dest / INDEX_NAME, index)
+    write_index(ckpt, dest, weight_map, total)
     from squeeze.autoload import mark
 
     write_json(dest / "config.json", mark({**ckpt.config_dict, **config_updates}, record))
-    for f in ckpt.extra_files():
-        rel = f.relative_to(ckpt.path)
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(f, dest / rel)
+    copy_extra_files(ckpt, dest)
     sidecar = {**(spill.sidecar if spill is not None else {}), **(sidecar or {})}
     if sidecar:
         save_file(sidecar, str(dest / SIDECAR))
         sizes[SIDECAR] = (dest / SIDECAR).stat().st_size
     write_json(dest / RECORD, {**versions(), **record})
+    seal(dest)
+    return sizes
+
+
+def write_index(ckpt, dest: Path, weight_map: dict[str, str], total: int) -> None:
+    """The shard index of an export of the sharded ``ckpt`` (its metadata kept, the map rewritten)."""
+    if ckpt.index_file:
+        index = json.loads((ckpt.path / INDEX_NAME).read_text())
+        index.setdefault("metadata", {})["total_size"] = total
+        index["weight_map"] = dict(sorted(weight_map.items()))
+        write_json(dest / INDEX_NAME, index)
+
+
+def copy_extra_files(ckpt, dest: Path) -> None:
+    """Tokenizer, generation config and the like, as the source has them."""
+    for f in ckpt.extra_files():
+        rel = f.relative_to(ckpt.path)
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dest / rel)
+
+
+def seal(dest: Path) -> None:
+    """Read-write for the owner, readable by all: whatever umask the staging folder was made under."""
     for f in dest.rglob("*"):
         if f.is_file():
             f.chmod(0o644)
-    return sizes
 
 
 def size_report(baseline, sizes: dict, record: dict) -> dict:

@@ -16,10 +16,8 @@ dimension. Sparsity is kept as zeros in the weights (or codes) plus ``sparsity_c
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from squeeze.checkpoint import Checkpoint
@@ -109,17 +107,10 @@ def _plan(src: Checkpoint, record: dict, packed: dict):
     return spec, quantized, qconfig
 
 
-def _export_dtype(src: Checkpoint, packed: dict) -> torch.dtype:
-    """The float dtype of the export (its linears' entries say it: codes may outweigh the floats)."""
-    named = {e["dtype"] for e in packed.values() if "dtype" in e}
-    return getattr(torch, named.pop()) if len(named) == 1 else src.source_dtype()
-
-
 def write(src: Checkpoint, dest: Path) -> tuple[dict, dict]:
     """Write the squeeze export ``src`` into the (staging) folder ``dest`` in the compressed-tensors
     layout, shard by shard as ``src`` is sharded. Returns ({file: bytes}, the squeeze.json record)."""
-    from squeeze.checkpoint import INDEX_NAME
-    from squeeze.export import RECORD
+    from squeeze.export import RECORD, copy_extra_files, seal, write_index
     from squeeze.formats import codes_of, packed_keys, unpack_linear
     from squeeze.loading import read_record
     from squeeze.report import write_json
@@ -152,30 +143,21 @@ def write(src: Checkpoint, dest: Path) -> tuple[dict, dict]:
         save_file({n: t.contiguous() for n, t in tensors.items()}, str(dest / shard), metadata={"format": "pt"})
         sizes[shard] = (dest / shard).stat().st_size
         del tensors
-    if src.index_file:
-        import json
+    write_index(src, dest, weight_map, total)
+    from squeeze.formats import DenseView
 
-        index = json.loads((src.path / INDEX_NAME).read_text())
-        index.setdefault("metadata", {})["total_size"] = total
-        index["weight_map"] = dict(sorted(weight_map.items()))
-        write_json(dest / INDEX_NAME, index)
-    dtype = str(_export_dtype(src, packed)).removeprefix("torch.")
+    dtype = str((DenseView(src, packed) if packed else src).source_dtype()).removeprefix("torch.")
     # transformers 5 reads "dtype", older versions "torch_dtype": both name the stored floats
     write_json(dest / "config.json", {**src.config_dict, "dtype": dtype, "torch_dtype": dtype,
                                       "quantization_config": qconfig})
-    for f in src.extra_files():
-        rel = f.relative_to(src.path)
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(f, dest / rel)
+    copy_extra_files(src, dest)
     sparsity = qconfig["sparsity_config"]
     record = {**versions(), **record, "format": {
         "kind": FORMAT, "layout": LAYOUT, "quantization_format": qconfig["format"],
         "quant": spec.name if spec else None, "sparsity_structure": sparsity.get("sparsity_structure"),
         "quantized_linears": sorted(quantized)}}
     write_json(dest / RECORD, record)
-    for f in dest.rglob("*"):
-        if f.is_file():
-            f.chmod(0o644)
+    seal(dest)
     return sizes, record
 
 
@@ -190,8 +172,7 @@ def report_format(record: dict) -> dict:
 def convert(src: str | Path, out: str | Path, format: str = FORMAT, overwrite: bool = False) -> dict:
     """Rewrite the compact squeeze export ``src`` (``--format auto``/``compressed``; a sparse-only
     dense export too) as a compressed-tensors checkpoint in ``out``, atomically. Returns the report."""
-    from squeeze.autoload import loads_with
-    from squeeze.export import check_output_dir, commit, staging_dir
+    from squeeze.export import check_output_dir, commit, size_report, staging_dir
 
     if format != FORMAT:
         raise SqueezeError(f"unknown --format {format!r}: convert writes {FORMAT}")
@@ -203,8 +184,5 @@ def convert(src: str | Path, out: str | Path, format: str = FORMAT, overwrite: b
     with staging_dir(out) as tmp:
         sizes, record = write(ckpt, tmp)
         commit(tmp, out)
-    source_bytes, export_bytes = ckpt.weight_bytes(), sum(sizes.values())
     return {"source": str(ckpt.path), "out": str(out.resolve()), "files": sizes, "format": report_format(record),
-            "size_bytes": {"source": source_bytes, "export": export_bytes,
-                           "ratio": round(export_bytes / max(source_bytes, 1), 4)},
-            "loads_with": loads_with(record)}
+            **size_report(ckpt, sizes, record)}

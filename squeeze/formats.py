@@ -302,6 +302,12 @@ class DenseView:
     def __getattr__(self, name):  # path, config_dict, shards, extra_files, ...: the checkpoint's own
         return getattr(self.raw, name)
 
+    def source_dtype(self) -> torch.dtype:
+        """The dtype the dense weights are in: the one the packed entries name (codes may outweigh
+        every float tensor on disk), else the checkpoint's."""
+        named = {e["dtype"] for e in self.packed.values() if "dtype" in e}
+        return getattr(torch, named.pop()) if len(named) == 1 else self.raw.source_dtype()
+
     def keys(self):
         return self.key_to_shard.keys()
 

@@ -51,9 +51,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     if packed:
-        if not isinstance(dtype, torch.dtype):  # the export dtype: packed codes may outweigh every float tensor
-            named = {e["dtype"] for e in packed.values() if "dtype" in e}
-            dtype = getattr(torch, named.pop()) if len(named) == 1 else ckpt.source_dtype()
+        dtype = dtype if isinstance(dtype, torch.dtype) else ckpt.source_dtype()  # the export's
         model = load_dense(ckpt, config, dtype, attn_implementation, trust_remote_code)
         if sparse24 if sparse24 is not None else torch.device(device).type == "cuda":
             _swap_sparse24(model, ckpt.raw, packed)
