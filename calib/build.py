@@ -43,26 +43,28 @@ def context_of(config) -> int | None:
     return getattr(_text_config(config), "max_position_embeddings", None)
 
 
-def build_calibration(ckpt, config, calib: str, nsamples: int | None, seqlen: int, seed: int = 0,
+def build_calibration(ckpt, config, calib: str, nsamples: int | None, seqlen: int | None, seed: int = 0,
                       packing: str = "auto", rows: str = "packed", pairs: bool = False,
                       trust_remote_code: bool = False) -> Calibration:
     """Calibration rows from the spec ``calib`` for the checkpoint ``ckpt`` (its tokenizer) whose
     transformers config is ``config`` (its context and vocab size).
 
     ``rows="packed"``: ``nsamples`` samples of ``seqlen`` tokens, ``packing`` as in
-    :func:`~squeeze.calib.packing.pack`. ``rows="sentences"``: :func:`sentence_ids`, with
-    ``pairs``; ``nsamples=None`` keeps every sentence."""
+    :func:`~squeeze.calib.packing.pack`; ``seqlen=None`` picks it from the data (whole rows when
+    enough are long; at most 512 or the model's context). ``rows="sentences"``: :func:`sentence_ids`,
+    with ``pairs``; ``nsamples=None`` keeps every sentence; ``seqlen`` cuts sentences (default 512 or the context)."""
     if rows not in ROWS:
         raise SqueezeError(f"unknown rows {rows!r}: use packed or sentences")
     max_pos = context_of(config)
-    if max_pos and seqlen > max_pos:
+    cap = min(512, max_pos or 512)
+    if max_pos and seqlen is not None and seqlen > max_pos:
         raise SqueezeError(f"--seqlen {seqlen} exceeds the model's context of {max_pos} tokens; lower --seqlen")
     data = load_rows(calib)
     vocab = getattr(_text_config(config), "vocab_size", None)
     if rows == "sentences":
-        return _sentence_calibration(ckpt, data, nsamples, seqlen, seed, pairs, vocab, trust_remote_code)
+        return _sentence_calibration(ckpt, data, nsamples, seqlen or cap, seed, pairs, vocab, trust_remote_code)
     tok = load_tokenizer(ckpt.path, trust_remote_code) if data.ids is None else None
-    return pack(data, tok, nsamples, seqlen, seed, packing, vocab_size=vocab)
+    return pack(data, tok, nsamples, seqlen, seed, packing, vocab_size=vocab, max_seqlen=cap)
 
 
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]*[A-Z0-9])")

@@ -15,14 +15,14 @@ from squeeze.report import print_json, write_json
 
 def _parse_sets(values) -> dict:
     """--set KEY=VALUE (repeatable): extra pass settings; VALUE is read as YAML (numbers, bools)."""
-    import yaml
+    from squeeze.recipe import yaml_load
 
     out = {}
     for item in values or ():
         key, eq, val = item.partition("=")
         if not eq or not key:
             raise SqueezeError(f"bad --set {item!r}: expected KEY=VALUE")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(val)
+        out[key.strip().replace("-", "_")] = yaml_load(val)
     return out
 
 
@@ -66,7 +66,8 @@ def cli():
 @click.option("--method", help="Pass to run (magnitude, wanda, ...). Default for the embedded model: wanda 2:4.")
 @click.option("--pattern", help="N:M semi-structured pattern, e.g. 2:4 or 4:8.")
 @click.option("--sparsity", type=float, help="Unstructured sparsity in (0, 1), e.g. 0.5.")
-@click.option("--recipe", type=click.Path(), help="YAML/JSON recipe: an ordered list of {pass: NAME, ...}.")
+@click.option("--recipe", help="A shipped recipe's name (e.g. best-2:4; `squeeze recipes` lists them) or a YAML/JSON "
+              "file: an ordered list of {pass: NAME, ...}, or a mapping with passes: and recover:.")
 @click.option("--calib", default="builtin", show_default=True,
               help="builtin, a .txt/.jsonl/.parquet file, a saved datasets folder or a datasets name.")
 @click.option("--nsamples", type=int, help="Calibration sequences [default: 128; 64 for the embedded model].")
@@ -133,9 +134,11 @@ def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples,
 
     _quiet_transformers()
     if model_dir is None and out is None:
-        out = "squeezed/all-MiniLM-L6-v2-" + (method or "wanda") + "-" + (
-            pattern.replace(":", "of") if pattern else (f"{sparsity:g}" if sparsity else "2of4"))
         from pathlib import Path
+
+        what = Path(recipe).stem.replace(":", "of").replace("%", "pct") if recipe else None
+        out = "squeezed/all-MiniLM-L6-v2-" + (what or (method or "sparsegpt") + "-" + (
+            pattern.replace(":", "of") if pattern else (f"{sparsity:g}" if sparsity else "2of4")))
 
         Path(out).parent.mkdir(exist_ok=True)
     kwargs = dict(method=method, pattern=pattern, sparsity=sparsity, recipe=recipe, calib=calib,
@@ -220,6 +223,7 @@ from squeeze.cli import (
     cmd_depth,  # noqa: F401  (registers finetune, tune-exit, drop-layers, generate)
     cmd_convert,  # noqa: F401  (registers `squeeze convert`)
     cmd_recover,  # noqa: F401  (registers `squeeze recover`)
+    cmd_recipes,  # noqa: F401  (registers `squeeze recipes`)
 )
 
 

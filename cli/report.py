@@ -112,8 +112,11 @@ def print_compress_report(r: dict, details: bool = False) -> None:
                          f"min {v['cosine_min']:.4f}")
         if "kl" in v:
             lines.append(f"KL(dense||compressed) on {v['rows']} held-out rows: {v['kl']:.4f} nats/token")
+    nxt = r.get("next")
+    if nxt:
+        lines.append(f"further: {nxt['command']}  ({nxt['summary']}: {nxt['reaches']})")
     for ln in lines:
-        console.print(ln)
+        console.print(ln, markup=False)
 
 
 def _size_line(r: dict) -> str:

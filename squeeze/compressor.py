@@ -16,7 +16,8 @@ from squeeze.export import Spill, check_output_dir, commit, size_report, staging
 from squeeze.formats import check_format, kind_of, open_dense
 from squeeze.modeling import WeightMap, as_loaded, build_skeleton, load_config
 from squeeze.passes.base import BlockPass, ModelContext
-from squeeze.recipe import build_passes, flags_recipe, read_recipe
+from squeeze.evaluation import model_kind
+from squeeze.recipe import Recipe, build_passes, flags_recipe, next_step, resolve_recipe
 from squeeze.report import write_json
 
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -79,8 +80,11 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         model = defaults.default_model_path()
         nsamples = nsamples or defaults.DEFAULT_NSAMPLES
         seqlen = seqlen or defaults.DEFAULT_SEQLEN
-        if method is None and recipe is None:
-            method, pattern = "wanda", pattern or (None if sparsity else "2:4")
+        if method is None and recipe is None:  # the best 2:4 that takes about a minute (recipes/quick-2of4.yaml)
+            if pattern is None and sparsity is None and all(v is None or v is False for v in pass_settings.values()):
+                recipe = defaults.DEFAULT_RECIPE
+            else:
+                method = "sparsegpt"
         if dtype == "auto":  # the fp32 default model in bf16: half the bytes, the same cosines (bench/README.md)
             dtype = "bfloat16"
     ckpt = open_dense(model)
@@ -92,6 +96,10 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     ct = format == "compressed-tensors"  # swept as for auto, then rewritten in that layout (squeeze.export_ct)
     export_dtype = parse_dtype(dtype)
 
+    config = load_config(ckpt, trust_remote_code)
+    skeleton = build_skeleton(config, trust_remote_code, attn_implementation="sdpa")
+    family = "decoder" if model_kind(skeleton) == "causal" else "encoder"  # which shipped recipes fit
+    plan = None
     if recipe is not None:
         given = {"method": method, "pattern": pattern, "sparsity": sparsity, **pass_settings}
         stray = sorted(k for k, v in given.items() if v is not None and v is not False)
@@ -99,8 +107,19 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
             raise SqueezeError(f"--recipe was given together with {', '.join(stray)}: put those settings in the "
                                "recipe's pass entries instead (e.g. {pass: wanda, sparsity: 0.5, "
                                "sparsity_profile: owl})")
-    if recipe is not None:
-        entries = read_recipe(recipe) if isinstance(recipe, (str, Path)) else list(recipe)
+        plan = resolve_recipe(recipe, family)
+        nsamples = nsamples or plan.calibration.get("nsamples")
+        seqlen = seqlen or plan.calibration.get("seqlen")
+        if plan.recover:
+            _check_recover_recipe(plan, quantize, format)
+            return _then_recover(plan, None if is_default else model, out, overwrite, json_path, keep_in_memory,
+                                 dict(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, packing=packing,
+                                      targets=targets, ignore=ignore, dtype=dtype, strict=strict, format=format,
+                                      trust_remote_code=trust_remote_code, on_block=on_block, repair=repair,
+                                      calib_generate=calib_generate, calib_generate_mode=calib_generate_mode,
+                                      calib_generate_temperature=calib_generate_temperature,
+                                      calib_generate_top_p=calib_generate_top_p, on_generate=on_generate))
+        entries = list(plan.passes)
     elif method is None and quantize and pattern is None and sparsity is None \
             and all(v is None or v is False for v in pass_settings.values()):
         entries = []  # quantization alone
@@ -126,10 +145,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         raise SqueezeError("--format compressed stores sparse and quantized linears compactly, and this recipe "
                            "promises neither: add --pattern, --sparsity or --quantize, or use --format dense")
 
-    config = load_config(ckpt, trust_remote_code)
     nsamples = nsamples or 128
-    seqlen = seqlen or min(512, context_of(config) or 512)
-    skeleton = build_skeleton(config, trust_remote_code, attn_implementation="sdpa")
     adapter = Adapter(skeleton)
     for m in methods:
         why = m.unsupported(adapter)
@@ -185,6 +201,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
             "out": str(out.resolve()),
             "adapter": adapter.describe(),
             "passes": [m.describe() for m in methods],
+            **({"recipe": plan.describe()} if plan and (plan.name or plan.path) else {}),
             "calibration": calibration.describe() if calibration else None,
             "linears": result.linears,
             "summary": _summary(result.linears),
@@ -223,11 +240,69 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
                                                    if weights.to_ckpt.get(f"{n}.weight") not in spill.packed)}
     report["seconds"] = round(time.perf_counter() - t_start, 3)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    nxt = next_step(plan.name if plan else None, family)
+    if nxt:
+        where = "" if is_default else f" {ckpt.path}"
+        data = "" if calib == "builtin" else f" --calib {calib}"
+        report["next"] = {**nxt, "command": f"squeeze compress{where} --recipe {nxt['recipe']} --out OUT{data}"}
     for m in [*methods, *stages]:
         report.setdefault("pass_reports", {}).update(m.report or {})
     if json_path:
         write_json(json_path, report)
     return CompressResult(out, report, as_loaded(skeleton) if keep_in_memory else None)
+
+
+def _check_recover_recipe(plan: Recipe, quantize, format: str) -> None:
+    if quantize or any(e.get("pass") == "quantize" for e in plan.passes):
+        raise SqueezeError(f"recipe {plan.name or plan.path} recovers after its passes, and training would move "
+                           "quantized weights off their grid: compress with the recipe first, then quantize the result "
+                           "(squeeze compress OUT --out OUT_Q --quantize int8)")
+    if format == "compressed-tensors":
+        raise SqueezeError(f"recipe {plan.name or plan.path} ends with recovery, which writes squeeze's layouts: use "
+                           "--format auto, then `squeeze convert OUT --out OUT_CT`")
+
+
+def _then_recover(plan: Recipe, model, out: Path, overwrite: bool, json_path, keep_in_memory, kw: dict):
+    """A recipe with a ``recover:`` section: its passes export a one-shot model to a work folder
+    next to ``out``, :func:`squeeze.recovery.recover` distils that toward the source (masks kept)
+    into ``out``, and the work folder goes. One report: the sweep's, with the recovery's beside it
+    and the final export's bytes."""
+    import shutil
+
+    from squeeze.recovery import recover, work_dir
+
+    t_start = time.perf_counter()
+    oneshot = out.parent / f".{out.name}.oneshot-work"
+    shutil.rmtree(oneshot, ignore_errors=True)
+    try:
+        first = compress(model, oneshot, recipe=Recipe(plan.passes, calibration=plan.calibration), overwrite=True,
+                         keep_in_memory=False, **kw)
+        cal = first.report["calibration"] or {}
+        settings = dict(plan.recover)
+        if settings.get("rows", "packed") == "packed":  # the sweep's calibration rows, unless the recipe says
+            settings = {"nsamples": cal.get("nsamples"), "seqlen": cal.get("seqlen"), **settings}
+        settings = {"calib": kw["calib"], "seed": kw["seed"], "packing": kw["packing"], **settings}
+        # no checkpoints: the one-shot folder they would resume from does not outlive this call
+        rec = recover(oneshot, out, reference=first.report["model_path"], overwrite=overwrite,
+                      trust_remote_code=kw["trust_remote_code"], keep_model=keep_in_memory is not False,
+                      checkpoint_every=10 ** 9, **settings)
+    finally:
+        shutil.rmtree(oneshot, ignore_errors=True)
+        shutil.rmtree(work_dir(out), ignore_errors=True)
+    report = dict(first.report)
+    r = rec.report
+    report["out"] = r["out"]
+    report["recipe"] = plan.describe()
+    report["recover"] = {k: r[k] for k in ("loss", "steps", "lr", "batch_size", "calibration", "loss_before",
+                                           "loss_after", "lr_schedule", "warmup", "augment", "seconds") if k in r}
+    report["passes"] = list(report["passes"]) + [{"pass": "recover", **{k: r[k] for k in ("steps", "lr", "loss")}}]
+    for k in ("files", "size_bytes", "loads_with"):
+        report[k] = r[k]
+    report["seconds"] = round(time.perf_counter() - t_start, 3)
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if json_path:
+        write_json(json_path, report)
+    return CompressResult(Path(r["out"]), report, rec.model)
 
 
 def _check_source(ckpt, record: dict, methods) -> None:

@@ -232,8 +232,6 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
             raise SqueezeError(f"--reference {ref_ckpt.path} is not the dense version of {ckpt.path}: "
                                f"{key} {b!r} vs {a!r}")
     text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    max_pos = getattr(text_cfg, "max_position_embeddings", None) or 2048
-    seqlen = seqlen or min(512, max_pos)
     if rows != "sentences":  # sentence rows: every sentence unless --nsamples is given
         nsamples = nsamples or 128
     calibration = build_calibration(ckpt, config, calib, nsamples, seqlen, seed, packing, rows, "pairs" in aug,
