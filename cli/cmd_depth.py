@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import click
+from squeeze.cli.helptext import examples
 from squeeze.cli.main import _quiet_transformers, cli
 
 from squeeze.errors import SqueezeError
 from squeeze.report import write_json
 
 
-@cli.command()
+@cli.command(epilog=examples("finetune"))
 @click.argument("model_dir")
-@click.option("--recipe", type=click.Choice(["layerskip"]), required=True, help="Training recipe.")
+@click.option("--recipe", type=click.Choice(["layerskip"]), required=True,
+              help="Training recipe: layerskip (layer dropout + early-exit loss, Elhoushi et al. 2024).")
 @click.option("--calib", default="builtin", show_default=True, help="Training data (same forms as compress --calib).")
 @click.option("--out", "out", required=True, type=click.Path(), help="Output folder (written atomically).")
 @click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps.")
@@ -22,19 +24,24 @@ from squeeze.report import write_json
 @click.option("--curriculum", type=click.Choice(["none", "gradual", "rotational"]), default="none",
               show_default=True, help="Which exits are trained when.")
 @click.option("--distill-from", type=click.Path(), help="Also match this model's next-token distribution at each exit.")
-@click.option("--lr", type=float, default=3e-4, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--seqlen", type=int, default=256, show_default=True)
+@click.option("--lr", type=float, default=3e-4, show_default=True, help="Learning rate.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per step.")
+@click.option("--seqlen", type=int, default=256, show_default=True, help="Tokens per training sequence.")
 @click.option("--nsamples", type=int, default=256, show_default=True, help="Training sequences drawn from --calib.")
 @click.option("--save-every", type=int, default=50, show_default=True,
               help="Save a resumable state every M steps (next to --out).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the batches and layer-dropout masks.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its saved state.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
 def finetune(model_dir, recipe, calib, out, steps, p_max, e_scale, scale, curriculum, distill_from, lr, batch_size,
              seqlen, nsamples, save_every, seed, resume, overwrite, json_path):
-    """Continue training MODEL_DIR with the LayerSkip recipe (layer dropout + early-exit loss)."""
+    """Train LayerSkip early exits for self-speculative decoding.
+
+    Continue training MODEL_DIR with the LayerSkip recipe (layer dropout + early-exit loss), so
+    its first layers can draft tokens that the rest verify (`squeeze generate --self-speculative`).
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from squeeze.cli.report import print_kv
 
@@ -58,7 +65,7 @@ def finetune(model_dir, recipe, calib, out, steps, p_max, e_scale, scale, curric
     print_kv("finetune", {k: v for k, v in report.items() if k != "losses"})
 
 
-@cli.command("tune-exit")
+@cli.command("tune-exit", epilog=examples("tune-exit"))
 @click.argument("model_dir")
 @click.option("--calib", default="builtin", show_default=True, help="Prompts for the sweep.")
 @click.option("--out", "out", type=click.Path(),
@@ -66,15 +73,21 @@ def finetune(model_dir, recipe, calib, out, steps, p_max, e_scale, scale, curric
                    "is then updated atomically).")
 @click.option("--exit-layers", help="Comma-separated exit layers to try [default: all 1..L-1].")
 @click.option("--ks", default="1,2,3,4,6,8", show_default=True, help="Comma-separated draft lengths to try.")
-@click.option("--nprompts", type=int, default=4, show_default=True)
-@click.option("--prompt-len", type=int, default=32, show_default=True)
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--nprompts", type=int, default=4, show_default=True, help="Prompts drawn from --calib.")
+@click.option("--prompt-len", type=int, default=32, show_default=True, help="Tokens per prompt.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True,
+              help="Tokens generated per prompt and trial.")
 @click.option("--repeats", type=int, default=1, show_default=True, help="Timing repeats (best is kept).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the sweep as JSON.")
 def tune_exit(model_dir, calib, out, exit_layers, ks, nprompts, prompt_len, max_new_tokens, repeats, overwrite,
               json_path):
-    """Choose the self-speculative exit layer and draft length by a timed sweep; save them in squeeze.json."""
+    """Time exit layers and draft lengths; save the fastest pair.
+
+    Choose the self-speculative exit layer and draft length of MODEL_DIR by a timed sweep of
+    generation on --calib prompts, and save them in squeeze.json, where `squeeze generate` finds
+    them.
+    """
     from squeeze.cli.report import print_kv
 
     from squeeze.depth.tune import tune_exit as tune_fn
@@ -88,21 +101,27 @@ def tune_exit(model_dir, calib, out, exit_layers, ks, nprompts, prompt_len, max_
     print_kv("tune-exit", {k: v for k, v in report.items() if k != "sweep"})
 
 
-@cli.command("drop-layers")
+@cli.command("drop-layers", epilog=examples("drop-layers"))
 @click.argument("model_dir")
 @click.option("--remove", type=int, required=True, help="Number of layers to remove.")
-@click.option("--by", type=click.Choice(["importance", "even"]), default="importance", show_default=True)
+@click.option("--by", type=click.Choice(["importance", "even"]), default="importance", show_default=True,
+              help="importance: remove the lowest-scoring layers (see --score); even: keep evenly spaced "
+                   "layers (no data).")
 @click.option("--score", type=click.Choice(["cosine", "kl"]), default="kl", show_default=True,
-              help="Importance: KL(full || block skipped), or 1 - cos(block input, output).")
+              help="Importance score of a layer: kl = KL(full || layer skipped), cosine = 1 - cos(its input, "
+                   "its output).")
 @click.option("--calib", default="builtin", show_default=True, help="Scoring data (importance only).")
-@click.option("--nsamples", type=int, default=32, show_default=True)
-@click.option("--seqlen", type=int, default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--nsamples", type=int, default=32, show_default=True, help="Scoring sequences.")
+@click.option("--seqlen", type=int, default=256, show_default=True, help="Tokens per scoring sequence.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the choice of scoring windows.")
 @click.option("--out", "out", required=True, type=click.Path(), help="Output folder (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
 def drop_layers(model_dir, remove, by, score, calib, nsamples, seqlen, seed, out, overwrite, json_path):
-    """Remove whole layers; the export is a smaller plain checkpoint."""
+    """Remove whole layers, chosen by importance or evenly.
+
+    The export is a smaller plain checkpoint that transformers loads as it is.
+    """
     from squeeze.cli.report import print_kv
 
     from squeeze.depth.layerdrop import drop_layers as drop_fn
@@ -115,27 +134,32 @@ def drop_layers(model_dir, remove, by, score, calib, nsamples, seqlen, seed, out
     print_kv("drop-layers", {**report, "removed_layers": ",".join(map(str, report["removed"]))})
 
 
-@cli.command()
+@cli.command(epilog=examples("generate"))
 @click.argument("model_dir")
 @click.option("--prompt", help="Prompt text (needs the model's tokenizer).")
 @click.option("--prompt-ids", help="Prompt token ids, comma-separated.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Tokens to generate.")
 @click.option("--self-speculative", is_flag=True, help="Draft with the first layers, verify with the rest.")
 @click.option("--exit-layer", type=int, help="Draft exit layer E [default: squeeze.json, else L//2].")
 @click.option("--num-speculations", type=int, help="Draft length k [default: squeeze.json, else 4].")
 @click.option("--early-exit", is_flag=True, help="Lossy early exit instead: stop at --exit-layer, or per token "
               "when the exit confidence reaches --exit-threshold.")
 @click.option("--exit-threshold", type=float, help="Early exit: confidence needed to stop (top-1 prob or margin).")
-@click.option("--exit-measure", type=click.Choice(["top1", "margin"]), default="top1", show_default=True)
+@click.option("--exit-measure", type=click.Choice(["top1", "margin"]), default="top1", show_default=True,
+              help="Early exit confidence: top-1 probability, or its margin over the second.")
 @click.option("--min-exit-layer", type=int, default=1, show_default=True, help="Early exit: earliest exit layer.")
 @click.option("--do-sample", is_flag=True, help="Sample instead of greedy (rejection sampling when speculative).")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="With --do-sample.")
+@click.option("--seed", type=int, default=0, show_default=True, help="With --do-sample.")
 @click.option("--compare", is_flag=True, help="Also run plain decoding and report the speed-up.")
 @click.option("--json", "json_path", type=click.Path(), help="Write tokens and stats as JSON.")
 def generate(model_dir, prompt, prompt_ids, max_new_tokens, self_speculative, exit_layer, num_speculations,
              early_exit, exit_threshold, exit_measure, min_exit_layer, do_sample, temperature, seed, compare, json_path):
-    """Generate from MODEL_DIR; prints tokens/s and (speculative) the acceptance rate."""
+    """Generate tokens: plain, self-speculative or early exit.
+
+    Greedy (or --do-sample) decoding from MODEL_DIR; prints the new tokens, tokens/s and, when
+    self-speculative, the acceptance rate.
+    """
     from pathlib import Path
 
     from squeeze.cli.report import print_kv

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import click
+from squeeze.cli.helptext import examples
 from squeeze.cli.main import _quiet_transformers, cli
 
 from squeeze.report import write_json
 
 
-@cli.command()
+@cli.command(epilog=examples("recover"))
 @click.argument("pruned_dir")
 @click.option("--reference", required=True, type=click.Path(), help="The dense model the pruned one came from.")
 @click.option("--out", "out", required=True, type=click.Path(), help="Output folder (written atomically).")
@@ -44,8 +45,11 @@ from squeeze.report import write_json
 def recover(pruned_dir, reference, out, calib, steps, lr, batch_size, nsamples, seqlen, seed, packing, rows,
             encoder_loss, augment, lr_schedule, warmup, checkpoint_every, resume, overwrite, json_path,
             trust_remote_code):
-    """Fine-tune PRUNED_DIR toward --reference (KL on its logits; hidden-state MSE for encoders,
-    see --encoder-loss), keeping every pruned weight exactly zero, and export to --out."""
+    """Distil a pruned model toward its dense one; zeros stay zero.
+
+    Fine-tune PRUNED_DIR toward --reference (KL on its logits; hidden-state MSE for encoders,
+    see --encoder-loss), keeping every pruned weight exactly zero, and export to --out.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from squeeze.cli.report import print_kv

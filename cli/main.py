@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from squeeze.cli.helptext import MethodName, MethodOption, examples
 from squeeze.errors import SqueezeError
 from squeeze.report import print_json, write_json
 
@@ -53,17 +54,25 @@ def _print_versions(ctx, _param, value):
     ctx.exit()
 
 
+# Every command's one-line summary (the first docstring line) fits the "Commands" list of an
+# 80-column terminal, where click would cut a longer one with "..." (tests/test_cli_help.py).
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_versions,
               help="Show the versions of squeeze, torch and transformers and exit.")
 def cli():
-    """squeeze: make transformer checkpoints smaller and faster."""
+    """squeeze: make transformer checkpoints smaller and faster.
+
+    Run `squeeze COMMAND --help` for a command's options, methods and examples.
+    """
 
 
-@cli.command()
+@cli.command(epilog=examples("compress"))
 @click.argument("model_dir", required=False)
 @click.option("--out", "out", type=click.Path(), help="Output folder (written atomically).")
-@click.option("--method", help="Pass to run (magnitude, wanda, ...). Default for the embedded model: wanda 2:4.")
+@click.option("--method", cls=MethodOption, type=MethodName("--method"),
+              help="The method to run: {names} (several in one sweep: --recipe). Quantization is "
+                   "--quantize, mask repair --repair, LayerSkip `squeeze finetune`. Default for the embedded "
+                   "model: wanda 2:4.")
 @click.option("--pattern", help="N:M semi-structured pattern, e.g. 2:4 or 4:8.")
 @click.option("--sparsity", type=float, help="Unstructured sparsity in (0, 1), e.g. 0.5.")
 @click.option("--recipe", help="A shipped recipe's name (e.g. best-2:4; `squeeze recipes` lists them) or a YAML/JSON "
@@ -71,16 +80,22 @@ def cli():
 @click.option("--calib", default="builtin", show_default=True,
               help="builtin, a .txt/.jsonl/.parquet file, a saved datasets folder or a datasets name.")
 @click.option("--nsamples", type=int, help="Calibration sequences [default: 128; 64 for the embedded model].")
-@click.option("--seqlen", type=int, help="Tokens per calibration sequence [default: 512; 128 embedded].")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--packing", type=click.Choice(["auto", "rows", "concat"]), default="auto", show_default=True)
+@click.option("--seqlen", type=int, help="Tokens per calibration sequence [default: 512, or the model's "
+              "context if shorter; 128 for the embedded model].")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the calibration windows (--packing concat) and the --calib-generate sampling.")
+@click.option("--packing", type=click.Choice(["auto", "rows", "concat"]), default="auto", show_default=True,
+              help="How --calib becomes --nsamples x --seqlen tokens: rows (the start of each row long "
+                   "enough, in file order), concat (random windows of all rows joined), auto (rows when enough "
+                   "rows are long enough).")
 @click.option("--targets", help="Regex over linear names to compress (default: every linear in the blocks).")
 @click.option("--ignore", help="Regex over linear names to leave alone.")
-@click.option("--dtype", default="auto", show_default=True, help="Export dtype: auto (as source), float32, "
-              "float16, bfloat16.")
+@click.option("--dtype", default="auto", show_default=True, help="Export dtype: auto (as the source; bfloat16 "
+              "for the embedded model), float32, float16, bfloat16 (or fp32, fp16, bf16). Calibration math runs "
+              "in float32.")
 @click.option("--strict", is_flag=True, help="Error when a linear's input dim is not a multiple of M.")
-@click.option("--repair", type=click.Choice(["dsnot"]), help="Repair the pruning mask afterwards (DSnoT, training-free; "
-              "keeps the sparsity / N:M pattern).")
+@click.option("--repair", cls=MethodOption, type=MethodName("--repair"), help="Repair the --method's "
+              "pruning mask afterwards, training-free, keeping its sparsity / N:M pattern: {names} (DSnoT).")
 @click.option("--sparsity-profile", type=click.Choice(["uniform", "owl"]), help="Unstructured --sparsity per layer: "
               "uniform (default) or owl (layers with more activation outliers keep more weights, same total).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Extra pass setting (repeatable).")
@@ -88,10 +103,11 @@ def cli():
               "e.g. 8,16,24.")
 @click.option("--ratios", help="pyramiddrop: keep ratio of the image tokens at each of --layers, e.g. "
               "0.5,0.25,0.125.")
-@click.option("--act-sparsity", type=float, help="Activation sparsity target for teal / wina, e.g. 0.5.")
+@click.option("--act-sparsity", type=float, help="Activation sparsity target for teal / wina [default: 0.5].")
 @click.option("--allocation", type=click.Choice(["uniform", "greedy"]), help="Per-site activation sparsity "
               "allocation for teal / wina [default: uniform].")
-@click.option("--recover-steps", type=int, help="Distillation steps after the drelu conversion.")
+@click.option("--recover-steps", type=int, help="drelu: distillation steps after the conversion [default: 0, "
+              "none].")
 @click.option("--quantize", type=click.Choice(["int8", "int4", "fp8"]), help="Also quantize the weights (after the "
               "method, in the same sweep; pruned zeros stay exact), e.g. --method sparsegpt --pattern 2:4 "
               "--quantize int4.")
@@ -124,12 +140,20 @@ def cli():
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default).")
 @click.option("--calib-generate", type=int, default=0, metavar="K",
               help="RAC: the dense model continues each calibration sample by K tokens; calibrate on both.")
-@click.option("--calib-generate-mode", type=click.Choice(["sample", "greedy"]), default="sample", show_default=True)
-@click.option("--calib-generate-temperature", type=float, default=1.0, show_default=True)
-@click.option("--calib-generate-top-p", type=float, default=1.0, show_default=True)
+@click.option("--calib-generate-mode", type=click.Choice(["sample", "greedy"]), default="sample",
+              show_default=True, help="RAC: sample the continuations (seeded by --seed) or take the most likely token.")
+@click.option("--calib-generate-temperature", type=float, default=1.0, show_default=True,
+              help="RAC sampling temperature.")
+@click.option("--calib-generate-top-p", type=float, default=1.0, show_default=True,
+              help="RAC sampling: draw from the most likely tokens holding this much probability.")
 def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples, seqlen, seed, packing, targets,
              ignore, dtype, strict, sets, fmt, overwrite, json_path, details, verify, trust_remote_code, **generate):
-    """Compress MODEL_DIR (default: the embedded all-MiniLM-L6-v2) and export it to --out."""
+    """Prune, quantize or sparsify a checkpoint into a new export.
+
+    Compress MODEL_DIR (default: the embedded all-MiniLM-L6-v2, written to squeezed/ when --out is
+    not given) block by block with --method or --recipe, calibrated on --calib, and export it to
+    --out.
+    """
     from squeeze.cli.report import print_compress_report, run_with_progress
 
     _quiet_transformers()
@@ -159,7 +183,7 @@ def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples,
     print_compress_report(report, details)
 
 
-@cli.command("eval")
+@cli.command("eval", epilog=examples("eval"))
 @click.argument("model_dir")
 @click.option("--data", default="builtin-eval", show_default=True, help="Evaluation data (same forms as --calib).")
 @click.option("--reference", type=click.Path(), help="Dense model to compare with (KL / embedding cosine).")
@@ -176,7 +200,11 @@ def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples,
               help="With --activation-stats: count |x| <= this as inactive (for dense SwiGLU models).")
 def eval_cmd(model_dir, data, reference, max_rows, seqlen, json_path, flops, flops_text_tokens, activation_stats,
              act_threshold):
-    """Perplexity (causal LMs), KL to --reference, embedding cosine (encoders)."""
+    """Measure quality: perplexity, KL to a reference, or cosine.
+
+    Perplexity of MODEL_DIR on --data (causal LMs), KL of its next-token distribution to
+    --reference's, or the cosine of its embeddings to --reference's (encoders).
+    """
     from squeeze.evaluation import evaluate
 
     _quiet_transformers()
@@ -202,11 +230,15 @@ def eval_cmd(model_dir, data, reference, max_rows, seqlen, json_path, flops, flo
         click.echo(format_table(stats))
 
 
-@cli.command()
+@cli.command(epilog=examples("info"))
 @click.argument("model_dir")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def info(model_dir, as_json):
-    """Per-linear sparsity and pattern validity, sizes, and what squeeze did."""
+    """Show a checkpoint's sparsity, sizes and what squeeze did.
+
+    Per-linear sparsity and pattern validity, file sizes, and the squeeze.json record (passes,
+    settings, versions) of MODEL_DIR.
+    """
     from squeeze.inspection import info as info_fn
 
     _quiet_transformers()

@@ -60,11 +60,55 @@ def get_pass(name: str) -> type[Method]:
     import squeeze.passes  # noqa: F401  (registers the built-in methods)
 
     if name in COMMANDS and name not in REGISTRY:
-        raise SqueezeError(f"{name!r} is not a compression method: it is its own command: "
-                           f"run `{COMMANDS[name]} --help`")
+        raise SqueezeError(_command_hint(name))
     if name not in REGISTRY:
-        raise SqueezeError(f"unknown method {name!r}; available: {', '.join(sorted([*REGISTRY, *PRESETS]))}")
+        names = sorted([*REGISTRY, *PRESETS])
+        raise SqueezeError(f"unknown method {name!r}: {_did_you_mean(name, names)}"
+                           f"available: {', '.join(names)}")
     return REGISTRY[name]
+
+
+def compress_names(flag: str = "--method") -> list[str]:
+    """The names ``squeeze compress`` accepts for ``flag`` (``--method`` or ``--repair``): the
+    registered methods whose :attr:`Method.flag` it is; presets (which expand to a pruning pass)
+    go with ``--method``. Recipes accept every registered name and preset."""
+    import squeeze.passes  # noqa: F401  (registers the built-in methods)
+
+    names = [n for n, cls in REGISTRY.items() if cls.flag == flag]
+    return sorted(names + list(PRESETS) if flag == "--method" else names)
+
+
+def check_compress_name(name: str, flag: str = "--method") -> str:
+    """``name`` if ``squeeze compress`` accepts it for ``flag``, else a SqueezeError whose one line
+    says what to use instead: the command that does the job, the flag that selects the method, or
+    the nearest accepted name."""
+    names = compress_names(flag)
+    if name in names:
+        return name
+    if name in COMMANDS and name not in REGISTRY:
+        raise SqueezeError(_command_hint(name))
+    if name in REGISTRY:
+        raise SqueezeError(f"{name!r} is not a {flag} choice: compress runs it with {REGISTRY[name].flag} "
+                           "(see `squeeze compress --help`)")
+    if name in SETTINGS:
+        raise SqueezeError(f"{name!r} is not a method: it is {SETTINGS[name]}")
+    raise SqueezeError(f"unknown method {name!r}: {_did_you_mean(name, names)}"
+                       f"{flag} accepts: {', '.join(names)}")
+
+
+# Names people reach for that are settings of other methods, not methods of their own.
+SETTINGS = {"owl": "--sparsity-profile owl, with --sparsity and a pruning --method (e.g. wanda)"}
+
+
+def _command_hint(name: str) -> str:
+    return f"{name!r} is not a compression method: it is its own command: run `{COMMANDS[name]} --help`"
+
+
+def _did_you_mean(name: str, names) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), list(names), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""
 
 
 # -- what a block pass is given ------------------------------------------------------------------
@@ -176,6 +220,10 @@ class Method:
     # Example settings (recipe entries without "pass"; a list of entries for a recipe of several):
     # the conformance grid runs every one on every architecture the method applies to.
     examples: ClassVar[tuple] = ()
+    # The compress flag that runs it on its own: most methods are a --method; a pass with flags of
+    # its own (quantize: --quantize) or that only follows a pruning pass (dsnot: --repair) says so,
+    # and the CLI lists and checks the names of each flag from here (:func:`compress_names`).
+    flag: ClassVar[str] = "--method"
 
     @dataclasses.dataclass
     class Settings:

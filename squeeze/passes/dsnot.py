@@ -35,6 +35,7 @@ from squeeze.sparsity import parse_pattern, satisfies_nm
 @register
 class DSnoT(BlockPass):
     name = "dsnot"
+    flag = "--repair"  # it repairs the mask a pruning pass left: `--method X --repair dsnot`
     wants_dense = True  # grown weights return to their values before this block was pruned
     examples = ([{"pass": "wanda", "sparsity": 0.5}, {"pass": "dsnot"}],
                 [{"pass": "magnitude", "pattern": "2:4"}, {"pass": "dsnot", "max_cycles": 5}])

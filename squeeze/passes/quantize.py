@@ -46,6 +46,7 @@ def default_observer(spec: QuantSpec, solver: str) -> str:
 @register
 class Quantize(BlockPass):
     name = "quantize"
+    flag = "--quantize"  # with its --group-size / --quant-* flags, alone or after a --method
     fresh_statistics = True  # the Hessian of the block as the passes before left it
     examples = (
         {"bits": "int8"},
