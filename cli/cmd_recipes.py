@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import click
+from squeeze.cli.helptext import examples
 from squeeze.cli.main import cli
 
 
-@cli.command(short_help="List the shipped recipes (compress --recipe NAME) and what each reached.")
+@cli.command(epilog=examples("recipes"))
 @click.option("--show", metavar="NAME", help="Print the recipe file(s) of NAME.")
 def recipes(show):
-    """The shipped recipes, selected with `squeeze compress MODEL_DIR --recipe NAME`; a name may have a
-    decoder and an encoder variant, and the model picks. Each figure is the latest bench run of the
-    command in bench/README.md ("Shipped recipes").
+    """List the shipped recipes and the figure each reached.
 
-    \b
-    Examples:
-      squeeze recipes
-      squeeze recipes --show best-2:4
-      squeeze compress MODEL_DIR --out OUT --recipe best-2:4 --calib data.jsonl
+    Select one with `squeeze compress MODEL_DIR --recipe NAME`; a name may have a decoder and an
+    encoder variant, and the model picks. Each figure is the latest bench run of the recipe's
+    command (bench/README.md, 3b).
     """
     from rich.console import Console
     from rich.table import Table

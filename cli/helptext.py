@@ -14,7 +14,13 @@ EXAMPLES = {
     "compress": [
         "squeeze compress",
         "squeeze compress MODEL_DIR --out OUT --method wanda --pattern 2:4",
+        "squeeze compress MODEL_DIR --out OUT --recipe best-2:4 --calib SRC",
         "squeeze compress MODEL_DIR --out OUT --quantize int8",
+    ],
+    "recipes": [
+        "squeeze recipes",
+        "squeeze recipes --show best-2:4",
+        "squeeze compress MODEL_DIR --out OUT --recipe best-2:4 --calib SRC",
     ],
     "convert": [
         "squeeze compress MODEL_DIR --out OUT --quantize int8",

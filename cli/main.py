@@ -72,7 +72,7 @@ def cli():
 @click.option("--method", cls=MethodOption, type=MethodName("--method"),
               help="The method to run: {names} (several in one sweep: --recipe). Quantization is "
                    "--quantize, mask repair --repair, LayerSkip `squeeze finetune`. Default for the embedded "
-                   "model: wanda 2:4.")
+                   "model: the quick-2:4 recipe (SparseGPT 2:4).")
 @click.option("--pattern", help="N:M semi-structured pattern, e.g. 2:4 or 4:8.")
 @click.option("--sparsity", type=float, help="Unstructured sparsity in (0, 1), e.g. 0.5.")
 @click.option("--recipe", help="A shipped recipe's name (e.g. best-2:4; `squeeze recipes` lists them) or a YAML/JSON "
