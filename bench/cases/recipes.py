@@ -126,3 +126,42 @@ def _table(guides: bool):
 
 
 TABLES = {"recipes": _table(False), "recipes-guides": _table(True)}
+
+
+DATA = {"stories260k": "stories260k-eval", "minilm": "the built-in held-out sentences"}
+REACHED_KEYS = ("kl", "cosine_mean", "cosine_min", "size_ratio", "seconds")
+
+
+def reaches_of(metrics: dict, model: str) -> dict:
+    """A recipe file's ``reaches:`` from its bench row (what tests/test_recipes.py compares)."""
+    out = {"model": "stories260k" if model == "stories260k" else "all-MiniLM-L6-v2", "data": DATA[model]}
+    for k in REACHED_KEYS:
+        if k in metrics:
+            out[k] = round(metrics[k]) if k == "seconds" else round(metrics[k], 4)
+    return out
+
+
+def write_reaches(records) -> list[str]:
+    """Rewrite the one ``reaches:`` line of every shipped recipe file from the latest full run of its
+    bench case; the rest of the file (comments, settings) stays as written. Returns the files changed."""
+    import re
+
+    from squeeze.recipe import shipped_recipes
+
+    changed = []
+    for rec in shipped_recipes():
+        suite, case = rec.bench.split("/", 1)
+        rows = latest(records, suite, case)
+        if not rows:
+            continue
+        model = next(m for m in MODELS if case.endswith("-" + m))
+        fields = reaches_of(rows[-1]["metrics"], model)
+        line = "reaches: {" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in fields.items()) + "}"
+        text = rec.path.read_text()
+        new = re.sub(r"^reaches:.*$", line, text, count=1, flags=re.M)
+        if new != text:
+            tmp = rec.path.with_name(rec.path.name + ".tmp")
+            tmp.write_text(new)
+            tmp.replace(rec.path)
+            changed.append(rec.path.name)
+    return changed
