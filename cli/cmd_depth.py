@@ -112,7 +112,12 @@ def drop_layers(model_dir, remove, by, score, calib, nsamples, seqlen, seed, out
                      score=score, overwrite=overwrite)
     if json_path:
         write_json(json_path, report)
-    print_kv("drop-layers", {**report, "removed_layers": ",".join(map(str, report["removed"]))})
+    print_kv("drop-layers", {**report, "removed_layers": ",".join(map(str, report["removed"])),
+                             "kept_layers": ",".join(map(str, report["kept"]))})
+    from squeeze.cli.report import console, layer_scores_lines
+
+    for ln in layer_scores_lines(report):
+        console.print(ln)
 
 
 @cli.command()

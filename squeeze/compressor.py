@@ -53,7 +53,8 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
              calib_generate_top_p: float = 1.0, on_generate=None, repair: str | None = None,
              quantize: str | None = None, group_size: int | str | None = None, asymmetric: bool = False,
              quant_solver: str | None = None, quant_actorder: str | None = None, quant_observer: str | None = None,
-             format: str = "auto", **pass_settings) -> CompressResult:
+             format: str = "auto", eval_data: str | None = None, eval_rows: int | None = None,
+             **pass_settings) -> CompressResult:
     """Compress a checkpoint folder and export it to ``out``.
 
     Either ``method`` (+ ``pattern`` or ``sparsity``) or ``recipe`` (a YAML/JSON file or a list
@@ -70,6 +71,14 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     weights, ``compressed`` like auto but refuses a recipe with nothing to pack
     (:mod:`squeeze.formats`). The source may itself be a squeeze export, packed or dense: its masks
     stay promised (a quantize pass keeps their zeros) and its passes stay in the record.
+
+    ``eval_data``: held-out data (the forms of ``calib``, or ``auto``: the built-in held-out text
+    when the model has a tokenizer) on which the export is scored against the source after it is
+    written (``report["quality"]``: ppl beside the source's ppl and KL for LMs, embedding cosine
+    for encoders, the activation sparsity reached for run-time methods), on ``eval_rows`` rows
+    (default: the first rows up to :data:`squeeze.evaluation.DEFAULT_EVAL_TOKENS` tokens). The default None skips it, so the
+    API stays as cheap as the sweep (tests and the bench call it often and score on their own
+    data); the CLI passes ``auto``.
     """
     t_start = time.perf_counter()
     from squeeze import defaults
@@ -222,12 +231,42 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
                             "stored_dense": sorted(n for n in result.linears
                                                    if weights.to_ckpt.get(f"{n}.weight") not in spill.packed)}
     report["seconds"] = round(time.perf_counter() - t_start, 3)
-    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
     for m in [*methods, *stages]:
         report.setdefault("pass_reports", {}).update(m.report or {})
+    report["done"] = [_chosen(m, stages) for m in methods]
+    report["quality"] = _quality(out, ckpt.path, eval_data, eval_rows, methods, calibration)
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)  # after scoring: the command's peak, quality included
     if json_path:
         write_json(json_path, report)
     return CompressResult(out, report, as_loaded(skeleton) if keep_in_memory else None)
+
+
+def _chosen(method, stages) -> dict:
+    """The report's "what was done" for one method, the outcomes of the model stages it ran
+    included (e.g. dReLU's recovery: KL and zero fraction before / after)."""
+    entry = method.chosen()
+    for st in stages:
+        if st is not method and st.name == method.name and st.results():
+            entry["results"] = {**entry.get("results", {}), **st.results()}
+    return entry
+
+
+def _quality(out: Path, source: Path, eval_data, eval_rows, methods, calibration) -> dict:
+    """The export against its source on held-out data (:func:`squeeze.evaluation.quality`). When
+    quality was asked for but there is no held-out data to use (``auto`` and no tokenizer), an
+    export with run-time activation sparsity is still measured on its calibration rows for the
+    activation sparsity it reaches (what those passes chose)."""
+    from squeeze.evaluation import act_sparsity_on, quality, resolve_eval_data
+
+    data, why = resolve_eval_data(eval_data, source)
+    q = quality(out, source, data, eval_rows, skipped=why)
+    asked = eval_data is not None and str(eval_data).lower() != "none"  # the API's default stays free
+    if asked and not q["measured"] and calibration is not None and any("runtime" in m.describe() for m in methods):
+        rows = list(calibration.samples)[:eval_rows or 16]
+        sp = act_sparsity_on(out, rows)
+        if sp:
+            q["act_sparsity"] = {**sp, "measured_on": f"{len(rows)} calibration rows"}
+    return q
 
 
 def _check_source(ckpt, record: dict, methods) -> None:
@@ -246,7 +285,7 @@ def _check_source(ckpt, record: dict, methods) -> None:
 
 
 # per-linear fields of a record that were measured, not promised
-_MEASURED = ("role", "shape", "pattern_ok", "dense_tail_columns", "dense_tail_rows")
+_MEASURED = ("role", "shape", "pattern_ok", "dense_tail_columns", "dense_tail_rows", "measured_sparsity")
 
 
 def _promises(record: dict) -> dict[str, dict]:
@@ -259,9 +298,17 @@ def _summary(linears: dict) -> dict:
     if not linears:
         return {"targeted_linears": 0}
     total = sum(r["shape"][0] * r["shape"][1] for r in linears.values())
-    zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in linears.values())
+    zeros = sum(r.get("measured_sparsity", r["sparsity"]) * r["shape"][0] * r["shape"][1] for r in linears.values())
     out = {"targeted_linears": len(linears), "targeted_params": total, "sparsity": round(zeros / total, 6)}
-    checked = [r for r in linears.values() if "pattern_ok" in r]
+    checked = [r for r in linears.values() if "pattern_ok" in r]  # N:M linears only
     if checked:
         out["pattern_ok"] = all(r["pattern_ok"] for r in checked)
+        out["pattern_linears"] = len(checked)
+    free = [r for r in linears.values() if "pattern" not in r and isinstance(r.get("sparsity"), (int, float))
+            and "measured_sparsity" in r]
+    if free:  # unstructured: what was asked (per layer with OWL) beside the zeros really in the weights
+        size = [r["shape"][0] * r["shape"][1] for r in free]
+        target = sum(float(r.get("sparsity_target", r["sparsity"])) * n for r, n in zip(free, size)) / sum(size)
+        achieved = sum(r["measured_sparsity"] * n for r, n in zip(free, size)) / sum(size)
+        out["unstructured"] = {"linears": len(free), "target": round(target, 6), "achieved": round(achieved, 6)}
     return out

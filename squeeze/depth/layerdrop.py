@@ -164,7 +164,13 @@ def renumbered_keys(keys, prefix: str, keep: list[int]) -> dict[str, str | None]
 
 def drop_layers(model_dir, out, remove: int, by: str = "importance", calib: str = "builtin", nsamples: int = 32,
                 seqlen: int = 256, seed: int = 0, score: str = "kl", overwrite: bool = False) -> dict:
-    """Score, choose and remove ``remove`` layers of the checkpoint at ``model_dir``; export to ``out``."""
+    """Score, choose and remove ``remove`` layers of the checkpoint at ``model_dir``; export to ``out``.
+    The report lists the removed and kept layers with their importance scores, sizes, time and memory."""
+    import time
+
+    from squeeze.compressor import peak_rss_mb
+
+    t0 = time.perf_counter()
     from squeeze.calib.build import build_calibration
     from squeeze.formats import open_dense
     from squeeze.export import check_output_dir, commit, size_report, staging_dir, write_checkpoint
@@ -197,6 +203,7 @@ def drop_layers(model_dir, out, remove: int, by: str = "importance", calib: str 
         sizes = write_checkpoint(ckpt, tmp, None, config_updates(ckpt.config_dict, keep, L), record,
                                  keys=renumbered_keys(ckpt.key_to_shard, prefix, keep))
         commit(tmp, Path(out))
-    return {"removed": removed, "scores": scores, "by": by, "out": str(out), "num_layers": L - len(removed),
-            **size_report(ckpt, sizes, record)}
+    return {"removed": removed, "kept": keep, "scores": scores, "score": score if scores is not None else None,
+            "by": by, "out": str(out), "num_layers": L - len(removed), **size_report(ckpt, sizes, record),
+            "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
