@@ -135,6 +135,9 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         raise SqueezeError("--format compressed stores sparse and quantized linears compactly, and this recipe "
                            "promises neither: add --pattern, --sparsity or --quantize, or use --format dense")
 
+    from squeeze.evaluation import check_eval_data, resolve_eval_data
+
+    check_eval_data(resolve_eval_data(eval_data, ckpt.path)[0], ckpt.path)
     config = load_config(ckpt, trust_remote_code)
     nsamples = nsamples or 128
     seqlen = seqlen or min(512, context_of(config) or 512)

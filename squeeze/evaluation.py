@@ -201,6 +201,16 @@ def resolve_eval_data(eval_data: str | None, model_dir) -> tuple[str | None, str
     return eval_data, None
 
 
+def check_eval_data(data: str | None, model_dir) -> None:
+    """Read ``data`` once before any work, so a missing file or text data for a model without a
+    tokenizer stops the command (one line, exit 2) before anything is written, not after."""
+    if data is not None:
+        try:
+            eval_rows(data, Path(model_dir), 1, 8)
+        except SqueezeError as e:
+            raise SqueezeError(f"--eval-data {data}: {e}") from None
+
+
 def fits_twice(*dirs) -> tuple[bool, str]:
     """Whether the models in ``dirs`` fit in memory together in fp32 (half the available RAM, the
     other half for activations and the process): quality needs them loaded at once."""

@@ -231,6 +231,9 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
         raise SqueezeError(f"{ckpt.path} is quantized ({quantized[0]}), and training would move its weights off the "
                            "quantization grid: recover the pruned export before quantizing, then quantize the "
                            "recovered one (squeeze compress RECOVERED --out OUT --quantize ...)")
+    from squeeze.evaluation import check_eval_data, resolve_eval_data
+
+    check_eval_data(resolve_eval_data(eval_data, ref_ckpt.path)[0], ref_ckpt.path)
     config, ref_config = load_config(ckpt, trust_remote_code), load_config(ref_ckpt, trust_remote_code)
     for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
         a, b = getattr(config, key, None), getattr(ref_config, key, None)

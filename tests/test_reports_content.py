@@ -51,6 +51,17 @@ def test_compress_without_tokenizer_says_why(tiny_dir, tiny_calib, tmp_path, cap
                                                            "no tokenizer)"}
 
 
+def test_bad_eval_data_stops_before_writing(tiny_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("once upon a time\n")
+    with pytest.raises(SystemExit) as e:
+        main(["compress", str(tiny_dir("llama")), "--out", str(tmp_path / "o"), "--method", "magnitude", "--pattern",
+              "2:4", "--eval-data", str(text)])
+    assert e.value.code == 2 and not (tmp_path / "o").exists()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --eval-data") and "no tokenizer" in err and len(err.splitlines()) == 1
+
+
 def test_api_quality_only_when_asked(tiny_dir, tiny_calib, tmp_path):
     import squeeze
 
