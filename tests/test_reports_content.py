@@ -135,8 +135,11 @@ def test_unstructured_recipe_reports_target_and_achieved(tiny_dir, tiny_calib, t
 
 def test_drop_layers_lists_removed_and_kept_with_scores(tiny_dir, tiny_calib, tmp_path, capsys):
     text = run(["drop-layers", tiny_dir("llama"), "--remove", "1", "--calib", tiny_calib, "--nsamples", "4",
-                "--seqlen", "32", "--out", tmp_path / "o", "--json", tmp_path / "r.json"], capsys)
+                "--seqlen", "32", "--out", tmp_path / "o", "--eval-data", tiny_calib, "--eval-rows", "4",
+                "--json", tmp_path / "r.json"], capsys)
     rep = json.loads((tmp_path / "r.json").read_text())
+    q = rep["quality"]
+    assert q["rows"] == 4 and q["kl"] > 0 and f"{q['ppl_reference']:.4g} (source)" in text
     (removed,) = rep["removed"]
     assert rep["kept"] == [1 - removed] and rep["seconds"] > 0 and rep["peak_rss_mb"] > 0
     assert f"layer {removed}: {rep['scores'][removed]:.4g}  removed" in text
