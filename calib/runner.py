@@ -241,7 +241,10 @@ class BlockRunner:
         for name, promise in ctx.promises.items():
             lin = ctx.block.linears[name]
             w = lin.weight
-            rec = {"role": lin.role, "shape": list(w.shape), "sparsity": round(fraction_zero(w), 6), **promise}
+            zeros = round(fraction_zero(w), 6)
+            rec = {"role": lin.role, "shape": list(w.shape), "sparsity": zeros, **promise}
+            if "sparsity" in promise:  # the promise names the target; keep the zeros really there beside it
+                rec["measured_sparsity"] = zeros
             if "pattern" in promise:
                 n, m = parse_pattern(promise["pattern"])
                 dim = 0 if promise.get("pattern_axis") == "out" else 1  # N:M groups along in (default) or out

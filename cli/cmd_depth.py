@@ -117,7 +117,13 @@ def tune_exit(model_dir, calib, out, exit_layers, ks, nprompts, prompt_len, max_
 @click.option("--out", "out", required=True, type=click.Path(), help="Output folder (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
-def drop_layers(model_dir, remove, by, score, calib, nsamples, seqlen, seed, out, overwrite, json_path):
+@click.option("--eval-data", default="auto", show_default=True, metavar="SRC|auto|none",
+              help="Held-out data to score the export against MODEL_DIR on (same forms as --calib); auto: the "
+                   "built-in held-out text when the model has a tokenizer; none: skip.")
+@click.option("--eval-rows", type=int, help="Score on the first N rows of --eval-data [default: the first rows up to "
+              "32768 tokens].")
+def drop_layers(model_dir, remove, by, score, calib, nsamples, seqlen, seed, out, overwrite, json_path, eval_data,
+                eval_rows):
     """Remove whole layers, chosen by importance or evenly.
 
     The export is a smaller plain checkpoint that transformers loads as it is.
@@ -128,10 +134,15 @@ def drop_layers(model_dir, remove, by, score, calib, nsamples, seqlen, seed, out
 
     _quiet_transformers()
     report = drop_fn(model_dir, out, remove, by=by, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                     score=score, overwrite=overwrite)
+                     score=score, overwrite=overwrite, eval_data=eval_data, eval_rows=eval_rows)
     if json_path:
         write_json(json_path, report)
-    print_kv("drop-layers", {**report, "removed_layers": ",".join(map(str, report["removed"]))})
+    print_kv("drop-layers", {**report, "removed_layers": ",".join(map(str, report["removed"])),
+                             "kept_layers": ",".join(map(str, report["kept"]))})
+    from squeeze.cli.report import console, layer_scores_lines, quality_lines
+
+    for ln in layer_scores_lines(report) + quality_lines(report.get("quality")):
+        console.print(ln)
 
 
 @cli.command(epilog=examples("generate"))

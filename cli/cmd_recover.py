@@ -41,10 +41,15 @@ from squeeze.report import write_json
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of an interrupted run.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
+@click.option("--eval-data", default="auto", show_default=True, metavar="SRC|auto|none",
+              help="Held-out data to score the model on before and after recovery, against --reference (same forms "
+                   "as --calib); auto: the built-in held-out text when the model has a tokenizer; none: skip.")
+@click.option("--eval-rows", type=int, help="Score on the first N rows of --eval-data [default: the first rows up to "
+              "32768 tokens].")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default).")
 def recover(pruned_dir, reference, out, calib, steps, lr, batch_size, nsamples, seqlen, seed, packing, rows,
             encoder_loss, augment, lr_schedule, warmup, checkpoint_every, resume, overwrite, json_path,
-            trust_remote_code):
+            eval_data, eval_rows, trust_remote_code):
     """Distil a pruned model toward its dense one; zeros stay zero.
 
     Fine-tune PRUNED_DIR toward --reference (KL on its logits; hidden-state MSE for encoders,
@@ -72,7 +77,7 @@ def recover(pruned_dir, reference, out, calib, steps, lr, batch_size, nsamples, 
                                 checkpoint_every=checkpoint_every, packing=packing, resume=resume,
                                 overwrite=overwrite, trust_remote_code=trust_remote_code, on_step=on_step,
                                 rows=rows, encoder_loss=encoder_loss, augment=augment, lr_schedule=lr_schedule,
-                                warmup=warmup)
+                                warmup=warmup, eval_data=eval_data, eval_rows=eval_rows)
         except KeyboardInterrupt:
             bar.stop()
             click.echo(f"interrupted; --out was not written. Checkpoints (every {checkpoint_every} steps) are in "
@@ -82,3 +87,7 @@ def recover(pruned_dir, reference, out, calib, steps, lr, batch_size, nsamples, 
     if json_path:
         write_json(json_path, report)
     print_kv(f"squeeze recover -> {report['out']}", {k: v for k, v in report.items() if k != "losses"})
+    from squeeze.cli.report import console, recover_quality_lines
+
+    for ln in recover_quality_lines(report):
+        console.print(ln)

@@ -135,8 +135,13 @@ def cli():
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
 @click.option("--details", is_flag=True, help="Report every linear, not one row per layer.")
 @click.option("--verify/--no-verify", default=None,
-              help="Reload the export and compare with the source on held-out data [default: on for the "
-                   "embedded model].")
+              help="Reload the export and check that it reproduces the compressed model in memory [default: on "
+                   "for the embedded model]; quality against the source is --eval-data.")
+@click.option("--eval-data", default="auto", show_default=True, metavar="SRC|auto|none",
+              help="Held-out data to score the export against the source on (same forms as --calib); auto: the "
+                   "built-in held-out text when the model has a tokenizer; none: skip.")
+@click.option("--eval-rows", type=int, help="Score on the first N rows of --eval-data [default: the first rows up to "
+              "32768 tokens].")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default).")
 @click.option("--calib-generate", type=int, default=0, metavar="K",
               help="RAC: the dense model continues each calibration sample by K tokens; calibrate on both.")
@@ -147,7 +152,8 @@ def cli():
 @click.option("--calib-generate-top-p", type=float, default=1.0, show_default=True,
               help="RAC sampling: draw from the most likely tokens holding this much probability.")
 def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples, seqlen, seed, packing, targets,
-             ignore, dtype, strict, sets, fmt, overwrite, json_path, details, verify, trust_remote_code, **generate):
+             ignore, dtype, strict, sets, fmt, overwrite, json_path, details, verify, eval_data, eval_rows,
+             trust_remote_code, **generate):
     """Prune, quantize or sparsify a checkpoint into a new export.
 
     Compress MODEL_DIR (default: the embedded all-MiniLM-L6-v2, written to squeezed/ when --out is
@@ -168,7 +174,8 @@ def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples,
     kwargs = dict(method=method, pattern=pattern, sparsity=sparsity, recipe=recipe, calib=calib,
                   nsamples=nsamples, seqlen=seqlen, seed=seed, packing=packing, targets=targets, ignore=ignore,
                   dtype=dtype, strict=strict, overwrite=overwrite, format=fmt, json_path=None,
-                  trust_remote_code=trust_remote_code, **generate, **_parse_sets(sets))
+                  eval_data=eval_data, eval_rows=eval_rows, trust_remote_code=trust_remote_code, **generate,
+                  **_parse_sets(sets))
     verify = verify if verify is not None else model_dir is None
     # without --verify nothing needs the compressed model afterwards: stream the blocks (less memory)
     kwargs.setdefault("keep_in_memory", None if verify else False)

@@ -54,7 +54,8 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
              calib_generate_top_p: float = 1.0, on_generate=None, repair: str | None = None,
              quantize: str | None = None, group_size: int | str | None = None, asymmetric: bool = False,
              quant_solver: str | None = None, quant_actorder: str | None = None, quant_observer: str | None = None,
-             format: str = "auto", **pass_settings) -> CompressResult:
+             format: str = "auto", eval_data: str | None = None, eval_rows: int | None = None,
+             **pass_settings) -> CompressResult:
     """Compress a checkpoint folder and export it to ``out``.
 
     Either ``method`` (+ ``pattern`` or ``sparsity``) or ``recipe`` (a YAML/JSON file or a list
@@ -71,6 +72,14 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     weights, ``compressed`` like auto but refuses a recipe with nothing to pack
     (:mod:`squeeze.formats`). The source may itself be a squeeze export, packed or dense: its masks
     stay promised (a quantize pass keeps their zeros) and its passes stay in the record.
+
+    ``eval_data``: held-out data (the forms of ``calib``, or ``auto``: the built-in held-out text
+    when the model has a tokenizer) on which the export is scored against the source after it is
+    written (``report["quality"]``: ppl beside the source's ppl and KL for LMs, embedding cosine
+    for encoders, the activation sparsity reached for run-time methods), on ``eval_rows`` rows
+    (default: the first rows up to :data:`squeeze.evaluation.DEFAULT_EVAL_TOKENS` tokens). The default None skips it, so the
+    API stays as cheap as the sweep (tests and the bench call it often and score on their own
+    data); the CLI passes ``auto``.
     """
     t_start = time.perf_counter()
     from squeeze import defaults
@@ -113,7 +122,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         if plan.recover:
             _check_recover_recipe(plan, quantize, format)
             return _then_recover(plan, None if is_default else model, out, overwrite, json_path, keep_in_memory,
-                                 dict(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, packing=packing,
+                                 eval_data, eval_rows, dict(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, packing=packing,
                                       targets=targets, ignore=ignore, dtype=dtype, strict=strict, format=format,
                                       trust_remote_code=trust_remote_code, on_block=on_block, repair=repair,
                                       calib_generate=calib_generate, calib_generate_mode=calib_generate_mode,
@@ -145,6 +154,9 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         raise SqueezeError("--format compressed stores sparse and quantized linears compactly, and this recipe "
                            "promises neither: add --pattern, --sparsity or --quantize, or use --format dense")
 
+    from squeeze.evaluation import check_eval_data, resolve_eval_data
+
+    check_eval_data(resolve_eval_data(eval_data, ckpt.path)[0], ckpt.path)
     nsamples = nsamples or 128
     adapter = Adapter(skeleton)
     for m in methods:
@@ -239,7 +251,6 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
                             "stored_dense": sorted(n for n in result.linears
                                                    if weights.to_ckpt.get(f"{n}.weight") not in spill.packed)}
     report["seconds"] = round(time.perf_counter() - t_start, 3)
-    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
     nxt = next_step(plan.name if plan else None, family)
     if nxt:
         where = "" if is_default else f" {ckpt.path}"
@@ -247,6 +258,9 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         report["next"] = {**nxt, "command": f"squeeze compress{where} --recipe {nxt['recipe']} --out OUT{data}"}
     for m in [*methods, *stages]:
         report.setdefault("pass_reports", {}).update(m.report or {})
+    report["done"] = [_chosen(m, stages) for m in methods]
+    report["quality"] = _quality(out, ckpt.path, eval_data, eval_rows, methods, calibration)
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)  # after scoring: the command's peak, quality included
     if json_path:
         write_json(json_path, report)
     return CompressResult(out, report, as_loaded(skeleton) if keep_in_memory else None)
@@ -262,11 +276,12 @@ def _check_recover_recipe(plan: Recipe, quantize, format: str) -> None:
                            "--format auto, then `squeeze convert OUT --out OUT_CT`")
 
 
-def _then_recover(plan: Recipe, model, out: Path, overwrite: bool, json_path, keep_in_memory, kw: dict):
+def _then_recover(plan: Recipe, model, out: Path, overwrite: bool, json_path, keep_in_memory, eval_data, eval_rows,
+                  kw: dict):
     """A recipe with a ``recover:`` section: its passes export a one-shot model to a work folder
     next to ``out``, :func:`squeeze.recovery.recover` distils that toward the source (masks kept)
-    into ``out``, and the work folder goes. One report: the sweep's, with the recovery's beside it
-    and the final export's bytes."""
+    into ``out``, and the work folder goes. One report: the sweep's, with the recovery's beside it,
+    the final export's bytes and its quality (the one-shot model's beside it, on the same rows)."""
     import shutil
 
     from squeeze.recovery import recover, work_dir
@@ -285,7 +300,7 @@ def _then_recover(plan: Recipe, model, out: Path, overwrite: bool, json_path, ke
         # no checkpoints: the one-shot folder they would resume from does not outlive this call
         rec = recover(oneshot, out, reference=first.report["model_path"], overwrite=overwrite,
                       trust_remote_code=kw["trust_remote_code"], keep_model=keep_in_memory is not False,
-                      checkpoint_every=10 ** 9, **settings)
+                      checkpoint_every=10 ** 9, eval_data=eval_data, eval_rows=eval_rows, **settings)
     finally:
         shutil.rmtree(oneshot, ignore_errors=True)
         shutil.rmtree(work_dir(out), ignore_errors=True)
@@ -295,7 +310,14 @@ def _then_recover(plan: Recipe, model, out: Path, overwrite: bool, json_path, ke
     report["recipe"] = plan.describe()
     report["recover"] = {k: r[k] for k in ("loss", "steps", "lr", "batch_size", "calibration", "loss_before",
                                            "loss_after", "lr_schedule", "warmup", "augment", "seconds") if k in r}
-    report["passes"] = list(report["passes"]) + [{"pass": "recover", **{k: r[k] for k in ("steps", "lr", "loss")}}]
+    if "quality_after" in r:
+        report["quality"] = r["quality_after"]
+        report["recover"]["quality_before"] = r["quality_before"]
+    recovered = {"pass": "recover", **{k: r[k] for k in ("steps", "lr", "batch_size", "loss")}}
+    report["passes"] = list(report["passes"]) + [recovered]
+    report["done"] = list(report.get("done") or []) + [{
+        "pass": "recover", "settings": {k: v for k, v in recovered.items() if k != "pass"},
+        "results": {"train loss": f"{r['loss_before']:.4g} -> {r['loss_after']:.4g}"}}]
     for k in ("files", "size_bytes", "loads_with"):
         report[k] = r[k]
     report["seconds"] = round(time.perf_counter() - t_start, 3)
@@ -303,6 +325,34 @@ def _then_recover(plan: Recipe, model, out: Path, overwrite: bool, json_path, ke
     if json_path:
         write_json(json_path, report)
     return CompressResult(Path(r["out"]), report, rec.model)
+
+
+def _chosen(method, stages) -> dict:
+    """The report's "what was done" for one method, the outcomes of the model stages it ran
+    included (e.g. dReLU's recovery: KL and zero fraction before / after)."""
+    entry = method.chosen()
+    for st in stages:
+        if st is not method and st.name == method.name and st.results():
+            entry["results"] = {**entry.get("results", {}), **st.results()}
+    return entry
+
+
+def _quality(out: Path, source: Path, eval_data, eval_rows, methods, calibration) -> dict:
+    """The export against its source on held-out data (:func:`squeeze.evaluation.quality`). When
+    quality was asked for but there is no held-out data to use (``auto`` and no tokenizer), an
+    export with run-time activation sparsity is still measured on its calibration rows for the
+    activation sparsity it reaches (what those passes chose)."""
+    from squeeze.evaluation import act_sparsity_on, quality, resolve_eval_data
+
+    data, why = resolve_eval_data(eval_data, source)
+    q = quality(out, source, data, eval_rows, skipped=why)
+    asked = eval_data is not None and str(eval_data).lower() != "none"  # the API's default stays free
+    if asked and not q["measured"] and calibration is not None and any("runtime" in m.describe() for m in methods):
+        rows = list(calibration.samples)[:eval_rows or 16]
+        sp = act_sparsity_on(out, rows)
+        if sp:
+            q["act_sparsity"] = {**sp, "measured_on": f"{len(rows)} calibration rows"}
+    return q
 
 
 def _check_source(ckpt, record: dict, methods) -> None:
@@ -321,7 +371,7 @@ def _check_source(ckpt, record: dict, methods) -> None:
 
 
 # per-linear fields of a record that were measured, not promised
-_MEASURED = ("role", "shape", "pattern_ok", "dense_tail_columns", "dense_tail_rows")
+_MEASURED = ("role", "shape", "pattern_ok", "dense_tail_columns", "dense_tail_rows", "measured_sparsity")
 
 
 def _promises(record: dict) -> dict[str, dict]:
@@ -334,9 +384,17 @@ def _summary(linears: dict) -> dict:
     if not linears:
         return {"targeted_linears": 0}
     total = sum(r["shape"][0] * r["shape"][1] for r in linears.values())
-    zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in linears.values())
+    zeros = sum(r.get("measured_sparsity", r["sparsity"]) * r["shape"][0] * r["shape"][1] for r in linears.values())
     out = {"targeted_linears": len(linears), "targeted_params": total, "sparsity": round(zeros / total, 6)}
-    checked = [r for r in linears.values() if "pattern_ok" in r]
+    checked = [r for r in linears.values() if "pattern_ok" in r]  # N:M linears only
     if checked:
         out["pattern_ok"] = all(r["pattern_ok"] for r in checked)
+        out["pattern_linears"] = len(checked)
+    free = [r for r in linears.values() if "pattern" not in r and isinstance(r.get("sparsity"), (int, float))
+            and "measured_sparsity" in r]
+    if free:  # unstructured: what was asked (per layer with OWL) beside the zeros really in the weights
+        size = [r["shape"][0] * r["shape"][1] for r in free]
+        target = sum(float(r.get("sparsity_target", r["sparsity"])) * n for r, n in zip(free, size)) / sum(size)
+        achieved = sum(r["measured_sparsity"] * n for r, n in zip(free, size)) / sum(size)
+        out["unstructured"] = {"linears": len(free), "target": round(target, 6), "achieved": round(achieved, 6)}
     return out

@@ -58,9 +58,15 @@ def info(path, trust_remote_code: bool = False) -> dict:
         "parameters": n_params,
         "linear_parameters": lin_params,
         "zero_fraction_linears": round(lin_zeros / max(lin_params, 1), 6),
-        "file_bytes": {s: (ckpt.path / s).stat().st_size for s in ckpt.shards},
+        "file_bytes": _file_bytes(ckpt.path),
         "format": kind_of(packed) if packed else (record.get("format") or {}).get("kind", "dense"),
         "linears": linears,
         "squeeze": {"passes": record.get("passes"), "calibration": record.get("calibration"),
                     "made_with": {k: record.get(k) for k in VERSION_KEYS}} if record else None,
     }
+
+
+def _file_bytes(folder) -> dict[str, int]:
+    """Every file of the checkpoint folder (shards, the packed ``squeeze.safetensors`` sidecar,
+    config, index, tokenizer, record): what the folder costs on disk."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}

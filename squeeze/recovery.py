@@ -191,13 +191,19 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
             packing: str = "auto", resume: bool = False, overwrite: bool = False,
             json_path: str | Path | None = None, trust_remote_code: bool = False, keep_model: bool = False,
             on_step=None, encoder_loss: str = "last", rows: str = "packed", augment: str | None = None,
-            lr_schedule: str = "constant", warmup: int = 0) -> RecoverResult:
+            lr_schedule: str = "constant", warmup: int = 0, eval_data: str | None = None,
+            eval_rows: int | None = None) -> RecoverResult:
     """Fine-tune the pruned checkpoint ``pruned`` toward ``reference`` (its dense model) for
     ``steps`` Adam steps on ``calib`` data, keeping every zero weight zero, and export to ``out``.
 
     ``on_step(step, total, loss)`` is called after every step. Returns the report (also written
     to ``json_path``); the recovered model too when ``keep_model``. ``encoder_loss``, ``rows``,
     ``augment``, ``lr_schedule`` and ``warmup``: see the module docstring.
+
+    ``eval_data`` (as :func:`squeeze.compress`: a data source, ``auto`` or None = skip): quality
+    against ``reference`` on held-out rows before (``pruned``) and after (``out``) recovery, in
+    ``report["quality_before"]`` / ``["quality_after"]``. The training loss is measured on the
+    training rows; this is what recovery did on rows it never saw.
     """
     t_start = time.perf_counter()
     from squeeze.calib.build import build_calibration, load_tokenizer
@@ -225,6 +231,9 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
         raise SqueezeError(f"{ckpt.path} is quantized ({quantized[0]}), and training would move its weights off the "
                            "quantization grid: recover the pruned export before quantizing, then quantize the "
                            "recovered one (squeeze compress RECOVERED --out OUT --quantize ...)")
+    from squeeze.evaluation import check_eval_data, resolve_eval_data
+
+    check_eval_data(resolve_eval_data(eval_data, ref_ckpt.path)[0], ref_ckpt.path)
     config, ref_config = load_config(ckpt, trust_remote_code), load_config(ref_ckpt, trust_remote_code)
     for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
         a, b = getattr(config, key, None), getattr(ref_config, key, None)
@@ -318,8 +327,9 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
         from safetensors.torch import load_file
 
         sidecar = load_file(str(ckpt.path / SIDECAR))
+    source = TensorSource(ckpt, tensors)
     with staging_dir(out) as tmp:
-        sizes = write_checkpoint(ckpt, tmp, TensorSource(ckpt, tensors), {}, record, sidecar)
+        sizes = write_checkpoint(ckpt, tmp, source, {}, record, sidecar)
         commit(tmp, out)
     shutil.rmtree(work_dir(out), ignore_errors=True)
 
@@ -331,8 +341,29 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
               "trainable_params": sum(p.numel() for p in params.values()),
               "pruned_weights_kept_zero": zeros_before, "files": sizes,
               **size_report(ref_ckpt, sizes, record),  # bytes beside the dense model's
-              "train_seconds": round(trained.seconds, 3), "seconds": round(time.perf_counter() - t_start, 3),
-              "peak_rss_mb": round(peak_rss_mb(), 1)}
+              "train_seconds": round(trained.seconds, 3)}
+    if source.packed:  # the input's packed layout, written again (the size line says which)
+        from squeeze.formats import kind_of
+
+        report["format"] = {"kind": kind_of(source.packed), "packed_linears": len(source.packed)}
+    report.update(_quality_around(ckpt.path, out, ref_ckpt.path, eval_data, eval_rows))
+    report["seconds"] = round(time.perf_counter() - t_start, 3)
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if json_path:
         write_json(json_path, report)
     return RecoverResult(out, report, student if keep_model else None)
+
+
+def _quality_around(pruned: Path, out: Path, reference: Path, eval_data, eval_rows) -> dict:
+    """quality_before / quality_after: the pruned input and the recovered export against the dense
+    reference on the same held-out rows (squeeze.evaluation.quality)."""
+    from squeeze.evaluation import quality, resolve_eval_data
+
+    data, why = resolve_eval_data(eval_data, reference)
+    if data is None:
+        return {"quality_before": {"measured": False, "reason": why}, "quality_after": {"measured": False,
+                                                                                        "reason": why}}
+    t0 = time.perf_counter()
+    before = quality(pruned, reference, data, eval_rows)
+    after = quality(out, reference, data, eval_rows)
+    return {"quality_before": before, "quality_after": after, "quality_seconds": round(time.perf_counter() - t0, 3)}

@@ -163,15 +163,26 @@ def renumbered_keys(keys, prefix: str, keep: list[int]) -> dict[str, str | None]
 
 
 def drop_layers(model_dir, out, remove: int, by: str = "importance", calib: str = "builtin", nsamples: int = 32,
-                seqlen: int = 256, seed: int = 0, score: str = "kl", overwrite: bool = False) -> dict:
-    """Score, choose and remove ``remove`` layers of the checkpoint at ``model_dir``; export to ``out``."""
+                seqlen: int = 256, seed: int = 0, score: str = "kl", overwrite: bool = False,
+                eval_data: str | None = None, eval_rows: int | None = None) -> dict:
+    """Score, choose and remove ``remove`` layers of the checkpoint at ``model_dir``; export to ``out``.
+    The report lists the removed and kept layers with their importance scores, sizes, time and memory."""
+    import time
+
+    from squeeze.compressor import peak_rss_mb
+
+    t0 = time.perf_counter()
     from squeeze.calib.build import build_calibration
     from squeeze.formats import open_dense
     from squeeze.export import check_output_dir, commit, size_report, staging_dir, write_checkpoint
     from squeeze.loading import load
 
+    from squeeze.evaluation import check_eval_data, quality, resolve_eval_data
+
     ckpt = open_dense(model_dir)
     check_output_dir(Path(out), ckpt.path, overwrite)
+    data, why = resolve_eval_data(eval_data, ckpt.path)
+    check_eval_data(data, ckpt.path)
     model = load(ckpt.path, dtype=torch.float32)
     from squeeze.adapters import Adapter
 
@@ -197,6 +208,9 @@ def drop_layers(model_dir, out, remove: int, by: str = "importance", calib: str 
         sizes = write_checkpoint(ckpt, tmp, None, config_updates(ckpt.config_dict, keep, L), record,
                                  keys=renumbered_keys(ckpt.key_to_shard, prefix, keep))
         commit(tmp, Path(out))
-    return {"removed": removed, "scores": scores, "by": by, "out": str(out), "num_layers": L - len(removed),
-            **size_report(ckpt, sizes, record)}
+    del model  # scoring loads the export and the source afresh
+    q = quality(Path(out), ckpt.path, data, eval_rows, skipped=why)
+    return {"removed": removed, "kept": keep, "quality": q, "scores": scores, "score": score if scores is not None else None,
+            "by": by, "out": str(out), "num_layers": L - len(removed), **size_report(ckpt, sizes, record),
+            "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
 

@@ -164,6 +164,9 @@ def finetune(model_dir, out, calib: str = "builtin", distill_from=None, resume: 
              overwrite: bool = False, progress=None, **settings) -> dict:
     """Run the LayerSkip recipe on ``model_dir`` and export to ``out``. ``progress(step, steps,
     loss)`` is called after every step. Returns a report (losses, timings)."""
+    import time
+
+    t_start = time.perf_counter()
     from squeeze.formats import open_dense
     from squeeze.export import TensorSource, check_output_dir, commit, size_report, staging_dir, write_checkpoint
     from squeeze.loading import load
@@ -237,8 +240,12 @@ def finetune(model_dir, out, calib: str = "builtin", distill_from=None, resume: 
     import shutil
 
     shutil.rmtree(sdir, ignore_errors=True)
+    from squeeze.compressor import peak_rss_mb
+
     return {"out": str(out), "steps": cfg.steps, "resumed_from": trained.start, "losses": history,
-            "dropout_rates": rates, **record["training"], **size_report(ckpt, sizes, record)}
+            "dropout_rates": rates, **record["training"], **size_report(ckpt, sizes, record),
+            "train_seconds": round(trained.seconds, 3), "seconds": round(time.perf_counter() - t_start, 3),
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def _forward_hiddens(model, ids):

@@ -67,6 +67,11 @@ def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=
     from squeeze.runtime.stack import Stack
     from squeeze.versions import without_versions
 
+    import time
+
+    from squeeze.compressor import peak_rss_mb
+
+    t0 = time.perf_counter()
     ckpt = open_dense(model_dir)
     record = read_record(ckpt.path)
     if out is None and not record:
@@ -107,4 +112,5 @@ def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=
             commit(tmp, Path(out))
         where = str(out)
     written = size_report(ckpt, sizes, new_record) if out is not None else {}
-    return {"written_to": where, **{k: v for k, v in chosen.items() if k != "calibration"}, **written}
+    return {"written_to": where, **{k: v for k, v in chosen.items() if k != "calibration"}, **written,
+            "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}

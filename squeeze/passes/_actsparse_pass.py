@@ -208,6 +208,24 @@ class ActSparsityPass(BlockPass):
         for site, (host, consumers) in self._sites(ctx.block).items():
             install(host, consumers, self._make(host, *decisions[site]))
 
+    # -- report -------------------------------------------------------------------------------
+    def per_layer(self) -> dict[str, list]:
+        """The target sparsity of each block (weighted over its sites; greedy allocation moves it)
+        and each site's threshold; the sparsity reached at run time is measured on the export
+        (:class:`squeeze.evaluation.ActCounter`)."""
+        blocks = self.report.get(self.name, {})
+        order = sorted(blocks, key=int)
+        out = {"target sparsity": [blocks[b]["weighted"] for b in order]}
+        sites = [s for s in self.site_names if any(s in blocks[b] for b in order)]
+        for site in sites:
+            if self.settings.allocation == "greedy":
+                out[f"{site} sparsity"] = [blocks[b].get(site, {}).get("sparsity") for b in order]
+            out[f"{site} threshold"] = [blocks[b].get(site, {}).get("threshold") for b in order]
+        return out
+
+    def results(self) -> dict:
+        return {}
+
     # -- export / load -------------------------------------------------------------------------
     def describe(self) -> dict:
         d = super().describe()

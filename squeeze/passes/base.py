@@ -272,6 +272,31 @@ class Method:
     def describe(self) -> dict:
         return {"pass": self.name, **{k: v for k, v in dataclasses.asdict(self.settings).items() if v is not None}}
 
+    # settings that say how the work is run, not what was chosen: left out of the report's lines
+    QUIET_SETTINGS: ClassVar[tuple] = ("runtime", "progress", "resume", "save_every", "seed")
+
+    def per_layer(self) -> dict[str, list]:
+        """What this pass chose per block, ``{label: [value of block 0, 1, ...]}`` (e.g. OWL's
+        sparsity per layer, TEAL's thresholds); empty when it chose nothing per layer."""
+        return {}
+
+    def results(self) -> dict:
+        """Scalar outcomes of this pass (counts, losses) from its ``report``."""
+        mine = self.report.get(self.name) if isinstance(self.report.get(self.name), dict) else {}
+        return {k: v for k, v in mine.items() if isinstance(v, (int, float, str, bool)) and v is not None}
+
+    def chosen(self) -> dict:
+        """What was done, for the report: the settings in effect (:meth:`describe`), the outcomes
+        (:meth:`results`) and the per-layer choices (:meth:`per_layer`). The CLI renders every
+        pass from this one shape, so a new pass reports by overriding those two methods."""
+        d = {k: v for k, v in self.describe().items() if k not in self.QUIET_SETTINGS}
+        out = {"pass": d.pop("pass"), "settings": d}
+        if self.results():
+            out["results"] = self.results()
+        if self.per_layer():
+            out["per_layer"] = self.per_layer()
+        return out
+
 
 class BlockPass(Method):
     fresh_statistics: ClassVar[bool] = False

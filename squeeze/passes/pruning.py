@@ -80,6 +80,15 @@ class PruningPass(BlockPass):
         self.report = {self.name: {"owl_outlier_ratio": [round(r, 6) for r in ratios],
                                    "owl_layer_sparsity": [round(x, 6) for x in self.layer_sparsity]}}
 
+    def per_layer(self) -> dict[str, list]:
+        if self.layer_sparsity is None:
+            return {}
+        rep = self.report.get(self.name, {})
+        return {"sparsity (OWL)": rep.get("owl_layer_sparsity"), "outlier ratio": rep.get("owl_outlier_ratio")}
+
+    def results(self) -> dict:
+        return {}  # the OWL lists are per layer, nothing scalar
+
     def sparsity_for(self, linear: Linear) -> float | None:
         """The unstructured target of this linear (its layer's OWL share, or the uniform one)."""
         if self.layer_sparsity is not None:
