@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from squeeze import progress
 from squeeze.errors import SqueezeError
 from squeeze.report import write_json
 
@@ -87,13 +88,15 @@ def evaluate(model, data: str = "builtin-eval", reference=None, max_rows: int | 
     if kind == "causal":
         nll = kl = 0.0
         n = 0
-        for r in rows:
-            lp = _causal_logprobs(m, r)
-            nll -= lp.gather(1, r[1:, None]).sum().item()
-            if ref is not None:
-                rp = _causal_logprobs(ref, r)
-                kl += (rp.exp() * (rp - lp)).sum().item()
-            n += len(r) - 1
+        with progress.phase("eval", total=len(rows), unit="row") as shown:
+            for r in rows:
+                lp = _causal_logprobs(m, r)
+                nll -= lp.gather(1, r[1:, None]).sum().item()
+                if ref is not None:
+                    rp = _causal_logprobs(ref, r)
+                    kl += (rp.exp() * (rp - lp)).sum().item()
+                n += len(r) - 1
+                shown.advance()
         report.update(tokens=n, nll=nll / n, ppl=math.exp(nll / n))
         if ref is not None:
             report["kl"] = kl / n
@@ -102,9 +105,11 @@ def evaluate(model, data: str = "builtin-eval", reference=None, max_rows: int | 
         report["tokens"] = sum(len(r) for r in rows)
         if ref is not None:
             cos = []
-            for i in range(0, len(rows), batch_size):
-                b = rows[i:i + batch_size]
-                cos.append(torch.nn.functional.cosine_similarity(_embed(m, b, pad), _embed(ref, b, pad), dim=-1))
+            with progress.phase("eval", total=len(rows), unit="row") as shown:
+                for i in range(0, len(rows), batch_size):
+                    b = rows[i:i + batch_size]
+                    cos.append(torch.nn.functional.cosine_similarity(_embed(m, b, pad), _embed(ref, b, pad), dim=-1))
+                    shown.advance(len(b))
             c = torch.cat(cos)
             report.update(cosine_mean=c.mean().item(), cosine_min=c.min().item())
     if activation_stats:
