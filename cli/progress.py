@@ -12,11 +12,12 @@
       [squeeze] compress: block 3/6 (50%), 12.1 s elapsed, ~12 s left
       [squeeze] compress: done, block 6/6 in 24.3 s
 
-  A phase is logged once it has run for ``delay`` seconds (2; phases that end sooner stay
-  silent), then at most every ``interval`` seconds (10) a line shows the running phases, outer
-  to inner (``compress: block 3/6 ... > greedy allocation: 48 trials ...``); a heartbeat
-  thread writes that line also while a phase reports nothing (loading one large file). Every
-  logged phase ends with a line giving its total time, or where it stopped.
+  A top-level phase is logged once it has run for ``delay`` seconds (2; phases that end sooner
+  stay silent), then at most every ``interval`` seconds (10) a line shows the running phases,
+  outer to inner (``compress: block 3/6 ... > greedy allocation: 48 trials ...``; a nested
+  phase joins once it has run ``delay`` seconds); a heartbeat thread writes that line also
+  while a phase reports nothing (loading one large file). Every logged phase ends with a line
+  giving its total time, or where it stopped.
 
 ``SQUEEZE_PROGRESS`` = ``auto`` (default) | ``bar`` | ``log`` | ``off`` overrides the choice;
 ``SQUEEZE_PROGRESS_INTERVAL`` = seconds between log lines (0: every step; the delay is at most it).
@@ -57,9 +58,9 @@ def fields_text(p) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in items)
 
 
-def duration(seconds: float) -> str:
+def duration(seconds: float, tenths: bool = True) -> str:
     if seconds < 60:
-        return f"{seconds:.1f} s"
+        return f"{seconds:.1f} s" if tenths else f"{seconds:.0f} s"  # an estimate has no tenths
     minutes, s = divmod(int(round(seconds)), 60)
     return f"{minutes} min {s:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
@@ -136,8 +137,10 @@ class LogSink:
         visible = [p for p in _chain(leaf) if now - self._start.get(p, now) >= self.delay]
         if not visible:
             return
-        fresh = any(p not in self._shown for p in visible)
-        if fresh or now - self._last >= self.interval:
+        # a new top-level phase is logged at once; anything else (a nested search that has become
+        # old enough, another step) waits for the interval, so a sweep of many short inner
+        # phases stays at about one line per interval
+        if visible[0] not in self._shown or now - self._last >= self.interval:
             self._shown.update(visible)
             self._write(" > ".join(self._status(p, now) for p in visible), now)
 
@@ -147,7 +150,7 @@ class LogSink:
         parts = [x for x in (count_text(p), fields_text(p)) if x]
         parts.append(f"{duration(elapsed)} elapsed")
         if left is not None:
-            parts.append(f"~{duration(left)} left")
+            parts.append(f"~{duration(left, tenths=False)} left")
         return f"{p.name}: " + ", ".join(parts)
 
     def _write(self, text: str, now: float) -> None:

@@ -105,7 +105,7 @@ def test_log_sink_throttles_and_ends_with_the_total_time():
     assert all(line.startswith("[squeeze] compress: ") for line in lines)
     assert "\x1b" not in out.getvalue()  # no terminal codes in a log
     # first line once the phase has run `delay` seconds, then one at most every `interval`
-    assert lines[0] == "[squeeze] compress: block 4/100 (4%), 2.0 s elapsed, ~48.0 s left"
+    assert lines[0] == "[squeeze] compress: block 4/100 (4%), 2.0 s elapsed, ~48 s left"
     assert lines[1].startswith("[squeeze] compress: block 24/100 (24%), 12.0 s elapsed")
     assert len(lines) == 1 + 4 + 1  # at 2 s, 12, 22, 32, 42 s, then the end
     assert lines[-1] == "[squeeze] compress: done, block 100/100 in 50.0 s"
@@ -136,6 +136,25 @@ def test_log_sink_keeps_quick_phases_silent_and_logs_slow_nested_ones():
     assert len(lines) == 5  # visible at 2.5 s, due again at 12.5 and 22.5 s, then the two ends
 
 
+def test_log_sink_many_short_nested_phases_stay_within_the_interval():
+    clock = Clock()
+    sink, out = _log(clock, interval=10.0, delay=2.0)
+    with progress.installed(sink):
+        with progress.phase("compress", total=20, unit="block") as sweep:
+            for _ in range(20):  # 20 blocks, each a 3 s greedy search: 60 s
+                with progress.phase("greedy allocation", unit="trial") as greedy:
+                    for _ in range(6):
+                        clock.now += 0.5
+                        greedy.advance()
+                sweep.advance()
+    lines = out.getvalue().splitlines()
+    status = [ln for ln in lines if ": done" not in ln]
+    # a status line at 2 s, then one per 10 s; an inner search gets its end line only if it was shown
+    assert len(status) == 6, lines
+    assert len(lines) - len(status) == sum("greedy allocation:" in ln for ln in status) + 1
+    assert lines[-1] == "[squeeze] compress: done, block 20/20 in 1 min 00 s"
+
+
 def test_log_sink_heartbeat_and_interruption():
     clock = Clock()
     sink, out = _log(clock, interval=10.0, delay=2.0)
@@ -162,7 +181,7 @@ def test_log_sink_remaining_time_counts_this_runs_steps_only():
         with progress.phase("recovery", total=100, completed=50, unit="step") as p:
             clock.now += 5.0
             p.advance(5)  # 5 steps in 5 s: 45 left at one a second
-    assert "step 55/100 (55%), 5.0 s elapsed, ~45.0 s left" in out.getvalue()
+    assert "step 55/100 (55%), 5.0 s elapsed, ~45 s left" in out.getvalue()
 
 
 def test_counts():
