@@ -164,9 +164,12 @@ class BlockRunner:
         # The LM head is not needed to reach the blocks (the last recorder stops the forward):
         # leave it on meta while sweeping, it can be as large as a block.
         head = self._untied_head()
-        for name in self.adapter.non_block_modules():
-            if name != head:
+        outside = [name for name in self.adapter.non_block_modules() if name != head]
+        # a large vocabulary's embedding table alone can take seconds to read
+        with progress.phase("loading weights outside the blocks", total=len(outside), unit="module") as shown:
+            for name in outside:
                 self.weights.materialize(self.model, name, self.dtype)
+                shown.advance()
         info = SweepInfo(self.adapter, len(self.adapter), self.calib is not None)
         for p in self.passes:
             p.prepare(info)

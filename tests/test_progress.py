@@ -209,3 +209,21 @@ def test_bar_sink_draws_on_its_console_and_clears_at_the_end():
                 p.advance(loss=0.5)
         assert sink._bar is None  # no live display between phases: reports print on a clean screen
     assert "recovery: step 4/4 in 4.0 s" in buf.getvalue()
+
+
+def test_compress_announces_its_phases_and_nests_the_greedy_search(tiny_dir, tiny_calib, tmp_path):
+    import squeeze
+
+    rec = Recorder()
+    with progress.installed(rec):
+        squeeze.compress(tiny_dir("llama"), tmp_path / "t", method="teal", act_sparsity=0.5, allocation="greedy",
+                         greedy_step=0.25, calib=str(tiny_calib), nsamples=4, seqlen=16)
+    starts = [(name, depth, total) for ev, name, depth, _, total in rec.events if ev == "start"]
+    assert ("calibration data", 0, None) in starts
+    assert ("calibration capture", 0, 1) in starts
+    assert ("compress", 0, 2) in starts  # the block count, known before the first block
+    assert starts.count(("greedy allocation", 1, None)) == 2  # one search inside each block
+    sweep = [ev for ev in rec.events if ev[1] == "compress"]
+    assert [ev[3] for ev in sweep if ev[0] == "advance"] == [1, 2]
+    assert sweep[-1] == ("finish", "compress", 0, 2, None)
+    assert not progress.enabled()
