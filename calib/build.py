@@ -16,6 +16,7 @@ import torch
 from squeeze.calib.packing import Calibration, pack
 from squeeze.calib.sources import load_rows
 
+from squeeze import progress
 from squeeze.errors import SqueezeError
 
 ROWS = ("packed", "sentences")
@@ -59,12 +60,13 @@ def build_calibration(ckpt, config, calib: str, nsamples: int | None, seqlen: in
     cap = min(512, max_pos or 512)
     if max_pos and seqlen is not None and seqlen > max_pos:
         raise SqueezeError(f"--seqlen {seqlen} exceeds the model's context of {max_pos} tokens; lower --seqlen")
-    data = load_rows(calib)
-    vocab = getattr(_text_config(config), "vocab_size", None)
-    if rows == "sentences":
-        return _sentence_calibration(ckpt, data, nsamples, seqlen or cap, seed, pairs, vocab, trust_remote_code)
-    tok = load_tokenizer(ckpt.path, trust_remote_code) if data.ids is None else None
-    return pack(data, tok, nsamples, seqlen, seed, packing, vocab_size=vocab, max_seqlen=cap)
+    with progress.phase("calibration data"):  # reading a dataset and tokenizing it can take a while
+        data = load_rows(calib)
+        vocab = getattr(_text_config(config), "vocab_size", None)
+        if rows == "sentences":
+            return _sentence_calibration(ckpt, data, nsamples, seqlen or cap, seed, pairs, vocab, trust_remote_code)
+        tok = load_tokenizer(ckpt.path, trust_remote_code) if data.ids is None else None
+        return pack(data, tok, nsamples, seqlen, seed, packing, vocab_size=vocab, max_seqlen=cap)
 
 
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]*[A-Z0-9])")

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from squeeze import progress
 from squeeze.errors import SqueezeError
 
 MODES = ("greedy", "sample")
@@ -104,14 +105,20 @@ def extend_with_generation(model, samples: list[torch.Tensor], k: int, mode: str
     for i, s in enumerate(samples):
         by_len.setdefault(int(s.numel()), []).append(i)
     out: list[torch.Tensor | None] = [None] * len(samples)
-    for length, idx in sorted(by_len.items()):
-        per = max(1, batch_tokens // (length + k))
-        for j in range(0, len(idx), per):
-            chunk = idx[j:j + per]
-            ids = torch.stack([samples[i].to(torch.long) for i in chunk])  # (B, P)
-            gen = _continue_batch(model, ids, k, mode, temperature, top_p, generator, on_token)  # (B, k)
-            for row, i in enumerate(chunk):
-                out[i] = torch.cat([ids[row], gen[row]])
+    with progress.phase("calibration generation", total=k * len(samples), unit="token") as shown:
+        def tokens_done(b: int) -> None:
+            shown.advance(b)
+            if on_token:
+                on_token(b)
+
+        for length, idx in sorted(by_len.items()):
+            per = max(1, batch_tokens // (length + k))
+            for j in range(0, len(idx), per):
+                chunk = idx[j:j + per]
+                ids = torch.stack([samples[i].to(torch.long) for i in chunk])  # (B, P)
+                gen = _continue_batch(model, ids, k, mode, temperature, top_p, generator, tokens_done)  # (B, k)
+                for row, i in enumerate(chunk):
+                    out[i] = torch.cat([ids[row], gen[row]])
     counts["generated_tokens"] = k * len(samples)
     return out, counts
 

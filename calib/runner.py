@@ -21,6 +21,7 @@ import torch
 from squeeze.calib.packing import Calibration
 from torch import nn
 
+from squeeze import progress
 from squeeze.adapters import Adapter, Block
 from squeeze.compat import forward_accepts, forward_takes_any_keyword
 from squeeze.errors import SqueezeError
@@ -101,18 +102,21 @@ class BlockRunner:
             forward_takes_any_keyword(self.model) and forward_accepts(owner, "use_cache"))
         kw = {"use_cache": False} if takes else {}
         batches = []
+        todo = self._batches()
         try:
-            for ids in self._batches():
-                store.clear()
-                try:
-                    self.model(input_ids=ids, **kw)
-                except _StopForward:
-                    pass
-                if len(store) != len(blocks):
-                    raise SqueezeError(f"{type(self.model).__name__}: blocks were not called in order; "
-                                       "this architecture is not supported by the sequential runner")
-                calls = [(rest, kwargs) for _, _, rest, kwargs in store]
-                batches.append(Batch(store[0][1].to(self.dtype), calls))
+            with progress.phase("calibration capture", total=len(todo), unit="batch") as shown:
+                for ids in todo:
+                    store.clear()
+                    try:
+                        self.model(input_ids=ids, **kw)
+                    except _StopForward:
+                        pass
+                    if len(store) != len(blocks):
+                        raise SqueezeError(f"{type(self.model).__name__}: blocks were not called in order; "
+                                           "this architecture is not supported by the sequential runner")
+                    calls = [(rest, kwargs) for _, _, rest, kwargs in store]
+                    batches.append(Batch(store[0][1].to(self.dtype), calls))
+                    shown.advance()
         finally:
             for i, b in enumerate(originals):
                 blocks[i] = b
@@ -140,13 +144,16 @@ class BlockRunner:
         batches = self._capture()
         values: dict[int, list] = {id(p): [] for p in surveyors}
         n = len(self.adapter)
-        for i in range(n):
-            ctx = BlockContext(self._load(i), batches)
-            for p in surveyors:
-                values[id(p)].append(p.survey(ctx))
-            if i < n - 1:
-                self._propagate(ctx)
-            self.weights.release(ctx.block.module)
+        names = ", ".join(dict.fromkeys(p.name for p in surveyors))
+        with progress.phase(f"dense pre-sweep ({names})", total=n, unit="block") as shown:
+            for i in range(n):
+                ctx = BlockContext(self._load(i), batches)
+                for p in surveyors:
+                    values[id(p)].append(p.survey(ctx))
+                if i < n - 1:
+                    self._propagate(ctx)
+                self.weights.release(ctx.block.module)
+                shown.advance()
         for p in surveyors:
             p.plan(values[id(p)])
 
@@ -157,9 +164,12 @@ class BlockRunner:
         # The LM head is not needed to reach the blocks (the last recorder stops the forward):
         # leave it on meta while sweeping, it can be as large as a block.
         head = self._untied_head()
-        for name in self.adapter.non_block_modules():
-            if name != head:
+        outside = [name for name in self.adapter.non_block_modules() if name != head]
+        # a large vocabulary's embedding table alone can take seconds to read
+        with progress.phase("loading weights outside the blocks", total=len(outside), unit="module") as shown:
+            for name in outside:
                 self.weights.materialize(self.model, name, self.dtype)
+                shown.advance()
         info = SweepInfo(self.adapter, len(self.adapter), self.calib is not None)
         for p in self.passes:
             p.prepare(info)
@@ -171,42 +181,48 @@ class BlockRunner:
         stages = self._stages()
         wants_dense = any(p.wants_dense for p in self.passes)
         n = len(self.adapter)
-        for i in range(n):
-            block_t0 = time.perf_counter()
-            block = self._load(i)
-            ctx = BlockContext(block, batches)
-            ctx.promises.update({n: dict(self.promised[n]) for n in block.linears if n in self.promised})
-            if wants_dense:
-                ctx.dense = {name: lin.weight.detach().float().clone() for name, lin in block.linears.items()}
-            forwards = 0
-            for stage in stages:
-                work = [p for p in stage if p.targets(block)]
-                if not work:
-                    continue
-                if any(p.observed(block) for p in work):
-                    if self.calib is None:
-                        raise SqueezeError(f"{work[0].name} needs calibration data (--calib)")
-                    self._stats_forward(ctx, work)
-                    forwards += 1
-                for p in work:
-                    p.apply(ctx, p.decide(ctx))
-                    self._promise(ctx, p)
-            if batches and i < n - 1:
-                self._propagate(ctx)
-                forwards += 1
-            self.result.forwards_per_block = max(self.result.forwards_per_block, forwards)
-            self._record(ctx)
-            if self.spill is not None:
-                self.spill(block)
-            if not self.keep:
-                self.weights.release(block.module)
-                self.weights.ckpt.close()  # unmap the shard pages read for this block
-            if self.on_block:
-                self.on_block(i, n, time.perf_counter() - block_t0)
+        with progress.phase("compress", total=n, unit="block") as sweep:
+            for i in range(n):
+                self._sweep_block(i, n, batches, stages, wants_dense)
+                sweep.advance()
         if self.keep and head:
             self.weights.materialize(self.model, head, self.dtype)
         self.result.seconds["total"] = time.perf_counter() - t0
         return self.result
+
+    def _sweep_block(self, i: int, n: int, batches: list[Batch], stages: list[list], wants_dense: bool) -> None:
+        """One block of the sweep: load -> statistics forward -> decide -> apply -> propagate -> spill."""
+        block_t0 = time.perf_counter()
+        block = self._load(i)
+        ctx = BlockContext(block, batches)
+        ctx.promises.update({n: dict(self.promised[n]) for n in block.linears if n in self.promised})
+        if wants_dense:
+            ctx.dense = {name: lin.weight.detach().float().clone() for name, lin in block.linears.items()}
+        forwards = 0
+        for stage in stages:
+            work = [p for p in stage if p.targets(block)]
+            if not work:
+                continue
+            if any(p.observed(block) for p in work):
+                if self.calib is None:
+                    raise SqueezeError(f"{work[0].name} needs calibration data (--calib)")
+                self._stats_forward(ctx, work)
+                forwards += 1
+            for p in work:
+                p.apply(ctx, p.decide(ctx))
+                self._promise(ctx, p)
+        if batches and i < n - 1:
+            self._propagate(ctx)
+            forwards += 1
+        self.result.forwards_per_block = max(self.result.forwards_per_block, forwards)
+        self._record(ctx)
+        if self.spill is not None:
+            self.spill(block)
+        if not self.keep:
+            self.weights.release(block.module)
+            self.weights.ckpt.close()  # unmap the shard pages read for this block
+        if self.on_block:
+            self.on_block(i, n, time.perf_counter() - block_t0)
 
     def _untied_head(self) -> str | None:
         get = getattr(self.model, "get_output_embeddings", None)

@@ -42,24 +42,15 @@ def finetune(model_dir, recipe, calib, out, steps, p_max, e_scale, scale, curric
     Continue training MODEL_DIR with the LayerSkip recipe (layer dropout + early-exit loss), so
     its first layers can draft tokens that the rest verify (`squeeze generate --self-speculative`).
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from squeeze.cli.report import print_kv
 
     from squeeze.depth.layerskip import finetune as finetune_fn
 
     _quiet_transformers()
-    with Progress(TextColumn("layerskip"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                  transient=True) as bar:
-        task = bar.add_task("train", total=steps, loss="-")
-
-        def progress(step, total, loss):
-            bar.update(task, completed=step, loss=f"{loss:.4f}")
-
-        report = finetune_fn(model_dir, out, calib=calib, distill_from=distill_from, resume=resume,
-                             overwrite=overwrite, progress=progress, steps=steps, p_max=p_max, e_scale=e_scale,
-                             scale=scale, curriculum=curriculum, lr=lr, batch_size=batch_size, seqlen=seqlen,
-                             nsamples=nsamples, save_every=save_every, seed=seed)
+    report = finetune_fn(model_dir, out, calib=calib, distill_from=distill_from, resume=resume,
+                         overwrite=overwrite, steps=steps, p_max=p_max, e_scale=e_scale,
+                         scale=scale, curriculum=curriculum, lr=lr, batch_size=batch_size, seqlen=seqlen,
+                         nsamples=nsamples, save_every=save_every, seed=seed)
     if json_path:
         write_json(json_path, report)
     print_kv("finetune", {k: v for k, v in report.items() if k != "losses"})

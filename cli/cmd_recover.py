@@ -55,34 +55,23 @@ def recover(pruned_dir, reference, out, calib, steps, lr, batch_size, nsamples, 
     Fine-tune PRUNED_DIR toward --reference (KL on its logits; hidden-state MSE for encoders,
     see --encoder-loss), keeping every pruned weight exactly zero, and export to --out.
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from squeeze.cli.report import print_kv
 
     from squeeze.recovery import recover as recover_fn
     from squeeze.recovery import work_dir
 
     _quiet_transformers()
-    with Progress(TextColumn("[bold]recovering[/]"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
-                  TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("steps", total=steps, loss="-")
-
-        def on_step(step, total, loss):
-            bar.update(task, completed=step, loss=f"{loss:.4f}")
-
-        try:
-            result = recover_fn(pruned_dir, out, reference=reference, calib=calib, steps=steps, lr=lr,
-                                nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size,
-                                checkpoint_every=checkpoint_every, packing=packing, resume=resume,
-                                overwrite=overwrite, trust_remote_code=trust_remote_code, on_step=on_step,
-                                rows=rows, encoder_loss=encoder_loss, augment=augment, lr_schedule=lr_schedule,
-                                warmup=warmup, eval_data=eval_data, eval_rows=eval_rows)
-        except KeyboardInterrupt:
-            bar.stop()
-            click.echo(f"interrupted; --out was not written. Checkpoints (every {checkpoint_every} steps) are in "
-                       f"{work_dir(out)}: re-run with --resume to continue", err=True)
-            raise SystemExit(130) from None
+    try:
+        result = recover_fn(pruned_dir, out, reference=reference, calib=calib, steps=steps, lr=lr,
+                            nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size,
+                            checkpoint_every=checkpoint_every, packing=packing, resume=resume,
+                            overwrite=overwrite, trust_remote_code=trust_remote_code,
+                            rows=rows, encoder_loss=encoder_loss, augment=augment, lr_schedule=lr_schedule,
+                            warmup=warmup, eval_data=eval_data, eval_rows=eval_rows)
+    except KeyboardInterrupt:  # the training phase has ended (and its bar is gone) by now
+        click.echo(f"interrupted; --out was not written. Checkpoints (every {checkpoint_every} steps) are in "
+                   f"{work_dir(out)}: re-run with --resume to continue", err=True)
+        raise SystemExit(130) from None
     report = result.report
     if json_path:
         write_json(json_path, report)

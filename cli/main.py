@@ -160,7 +160,8 @@ def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples,
     not given) block by block with --method or --recipe, calibrated on --calib, and export it to
     --out.
     """
-    from squeeze.cli.report import print_compress_report, run_with_progress
+    from squeeze.cli.report import print_compress_report
+    from squeeze.compressor import compress as compress_fn
 
     _quiet_transformers()
     if model_dir is None and out is None:
@@ -179,7 +180,7 @@ def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples,
     verify = verify if verify is not None else model_dir is None
     # without --verify nothing needs the compressed model afterwards: stream the blocks (less memory)
     kwargs.setdefault("keep_in_memory", None if verify else False)
-    result = run_with_progress(model_dir, out, kwargs)
+    result = compress_fn(model_dir, out, **kwargs)
     report = result.report
     if verify:
         from squeeze.cli.report import verify_export
@@ -267,8 +268,12 @@ from squeeze.cli import (
 
 
 def main(argv=None):
+    from squeeze.cli.progress import command_sink
+
     try:
-        cli.main(args=argv, standalone_mode=False)
+        # the sink's context closes first, so its display is gone before an error line is printed
+        with command_sink():
+            cli.main(args=argv, standalone_mode=False)
     except SqueezeError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)

@@ -1,9 +1,8 @@
-"""Rendering of reports and progress for the CLI (rich)."""
+"""Rendering of reports for the CLI (rich); progress is squeeze.cli.progress."""
 
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 def _report_console() -> Console:
@@ -17,19 +16,6 @@ def _report_console() -> Console:
 
 
 console = _report_console()
-
-
-def run_with_progress(model_dir, out, kwargs):
-    from squeeze.compressor import compress
-
-    with Progress(TextColumn("[bold]compressing[/]"), BarColumn(), TextColumn("block {task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("blocks", total=None)
-
-        def on_block(i, n, secs):
-            bar.update(task, total=n, completed=i + 1)
-
-        return compress(model_dir, out, on_block=on_block, **kwargs)
 
 
 def verify_export(result) -> dict:

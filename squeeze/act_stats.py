@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from squeeze import progress
+
 CHUNKS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -52,14 +54,16 @@ def activation_stats(model: nn.Module, rows: list[torch.Tensor], threshold: floa
     handles = [lin.module.register_forward_hook(hook(i)) for i, lin in downs.items()]
     sums = {i: {c: [0.0, 0] for c in chunks} for i in downs}
     try:
-        for r in rows:
-            current.clear()
-            model(input_ids=r[None])
-            for i, act in current.items():
-                for c in chunks:
-                    frac, n = chunk_inactive(act, c)
-                    sums[i][c][0] += frac * n
-                    sums[i][c][1] += n
+        with progress.phase("activation stats", total=len(rows), unit="row") as shown:
+            for r in rows:
+                current.clear()
+                model(input_ids=r[None])
+                for i, act in current.items():
+                    for c in chunks:
+                        frac, n = chunk_inactive(act, c)
+                        sums[i][c][0] += frac * n
+                        sums[i][c][1] += n
+                shown.advance()
     finally:
         for h in handles:
             h.remove()

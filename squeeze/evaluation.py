@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from squeeze import progress
 from squeeze.errors import SqueezeError
 from squeeze.report import write_json
 
@@ -139,14 +140,16 @@ def evaluate(model, data: str = "builtin-eval", reference=None, max_rows: int | 
     if kind == "causal":
         nll = ref_nll = kl = 0.0
         n = 0
-        for r in rows:
-            lp = _causal_logprobs(m, r)
-            nll -= lp.gather(1, r[1:, None]).sum().item()
-            if ref is not None:
-                rp = _causal_logprobs(ref, r)
-                ref_nll -= rp.gather(1, r[1:, None]).sum().item()
-                kl += (rp.exp() * (rp - lp)).sum().item()
-            n += len(r) - 1
+        with progress.phase("eval", total=len(rows), unit="row") as shown:
+            for r in rows:
+                lp = _causal_logprobs(m, r)
+                nll -= lp.gather(1, r[1:, None]).sum().item()
+                if ref is not None:
+                    rp = _causal_logprobs(ref, r)
+                    ref_nll -= rp.gather(1, r[1:, None]).sum().item()
+                    kl += (rp.exp() * (rp - lp)).sum().item()
+                n += len(r) - 1
+                shown.advance()
         report.update(tokens=n, nll=nll / n, ppl=math.exp(nll / n))
         if ref is not None:
             report.update(ppl_reference=math.exp(ref_nll / n), kl=kl / n)
@@ -154,11 +157,13 @@ def evaluate(model, data: str = "builtin-eval", reference=None, max_rows: int | 
         pad = getattr(cfg, "pad_token_id", None) or 0
         report["tokens"] = sum(len(r) for r in rows)
         cos = []
-        for i in range(0, len(rows) if ref is not None or counter else 0, batch_size):
-            b = rows[i:i + batch_size]
-            e = _embed(m, b, pad)  # run without a reference too: the activation sparsity is counted on it
-            if ref is not None:
-                cos.append(torch.nn.functional.cosine_similarity(e, _embed(ref, b, pad), dim=-1))
+        with progress.phase("eval", total=len(rows), unit="row") as shown:
+            for i in range(0, len(rows) if ref is not None or counter else 0, batch_size):
+                b = rows[i:i + batch_size]
+                e = _embed(m, b, pad)  # run without a reference too: the activation sparsity is counted on it
+                if ref is not None:
+                    cos.append(torch.nn.functional.cosine_similarity(e, _embed(ref, b, pad), dim=-1))
+                shown.advance(len(b))
         if cos:
             c = torch.cat(cos)
             report.update(cosine_mean=c.mean().item(), cosine_min=c.min().item())

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from squeeze import progress
 from squeeze.checkpoint import INDEX_NAME, Checkpoint
 from squeeze.errors import SqueezeError
 from squeeze.report import write_json
@@ -134,39 +135,42 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | TensorSource |
     weight_map = {}
     stored_packed = getattr(ckpt, "packed", {})  # the source's own packed weights
     out_packed = {}
-    for shard in ckpt.shards:
-        tensors = {}
+    # gathering (spilled, packed, cast) and writing the tensors: the bulk of an export's time
+    with progress.phase("writing export", total=len(ckpt.key_to_shard), unit="tensor") as shown:
+        for shard in ckpt.shards:
+            tensors = {}
 
-        def put(name, t):
-            nonlocal total
-            tensors[name] = t.contiguous()
-            weight_map[name] = shard
-            total += t.numel() * t.element_size()
+            def put(name, t):
+                nonlocal total
+                tensors[name] = t.contiguous()
+                weight_map[name] = shard
+                total += t.numel() * t.element_size()
 
-        for k in [k for k, s in ckpt.key_to_shard.items() if s == shard]:
-            new = keys.get(k, k)
-            if new is None:
-                continue
-            entry = spill.packed.get(k) if spill is not None else None
-            if entry:  # packed by this run: its codec's tensors instead of the dense weight
-                for name in packed_keys(entry):
-                    put(name, spill.get(name))
-                out_packed[new] = entry
-                continue
-            t = spill.get(k) if spill is not None else None
-            if t is None and k in stored_packed:  # untouched and stored packed: copied as stored
-                entry = renamed_entry(stored_packed[k], k, new)
-                for old, name in zip(packed_keys(stored_packed[k]), packed_keys(entry)):
-                    put(name, ckpt.raw.get(old))
-                out_packed[new] = entry
-                continue
-            if t is None:
-                t = ckpt.get(k)
-                if spill is not None:
-                    t = spill.cast(k, t)
-            put(new, t)
-        save_file(tensors, str(dest / shard), metadata={"format": "pt"})
-        sizes[shard] = (dest / shard).stat().st_size
+            for k in [k for k, s in ckpt.key_to_shard.items() if s == shard]:
+                shown.advance()
+                new = keys.get(k, k)
+                if new is None:
+                    continue
+                entry = spill.packed.get(k) if spill is not None else None
+                if entry:  # packed by this run: its codec's tensors instead of the dense weight
+                    for name in packed_keys(entry):
+                        put(name, spill.get(name))
+                    out_packed[new] = entry
+                    continue
+                t = spill.get(k) if spill is not None else None
+                if t is None and k in stored_packed:  # untouched and stored packed: copied as stored
+                    entry = renamed_entry(stored_packed[k], k, new)
+                    for old, name in zip(packed_keys(stored_packed[k]), packed_keys(entry)):
+                        put(name, ckpt.raw.get(old))
+                    out_packed[new] = entry
+                    continue
+                if t is None:
+                    t = ckpt.get(k)
+                    if spill is not None:
+                        t = spill.cast(k, t)
+                put(new, t)
+            save_file(tensors, str(dest / shard), metadata={"format": "pt"})
+            sizes[shard] = (dest / shard).stat().st_size
     record.pop("format", None)
     if out_packed:
         record["format"] = {"kind": kind_of(out_packed), "layout": LAYOUT, "linears": out_packed}

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from squeeze import progress
 from squeeze.checkpoint import Checkpoint
 from squeeze.errors import SqueezeError
 from squeeze.formats_ct import (FORMAT, VERSION, is_compressed_tensors, linear_tensors, module_names,
@@ -121,28 +122,30 @@ def write(src: Checkpoint, dest: Path) -> tuple[dict, dict]:
     spec, quantized, qconfig = _plan(src, record, packed)
     owner = {part: key for key, e in packed.items() for part in packed_keys(e)}
     sizes, weight_map, total, done = {}, {}, 0, set()
-    for shard in src.shards:
-        tensors = {}
-        for k in [k for k, s in src.key_to_shard.items() if s == shard]:
-            key = owner.get(k)
-            if key is None:
-                tensors[k] = src.get(k)
-            elif key not in done:
-                done.add(key)
-                entry = packed[key]
-                if key in quantized:
-                    stem = key.removesuffix(".weight")
-                    codes, scale, zero = codes_of(entry, src.get)
-                    parts = linear_tensors(codes, spec, scale, zero)
-                    tensors.update({f"{stem}.{name}": t for name, t in parts.items()})
-                else:  # sparse only: the zeros stay in place, the weight as the model holds it
-                    tensors[key] = unpack_linear(entry, src.get)
-        for name, t in tensors.items():
-            weight_map[name] = shard
-            total += t.numel() * t.element_size()
-        save_file({n: t.contiguous() for n, t in tensors.items()}, str(dest / shard), metadata={"format": "pt"})
-        sizes[shard] = (dest / shard).stat().st_size
-        del tensors
+    with progress.phase("writing compressed-tensors", total=len(src.shards), unit="shard") as shown:
+        for shard in src.shards:
+            tensors = {}
+            for k in [k for k, s in src.key_to_shard.items() if s == shard]:
+                key = owner.get(k)
+                if key is None:
+                    tensors[k] = src.get(k)
+                elif key not in done:
+                    done.add(key)
+                    entry = packed[key]
+                    if key in quantized:
+                        stem = key.removesuffix(".weight")
+                        codes, scale, zero = codes_of(entry, src.get)
+                        parts = linear_tensors(codes, spec, scale, zero)
+                        tensors.update({f"{stem}.{name}": t for name, t in parts.items()})
+                    else:  # sparse only: the zeros stay in place, the weight as the model holds it
+                        tensors[key] = unpack_linear(entry, src.get)
+            for name, t in tensors.items():
+                weight_map[name] = shard
+                total += t.numel() * t.element_size()
+            save_file({n: t.contiguous() for n, t in tensors.items()}, str(dest / shard), metadata={"format": "pt"})
+            sizes[shard] = (dest / shard).stat().st_size
+            del tensors
+            shown.advance()
     write_index(src, dest, weight_map, total)
     from squeeze.formats import DenseView
 

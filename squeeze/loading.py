@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from squeeze import progress
 from squeeze.errors import SqueezeError
 from squeeze.export import RECORD, SIDECAR
 from squeeze.modeling import as_loaded, load_config, model_class
@@ -41,6 +42,11 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     (``--format compressed-tensors``, or weight-only int4/int8/fp8 from llm-compressor) is decoded by
     squeeze (:mod:`squeeze.formats_ct`) into that exact dense model, without compressed-tensors.
     """
+    with progress.phase(f"loading {Path(path).resolve().name}"):  # seconds to minutes for a large model
+        return _load(path, dtype, device, trust_remote_code, attn_implementation, sparse24, quant_kernels)
+
+
+def _load(path, dtype, device, trust_remote_code, attn_implementation, sparse24, quant_kernels):
     from squeeze.formats import open_dense
     from squeeze.formats_ct import CompressedTensorsView
 

@@ -69,6 +69,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from squeeze import progress
 from squeeze.checkpoint import Checkpoint
 from squeeze.errors import SqueezeError
 from squeeze.report import write_json
@@ -254,7 +255,8 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
 
     from squeeze.loading import load, load_dense
 
-    student = load_dense(ckpt, config, torch.float32, trust_remote_code=trust_remote_code).eval()
+    with progress.phase(f"loading {ckpt.path.name}"):
+        student = load_dense(ckpt, config, torch.float32, trust_remote_code=trust_remote_code).eval()
 
     teacher = load(ref_ckpt.path, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
     teacher.requires_grad_(False)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from squeeze import progress
 from squeeze.errors import SqueezeError
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -40,34 +41,42 @@ def score_layers(model: nn.Module, samples: list[torch.Tensor], method: str = "c
     blocks = Adapter(model).blocks
     if method == "cosine":
         sums = [0.0] * len(blocks)
-        for ids in samples:
-            io = {}
+        with progress.phase("importance scoring (cosine)", total=len(samples), unit="sample") as shown:
+            for ids in samples:
+                io = {}
 
-            def hook(i, io=io):
-                return lambda m, a, kw, o: io.__setitem__(i, (a[0] if a else kw["hidden_states"], block_output(o)))
+                def hook(i, io=io):
+                    return lambda m, a, kw, o: io.__setitem__(i, (a[0] if a else kw["hidden_states"], block_output(o)))
 
-            hs = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-            try:
-                model(input_ids=ids[None], use_cache=False)
-            finally:
-                for h in hs:
-                    h.remove()
-            for i, (x, y) in io.items():
-                sums[i] += float(block_influence(x, y))
+                hs = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+                try:
+                    model(input_ids=ids[None], use_cache=False)
+                finally:
+                    for h in hs:
+                        h.remove()
+                for i, (x, y) in io.items():
+                    sums[i] += float(block_influence(x, y))
+                shown.advance()
         return [s / len(samples) for s in sums]
     if method == "kl":
-        refs = [torch.log_softmax(model(input_ids=s[None], use_cache=False).logits[0].double(), -1) for s in samples]
-        scores = []
-        for i, b in enumerate(blocks):
-            h = b.register_forward_hook(_skip_hook, with_kwargs=True)
-            try:
-                kl = 0.0
-                for s, ref in zip(samples, refs):
-                    lp = torch.log_softmax(model(input_ids=s[None], use_cache=False).logits[0].double(), -1)
-                    kl += float((ref.exp() * (ref - lp)).sum(-1).mean())
-            finally:
-                h.remove()
-            scores.append(kl / len(samples))
+        # one forward of the full model, then one per skipped block, for every sample
+        with progress.phase("importance scoring (kl)", total=(len(blocks) + 1) * len(samples), unit="forward") as shown:
+            refs = []
+            for s in samples:
+                refs.append(torch.log_softmax(model(input_ids=s[None], use_cache=False).logits[0].double(), -1))
+                shown.advance()
+            scores = []
+            for i, b in enumerate(blocks):
+                h = b.register_forward_hook(_skip_hook, with_kwargs=True)
+                try:
+                    kl = 0.0
+                    for s, ref in zip(samples, refs):
+                        lp = torch.log_softmax(model(input_ids=s[None], use_cache=False).logits[0].double(), -1)
+                        kl += float((ref.exp() * (ref - lp)).sum(-1).mean())
+                        shown.advance()
+                finally:
+                    h.remove()
+                scores.append(kl / len(samples))
         return scores
     raise SqueezeError(f"unknown layer score {method!r}: use cosine or kl")
 

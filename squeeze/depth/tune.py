@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from squeeze import progress
 from squeeze.errors import SqueezeError
 
 
@@ -39,19 +40,22 @@ def sweep(model, prompts: list[torch.Tensor], max_new_tokens: int, exit_layers, 
         return best, outs
 
     rows = []
-    for E in exit_layers:
-        for k in ks:
-            t_plain, plain = timed()
-            t_spec, spec = timed(self_speculative=True, exit_layer=E, num_speculations=k)
-            drafted = sum(s["drafted"] for _, s in spec)
-            new_tokens = sum(s["new_tokens"] for _, s in spec)
-            rows.append({
-                "exit_layer": E, "num_speculations": k, "speedup": t_plain / max(t_spec, 1e-9),
-                "acceptance_rate": sum(s["accepted"] for _, s in spec) / max(drafted, 1),
-                "tokens_per_forward": new_tokens / sum(s["full_forwards"] for _, s in spec),
-                "plain_tok_s": new_tokens / max(t_plain, 1e-9), "spec_tok_s": new_tokens / max(t_spec, 1e-9),
-                "identical": None if sample else all(torch.equal(a, b) for (a, _), (b, _) in zip(plain, spec)),
-            })
+    with progress.phase("tune-exit sweep", total=len(exit_layers) * len(ks), unit="setting") as shown:
+        for E in exit_layers:
+            for k in ks:
+                t_plain, plain = timed()
+                t_spec, spec = timed(self_speculative=True, exit_layer=E, num_speculations=k)
+                drafted = sum(s["drafted"] for _, s in spec)
+                new_tokens = sum(s["new_tokens"] for _, s in spec)
+                rows.append({
+                    "exit_layer": E, "num_speculations": k, "speedup": t_plain / max(t_spec, 1e-9),
+                    "acceptance_rate": sum(s["accepted"] for _, s in spec) / max(drafted, 1),
+                    "tokens_per_forward": new_tokens / sum(s["full_forwards"] for _, s in spec),
+                    "plain_tok_s": new_tokens / max(t_plain, 1e-9), "spec_tok_s": new_tokens / max(t_spec, 1e-9),
+                    "identical": None if sample else all(torch.equal(a, b) for (a, _), (b, _) in zip(plain, spec)),
+                })
+                best = max(rows, key=lambda r: r["speedup"])
+                shown.advance(best=f"E={best['exit_layer']} k={best['num_speculations']} {best['speedup']:.2f}x")
     return rows
 
 

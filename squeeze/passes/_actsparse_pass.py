@@ -11,6 +11,7 @@ import dataclasses
 
 import torch
 
+from squeeze import progress
 from squeeze.adapters import Block, Linear
 from squeeze.errors import SqueezeError
 from squeeze.algorithms.actsparse import (
@@ -192,14 +193,18 @@ class ActSparsityPass(BlockPass):
             # need their sparsifiers installed to rotate their inputs back into the weights' basis)
             dense = ctx.replay(n).float()
             norm = dense.pow(2).mean().clamp_min(1e-12)
+            target = self.settings.act_sparsity
+            # how many trials the search takes depends on which sites win: count them, and show
+            # the sparsity the trials have reached
+            with progress.phase("greedy allocation", unit="trial") as shown:
+                def error_of(alloc):
+                    for site, sp in alloc.items():
+                        sps[site].calibrate_to = sp  # each trial's thresholds calibrated in order
+                    out = ctx.replay(n).float()
+                    shown.advance(sparsity=f"{weighted_sparsity(alloc, sizes):.2f}/{target:.2f}")
+                    return float((out - dense).pow(2).mean() / norm)
 
-            def error_of(alloc):
-                for site, sp in alloc.items():
-                    sps[site].calibrate_to = sp  # each trial's thresholds calibrated in order
-                out = ctx.replay(n).float()
-                return float((out - dense).pow(2).mean() / norm)
-
-            return greedy_allocation(sizes, self.settings.act_sparsity, error_of, self.settings.greedy_step)
+                return greedy_allocation(sizes, target, error_of, self.settings.greedy_step)
         finally:
             for _, cs in sites.values():
                 uninstall(cs)

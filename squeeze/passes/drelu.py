@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from squeeze import progress
 from squeeze.adapters import Adapter, Block, Linear
 from squeeze.errors import SqueezeError
 from squeeze.passes.base import BlockPass, ModelContext, ModelStage, register
@@ -73,31 +74,16 @@ def _recover(model, teacher, samples: list[torch.Tensor], params: dict, s, folde
     distiller = Distiller(model, teacher)
     steps = s.recover_steps
     optimisation = Optimisation(float(s.lr), "adamw", warmup=max(1, min(20, steps // 10)), clip=1.0)
-    with _progress(s.progress, steps) as on_step:
+    # progress: false keeps the recovery quiet even where a sink shows phases (the CLI)
+    with contextlib.nullcontext() if s.progress else progress.muted():
         trained = train({n: params[n] for n in sorted(params)},
                         lambda step: distiller.loss(data[batch_indices(step, s.batch, len(data), s.seed, "distinct")]),
                         steps, optimisation, folder=folder, resume=True, identity=identity, save_every=s.save_every,
-                        on_step=on_step, what="drelu recovery")
+                        what="drelu recovery")
     losses = trained.losses
     return {"steps": steps, "resumed_from": trained.start, "seconds": round(trained.seconds, 2),
             "loss_first": round(losses[0], 5) if losses else None,
             "loss_last10": round(sum(losses[-10:]) / max(len(losses[-10:]), 1), 5) if losses else None}
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int):
-    """A rich progress bar as the loop's ``on_step`` callback (``None`` when disabled)."""
-    try:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    except ImportError:  # pragma: no cover
-        enabled = False
-    if not enabled:
-        yield None
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=False) as bar:
-        task = bar.add_task("dReLU recovery", total=total)
-        yield lambda step, steps, loss: bar.update(task, completed=step, description=f"dReLU recovery  KL {loss:.4f}")
 
 
 @register
@@ -115,7 +101,7 @@ class DRelu(BlockPass):
         resume: str | None = None  # state folder; default: ~/.cache/squeeze/drelu/<fingerprint>/
         save_every: int = 50
         eval_rows: int = 8  # calibration rows used for the before/after sparsity and KL
-        progress: bool = True
+        progress: bool = True  # show the recovery steps where phases are shown (squeeze.progress; the CLI)
 
     def validate(self) -> None:
         s = self.settings

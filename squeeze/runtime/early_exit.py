@@ -20,6 +20,7 @@ import time
 import torch
 from torch import nn
 
+from squeeze import progress
 from squeeze.compat import new_cache
 from squeeze.errors import SqueezeError
 from squeeze.runtime.stack import Stack, exit_logits, layer_outputs
@@ -62,30 +63,32 @@ def generate_early_exit(model: nn.Module, input_ids, max_new_tokens: int, exit_l
     out, depths = [tok], []
     exit_state: dict[int, torch.Tensor] = {}  # position -> copied-up hidden state [1, 1, d]
     filled = [n] * L  # positions with keys/values, per layer
-    while len(out) < max_new_tokens and tok != eos_token_id:
-        pos = n
-        h = stack.embed(torch.tensor([[tok]], device=dev))
-        depth = L
-        for layer in range(L):
-            missing = list(range(filled[layer], pos))
-            x = torch.cat([exit_state[p] for p in missing] + [h], 1) if missing else h
-            y = stack.run(x, layer, layer + 1, torch.arange(filled[layer], pos + 1, device=dev), cache)
-            h = y[:, -1:]
-            filled[layer] = pos + 1
-            done = layer + 1
-            if exit_layer is not None:
-                if done == exit_layer:
+    with progress.phase("generate", total=max_new_tokens, unit="token", completed=len(out)) as shown:
+        while len(out) < max_new_tokens and tok != eos_token_id:
+            pos = n
+            h = stack.embed(torch.tensor([[tok]], device=dev))
+            depth = L
+            for layer in range(L):
+                missing = list(range(filled[layer], pos))
+                x = torch.cat([exit_state[p] for p in missing] + [h], 1) if missing else h
+                y = stack.run(x, layer, layer + 1, torch.arange(filled[layer], pos + 1, device=dev), cache)
+                h = y[:, -1:]
+                filled[layer] = pos + 1
+                done = layer + 1
+                if exit_layer is not None:
+                    if done == exit_layer:
+                        depth = done
+                        break
+                elif done >= min_layer and done < L and confidence(stack.head(h)[0, -1], measure) >= threshold:
                     depth = done
                     break
-            elif done >= min_layer and done < L and confidence(stack.head(h)[0, -1], measure) >= threshold:
-                depth = done
-                break
-        if depth < L:
-            exit_state[pos] = h
-        depths.append(depth)
-        tok = int(stack.head(h)[0, -1].argmax())
-        out.append(tok)
-        n += 1
+            if depth < L:
+                exit_state[pos] = h
+            depths.append(depth)
+            tok = int(stack.head(h)[0, -1].argmax())
+            out.append(tok)
+            n += 1
+            shown.advance()
     seconds = time.perf_counter() - t0
     stats = {"new_tokens": len(out), "seconds": seconds, "tokens_per_s": len(out) / max(seconds, 1e-9),
              "mean_exit_layer": sum(depths) / len(depths) if depths else float(L), "num_layers": L,

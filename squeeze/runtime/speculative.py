@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from squeeze import progress
 from squeeze.compat import crop_cache, new_cache
 from squeeze.errors import SqueezeError
 from squeeze.runtime.stack import Stack
@@ -119,11 +120,12 @@ def generate(model, input_ids, max_new_tokens: int, self_speculative: bool = Fal
                      torch.Generator(device="cpu").manual_seed(seed) if do_sample else None)
     stack = Stack(model)
     t0 = time.perf_counter()
-    if self_speculative:
-        E, k = resolve_settings(model, stack.num_layers, exit_layer, num_speculations)
-        new, stats = _self_speculative(stack, ids, max_new_tokens, E, k, picker, eos_token_id)
-    else:
-        new, stats = _plain(stack, ids, max_new_tokens, picker, eos_token_id)
+    with progress.phase("generate", total=max_new_tokens, unit="token") as shown:
+        if self_speculative:
+            E, k = resolve_settings(model, stack.num_layers, exit_layer, num_speculations)
+            new, stats = _self_speculative(stack, ids, max_new_tokens, E, k, picker, eos_token_id, shown)
+        else:
+            new, stats = _plain(stack, ids, max_new_tokens, picker, eos_token_id, shown)
     seconds = time.perf_counter() - t0
     stats.update(new_tokens=len(new), seconds=seconds, tokens_per_s=len(new) / max(seconds, 1e-9),
                  tokens_per_forward=len(new) / max(stats["full_forwards"], 1))
@@ -136,23 +138,26 @@ def _prefill(stack: Stack, ids: torch.Tensor, cache) -> torch.Tensor:
     return stack.head(h[:, -1])[0]
 
 
-def _plain(stack: Stack, ids, max_new, picker, eos):
+def _plain(stack: Stack, ids, max_new, picker, eos, shown):
     cache = new_cache()
     tok, _ = picker.pick(_prefill(stack, ids, cache))
     out, n = [tok], ids.numel()
+    shown.advance()
     while len(out) < max_new and tok != eos:
         pos = torch.tensor([n], device=ids.device)
         h = stack.run(stack.embed(torch.tensor([[tok]], device=ids.device)), 0, stack.num_layers, pos, cache)
         tok, _ = picker.pick(stack.head(h[:, -1])[0])
         out.append(tok)
         n += 1
+        shown.advance()
     return out, {"mode": "plain", "full_forwards": len(out)}
 
 
-def _self_speculative(stack: Stack, ids, max_new, E, k, picker, eos):
+def _self_speculative(stack: Stack, ids, max_new, E, k, picker, eos, shown):
     L, dev = stack.num_layers, ids.device
     cache = new_cache()
     tok, _ = picker.pick(_prefill(stack, ids, cache))
+    shown.advance()
     out, n = [tok], ids.numel()  # n = cached positions in every layer; tok sits at position n
     drafted = accepted = iterations = 0
     while len(out) < max_new and tok != eos:
@@ -184,6 +189,7 @@ def _self_speculative(stack: Stack, ids, max_new, E, k, picker, eos):
         n += m + 1
         out.extend(new)
         tok = new[-1]
+        shown.advance(len(new))
     return out, {"mode": "self_speculative", "exit_layer": E, "num_speculations": k,
                  "full_forwards": 1 + iterations, "iterations": iterations, "drafted": drafted,
                  "accepted": accepted, "acceptance_rate": accepted / drafted if drafted else 0.0}

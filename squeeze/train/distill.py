@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from squeeze import progress
 from squeeze.train.batches import collate
 from squeeze.train.losses import kl_per_token, layerwise_relative_mse, masked_mean, pooled_cosine_loss, relative_mse
 
@@ -53,9 +54,11 @@ class Distiller:
     def mean_loss(self, samples: list[torch.Tensor], batch_size: int, pad_id: int = 0) -> float:
         """Token-weighted mean loss over every sample."""
         total, count = 0.0, 0
-        for i in range(0, len(samples), batch_size):
-            ids, mask = collate(samples[i:i + batch_size], pad_id)
-            n = ids.numel() if mask is None else int(mask.sum())
-            total += float(self.loss(ids, mask)) * n
-            count += n
+        with progress.phase("loss over the data", total=len(samples), unit="row") as shown:
+            for i in range(0, len(samples), batch_size):
+                ids, mask = collate(samples[i:i + batch_size], pad_id)
+                n = ids.numel() if mask is None else int(mask.sum())
+                total += float(self.loss(ids, mask)) * n
+                count += n
+                shown.advance(len(samples[i:i + batch_size]))
         return total / max(count, 1)

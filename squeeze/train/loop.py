@@ -12,8 +12,9 @@ Everything that makes a run reproducible and resumable lives here, once:
 - every ``save_every`` steps the parameters, the optimizer state, the step and the losses go to
   a state folder (:mod:`squeeze.train.state`); ``resume=True`` continues from it and ends with
   tensors equal to an uninterrupted run's;
-- progress is one callback, ``on_step(step, total, loss)``, after every step; progress bars
-  belong to the caller.
+- progress: the steps are one :mod:`squeeze.progress` phase named ``what`` (with the loss), which
+  the CLI shows; ``on_step(step, total, loss)`` is a hook for callers that act on a step (stop
+  early, record), called after every step.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from squeeze import progress
 from squeeze.errors import SqueezeError
 from squeeze.train.state import fingerprint, has_state, load_state, save_state
 
@@ -123,7 +125,7 @@ def train(params: dict[str, nn.Parameter], loss_at: Callable[[int], torch.Tensor
         base = baseline() if baseline else {}
     t0 = time.perf_counter()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), progress.phase(what, total=steps, unit="step", completed=start) as shown:
             for step in range(start, steps):
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, steps, optimisation.lr, optimisation.schedule, optimisation.warmup)
@@ -138,6 +140,7 @@ def train(params: dict[str, nn.Parameter], loss_at: Callable[[int], torch.Tensor
                 opt.step()
                 apply_masks(params, masks, grads=False)
                 losses.append(float(loss.detach()))
+                shown.advance(loss=losses[-1])
                 if on_step:
                     on_step(step + 1, steps, losses[-1])
                 if folder is not None and (step + 1) % save_every == 0 and step + 1 < steps:
