@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from squeeze.adapters import Adapter
-from squeeze.calib.build import build_calibration, context_of
+from squeeze.calib.build import build_calibration
 from squeeze.errors import SqueezeError
 from squeeze.export import Spill, check_output_dir, commit, size_report, staging_dir, write_checkpoint
 from squeeze.formats import check_format, kind_of, open_dense

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.cases.prune import CALIB, EVAL, STORIES
+from bench.cases.prune import EVAL, STORIES
 from bench.harness import ROOT, Case, Skip, latest, md_table
 
 MODELS = {"stories260k": "decoder", "minilm": "encoder"}
