@@ -89,9 +89,10 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         model = defaults.default_model_path()
         nsamples = nsamples or defaults.DEFAULT_NSAMPLES
         seqlen = seqlen or defaults.DEFAULT_SEQLEN
+        nothing_set = all(v is None or v is False for v in pass_settings.values())
         if method is None and recipe is None:  # the best 2:4 that takes about a minute (recipes/quick-2of4.yaml)
-            if pattern is None and sparsity is None and all(v is None or v is False for v in pass_settings.values()):
-                recipe = defaults.DEFAULT_RECIPE
+            if pattern is None and sparsity is None and nothing_set:
+                recipe = None if quantize else defaults.DEFAULT_RECIPE  # --quantize alone: quantization alone
             else:
                 method = "sparsegpt"
         if dtype == "auto":  # the fp32 default model in bf16: half the bytes, the same cosines (bench/README.md)

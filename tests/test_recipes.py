@@ -150,3 +150,11 @@ def test_bare_compress_runs_the_quick_recipe_and_points_further(minilm_dir, tmp_
     assert rep["recipe"]["name"] == "quick-2:4" and [p["pass"] for p in rep["passes"]] == ["sparsegpt"]
     assert rep["next"]["recipe"] == "best-2:4"
     assert "further: squeeze compress --recipe best-2:4 --out OUT" in " ".join(res.output.split())
+
+
+@pytest.mark.slow
+def test_bare_compress_with_quantize_quantizes_alone(minilm_dir, tmp_path):
+    import squeeze
+
+    res = squeeze.compress(None, tmp_path / "q", quantize="int8", nsamples=8)
+    assert [p["pass"] for p in res.report["passes"]] == ["quantize"] and "next" not in res.report
