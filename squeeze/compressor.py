@@ -77,9 +77,13 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     when the model has a tokenizer) on which the export is scored against the source after it is
     written (``report["quality"]``: ppl beside the source's ppl and KL for LMs, embedding cosine
     for encoders, the activation sparsity reached for run-time methods), on ``eval_rows`` rows
-    (default: the first rows up to :data:`squeeze.evaluation.DEFAULT_EVAL_TOKENS` tokens). The default None skips it, so the
-    API stays as cheap as the sweep (tests and the bench call it often and score on their own
-    data); the CLI passes ``auto``.
+    (default: the first rows up to :data:`squeeze.evaluation.DEFAULT_EVAL_TOKENS` tokens). The
+    default None skips it, so the API stays as cheap as the sweep (tests and the bench call it
+    often and score on their own data); the CLI passes ``auto``.
+
+    ``recipe``: a file, a list of pass entries, or a shipped recipe's name (``best-2:4``: the
+    variant for this kind of model, :func:`squeeze.recipe.resolve_recipe`). A recipe with a
+    ``recover:`` section is compressed, then recovered toward the source, in this one call.
     """
     t_start = time.perf_counter()
     from squeeze import defaults
@@ -122,13 +126,13 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         seqlen = seqlen or plan.calibration.get("seqlen")
         if plan.recover:
             _check_recover_recipe(plan, quantize, format)
+            sweep = dict(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, packing=packing, targets=targets,
+                         ignore=ignore, dtype=dtype, strict=strict, format=format, repair=repair,
+                         trust_remote_code=trust_remote_code, on_block=on_block, calib_generate=calib_generate,
+                         calib_generate_mode=calib_generate_mode, calib_generate_temperature=calib_generate_temperature,
+                         calib_generate_top_p=calib_generate_top_p, on_generate=on_generate)
             return _then_recover(plan, None if is_default else model, out, overwrite, json_path, keep_in_memory,
-                                 eval_data, eval_rows, dict(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, packing=packing,
-                                      targets=targets, ignore=ignore, dtype=dtype, strict=strict, format=format,
-                                      trust_remote_code=trust_remote_code, on_block=on_block, repair=repair,
-                                      calib_generate=calib_generate, calib_generate_mode=calib_generate_mode,
-                                      calib_generate_temperature=calib_generate_temperature,
-                                      calib_generate_top_p=calib_generate_top_p, on_generate=on_generate))
+                                 eval_data, eval_rows, sweep)
         entries = list(plan.passes)
     elif method is None and quantize and pattern is None and sparsity is None \
             and all(v is None or v is False for v in pass_settings.values()):

@@ -61,8 +61,10 @@ def run(commands: list[str], model: str, recipe: str | None = None) -> list[dict
             assert argv[0] == "squeeze"
             extra = ["--no-verify", "--json", str(Path(tmp) / "report.json")] if argv[1] == "compress" else []
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "squeeze.cli.main", *argv[1:], *extra], cwd=ROOT,
-                           env=os.environ, check=True, capture_output=True, text=True)
+            p = subprocess.run([sys.executable, "-m", "squeeze.cli.main", *argv[1:], *extra], cwd=ROOT,
+                               env=os.environ, check=False, capture_output=True, text=True)
+            if p.returncode:
+                raise RuntimeError(f"{line} exited with {p.returncode}:\n{p.stderr[-3000:]}")
             seconds += time.perf_counter() - t0
             report = json.loads((Path(tmp) / "report.json").read_text())
         out = outs["OUT"]
