@@ -106,7 +106,7 @@ CASES = _cases()
 
 def figure(metrics: dict) -> str:
     if "kl" in metrics:
-        return f"KL {metrics['kl']:.4f}"
+        return f"KL {metrics['kl']:.4g}"
     return f"cosine {metrics['cosine_mean']:.4f} mean / {metrics['cosine_min']:.4f} min"
 
 
