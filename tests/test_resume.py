@@ -174,3 +174,24 @@ def test_a_stale_folder_of_another_run_is_replaced(tiny_dir, tiny_calib, tmp_pat
         squeeze.compress(src, out, method="magnitude", pattern="2:4", resume=True, **kw)
     squeeze.compress(src, out, method="magnitude", pattern="2:4", **kw)  # no --resume: the old work goes
     assert out.is_dir() and not work_dir(out).exists()
+
+
+def test_work_files_read_back_exactly(tmp_path):
+    """The work folder's own safetensors writer (streamed, no in-memory copy of the file) round-trips
+    every dtype a spill holds, bit for bit, metadata included."""
+    import torch
+    from safetensors import safe_open
+
+    from squeeze.resume import save_tensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"h": torch.randn(3, 5, generator=g), "bf": torch.randn(4, generator=g).bfloat16(),
+               "codes": torch.randint(-8, 8, (2, 7), dtype=torch.int8, generator=g), "mask": torch.rand(9) > 0.5,
+               "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4), "t": torch.randn(4, 3, generator=g).t()}
+    save_tensors(tensors, tmp_path / "x.safetensors", {"packed": "{}"})
+    assert not list(tmp_path.glob("*.tmp"))
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"packed": "{}"} and sorted(f.keys()) == sorted(tensors)
+        for name, t in tensors.items():
+            got = f.get_tensor(name)
+            assert got.dtype == t.dtype and torch.equal(got, t), name
