@@ -60,8 +60,12 @@ class RunResult:
 class BlockRunner:
     def __init__(self, model: nn.Module, adapter: Adapter, weights, passes: list[BlockPass],
                  calib: Calibration | None, dtype: torch.dtype = torch.float32, keep: bool = True, spill=None,
-                 on_block=None, batch_tokens: int = 4096, promised: dict[str, dict] | None = None):
+                 on_block=None, batch_tokens: int = 4096, promised: dict[str, dict] | None = None,
+                 state=None, saved: dict | None = None):
         self.model, self.adapter, self.weights, self.passes = model, adapter, weights, passes
+        # state: a squeeze.resume.SweepState saved after every block; saved: what a killed run
+        # left there, to continue from (the blocks it finished are skipped, their spill kept)
+        self.state, self.saved = state, saved
         self.promised = promised or {}  # linear name -> what the source export promised (e.g. its mask)
         self.calib, self.dtype, self.keep, self.spill, self.on_block = calib, dtype, keep, spill, on_block
         self.batch_tokens = batch_tokens
@@ -174,21 +178,47 @@ class BlockRunner:
         for p in self.passes:
             p.prepare(info)
         surveyors = [p for p in self.passes if p.wants_survey]
-        if surveyors:
+        if surveyors and self.saved is None:  # a resumed sweep restores the plan instead
             self._survey(surveyors)
         batches = self._capture() if self.calib is not None else []
+        first = self._resume(batches)
         self.result.seconds["capture"] = time.perf_counter() - t0
         stages = self._stages()
         wants_dense = any(p.wants_dense for p in self.passes)
         n = len(self.adapter)
-        with progress.phase("compress", total=n, unit="block") as sweep:
-            for i in range(n):
+        with progress.phase("compress", total=n, unit="block", completed=first) as sweep:
+            for i in range(first, n):
                 self._sweep_block(i, n, batches, stages, wants_dense)
+                self._save(i, n, batches)
                 sweep.advance()
         if self.keep and head:
             self.weights.materialize(self.model, head, self.dtype)
         self.result.seconds["total"] = time.perf_counter() - t0
         return self.result
+
+    # -- resume ----------------------------------------------------------------------------
+    def _resume(self, batches: list[Batch]) -> int:
+        """The first block to sweep: 0, or the one after the last block a killed run finished,
+        with the passes, the per-linear records and the calibration activations as they were then
+        (the call arguments come from this run's capture: they depend on the inputs only)."""
+        if self.saved is None:
+            return 0
+        for p, carried in zip(self.passes, self.saved["passes"]):
+            p.load_sweep_state(carried)
+        self.result.linears = self.saved["linears"]
+        self.result.forwards_per_block = self.saved["forwards_per_block"]
+        if batches:
+            for b, h in zip(batches, self.state.hidden(self.saved), strict=True):
+                b.hidden = h
+        return self.saved["done"] + 1
+
+    def _save(self, i: int, n: int, batches: list[Batch]) -> None:
+        if self.state is None:
+            return
+        hidden = [b.hidden for b in batches] if batches and i < n - 1 else None
+        self.state.save_block(i, n, hidden, {"passes": [p.sweep_state() for p in self.passes],
+                                             "linears": self.result.linears,
+                                             "forwards_per_block": self.result.forwards_per_block})
 
     def _sweep_block(self, i: int, n: int, batches: list[Batch], stages: list[list], wants_dense: bool) -> None:
         """One block of the sweep: load -> statistics forward -> decide -> apply -> propagate -> spill."""

@@ -132,6 +132,8 @@ def cli():
                    "error when there is nothing to pack; compressed-tensors: the layout transformers + "
                    "compressed-tensors loads without squeeze and vLLM serves (quantized codes, zeros in place).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (same settings and thread count) from the "
+              "last block it finished, kept in .OUT.compress-work next to --out; the export is byte-identical.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
 @click.option("--details", is_flag=True, help="Report every linear, not one row per layer.")
 @click.option("--verify/--no-verify", default=None,
@@ -152,7 +154,7 @@ def cli():
 @click.option("--calib-generate-top-p", type=float, default=1.0, show_default=True,
               help="RAC sampling: draw from the most likely tokens holding this much probability.")
 def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples, seqlen, seed, packing, targets,
-             ignore, dtype, strict, sets, fmt, overwrite, json_path, details, verify, eval_data, eval_rows,
+             ignore, dtype, strict, sets, fmt, overwrite, resume, json_path, details, verify, eval_data, eval_rows,
              trust_remote_code, **generate):
     """Prune, quantize or sparsify a checkpoint into a new export.
 
@@ -177,10 +179,20 @@ def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples,
                   dtype=dtype, strict=strict, overwrite=overwrite, format=fmt, json_path=None,
                   eval_data=eval_data, eval_rows=eval_rows, trust_remote_code=trust_remote_code, **generate,
                   **_parse_sets(sets))
+    if resume:  # a --set resume=FOLDER is dReLU recovery's own folder (such runs keep no sweep work folder)
+        kwargs["resume"] = kwargs["resume"] if isinstance(kwargs.get("resume"), str) else True
     verify = verify if verify is not None else model_dir is None
     # without --verify nothing needs the compressed model afterwards: stream the blocks (less memory)
     kwargs.setdefault("keep_in_memory", None if verify else False)
-    result = compress_fn(model_dir, out, **kwargs)
+    try:
+        result = compress_fn(model_dir, out, **kwargs)
+    except KeyboardInterrupt as e:
+        where = getattr(e, "resumable", None)
+        if where is None:
+            raise
+        click.echo(f"interrupted; --out was not written. The finished blocks are in {where}: re-run with "
+                   "--resume to continue", err=True)
+        raise SystemExit(130) from None
     report = result.report
     if verify:
         from squeeze.cli.report import verify_export

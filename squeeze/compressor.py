@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
              quantize: str | None = None, group_size: int | str | None = None, asymmetric: bool = False,
              quant_solver: str | None = None, quant_actorder: str | None = None, quant_observer: str | None = None,
              format: str = "auto", eval_data: str | None = None, eval_rows: int | None = None,
-             **pass_settings) -> CompressResult:
+             resume: bool = False, **pass_settings) -> CompressResult:
     """Compress a checkpoint folder and export it to ``out``.
 
     Either ``method`` (+ ``pattern`` or ``sparsity``) or ``recipe`` (a YAML/JSON file or a list
@@ -81,12 +82,23 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     default None skips it, so the API stays as cheap as the sweep (tests and the bench call it
     often and score on their own data); the CLI passes ``auto``.
 
+    ``resume``: continue a killed run of the same settings from the last block it finished
+    (:mod:`squeeze.resume`; the work folder ``.<out name>.compress-work`` next to ``out`` is kept
+    after every block and removed on success); the export is byte-identical to an uninterrupted
+    run's at the same thread count (a folder instead of True is dReLU recovery's ``resume``
+    setting). A run whose model stage needs the whole model in memory
+    (dReLU recovery) keeps no work folder: its sweep reruns and the recovery resumes from its own
+    checkpoints. A resumed run returns no in-memory model (its first blocks were never loaded).
+
     ``recipe``: a file, a list of pass entries, or a shipped recipe's name (``best-2:4``: the
     variant for this kind of model, :func:`squeeze.recipe.resolve_recipe`). A recipe with a
     ``recover:`` section is compressed, then recovered toward the source, in this one call.
     """
     t_start = time.perf_counter()
     from squeeze import defaults
+
+    if isinstance(resume, (str, Path)):  # a folder is dReLU recovery's own resume setting, not this flag
+        pass_settings["resume"], resume = str(resume), False
 
     is_default = model is None
     if is_default:
@@ -132,7 +144,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
                          calib_generate_mode=calib_generate_mode, calib_generate_temperature=calib_generate_temperature,
                          calib_generate_top_p=calib_generate_top_p, on_generate=on_generate)
             return _then_recover(plan, None if is_default else model, out, overwrite, json_path, keep_in_memory,
-                                 eval_data, eval_rows, sweep)
+                                 eval_data, eval_rows, sweep, resume)
         entries = list(plan.passes)
     elif method is None and quantize and pattern is None and sparsity is None \
             and all(v is None or v is False for v in pass_settings.values()):
@@ -197,12 +209,25 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
 
     from squeeze.calib.runner import BlockRunner, RunResult
 
-    with staging_dir(out) as tmp:
-        spill = Spill(tmp / ".spill", weights, export_dtype, "auto" if ct else format)
+    state = saved = None
+    if passes and not whole_model:  # the sweep's progress survives a kill (squeeze.resume)
+        from squeeze.resume import SweepState, work_dir
+        from squeeze.train.state import fingerprint
+
+        ident = _identity(ckpt, methods, calibration, seed, export_dtype, format)
+        state = SweepState(work_dir(out), fingerprint(ident))
+        saved = state.start(resume, out)
+    if saved is not None:
+        keep_in_memory = False  # the blocks the killed run finished are not loaded again
+
+    with staging_dir(out) as tmp, _work_kept_when_interrupted(state):
+        spill = Spill(state.spill_dir if state else tmp / ".spill", weights, export_dtype, "auto" if ct else format)
+        if saved is not None:
+            spill.restore(saved["done"])
         result = RunResult()
         if passes:
             runner = BlockRunner(skeleton, adapter, weights, passes, calibration, keep=keep_in_memory, spill=spill,
-                                 on_block=on_block, promised=_promises(source_record))
+                                 on_block=on_block, promised=_promises(source_record), state=state, saved=saved)
             result = runner.run()
         elif keep_in_memory:  # nothing to sweep: the kept model is the source's weights
             weights.materialize(skeleton, "", torch.float32)
@@ -223,12 +248,14 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
             "linears": result.linears,
             "summary": _summary(result.linears),
             "forwards_per_block": result.forwards_per_block,
+            **({"resumed_from_block": saved["done"] + 1} if saved is not None else {}),
         }
         record = {k: report[k] for k in ("passes", "calibration", "linears", "summary", "adapter")}
         # a squeeze export as the source: what was done before stays recorded (and promised)
         record["passes"] = list(source_record.get("passes") or []) + record["passes"]
         record["linears"] = {**(source_record.get("linears") or {}), **record["linears"]}
         record["source"] = {"path": str(ckpt.path), "model_type": config.model_type}
+        record["seed"] = seed  # with made_with's threads: what reproduces these bytes
         # transformers 5 reads "dtype"; older versions "torch_dtype": keep both in step
         updates = {k: str(export_dtype).removeprefix("torch.") for k in ("dtype", "torch_dtype")} \
             if export_dtype else {}
@@ -245,6 +272,8 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         for scratch in (tmp / ".spill", tmp / ".compact"):
             shutil.rmtree(scratch, ignore_errors=True)
         commit(tmp, out)
+    if state is not None:
+        state.remove()
     report["files"] = sizes
     report.update(size_report(ckpt, sizes, record))
     if ct:
@@ -271,6 +300,36 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     return CompressResult(out, report, as_loaded(skeleton) if keep_in_memory else None)
 
 
+def _identity(ckpt, methods, calibration, seed: int, export_dtype, format: str) -> dict:
+    """What makes two compress runs the same run, so a resume continues only its own: the source's
+    files, every pass's settings, the calibration tokens, the seed, dtype, format, thread count and
+    library versions (each changes the bytes)."""
+    from squeeze.resume import source_files
+    from squeeze.versions import made_with
+
+    return {"source": str(Path(ckpt.path).resolve()), "files": source_files(ckpt),
+            "passes": [m.describe() for m in methods], "calibration": calibration.describe() if calibration else None,
+            "seed": seed, "dtype": str(export_dtype), "format": format, **made_with()}
+
+
+@contextlib.contextmanager
+def _work_kept_when_interrupted(state):
+    """A mistake found mid-sweep (non-finite activations, a bad setting) would recur on resume:
+    its work folder goes. An interrupt or a crash of the process keeps it for ``--resume``."""
+    try:
+        yield
+    except SqueezeError:
+        if state is not None:
+            state.remove()
+        raise
+    except KeyboardInterrupt as e:
+        if state is not None and state.read() is not None:
+            e.resumable = state.folder  # the CLI says how to continue
+        elif state is not None:  # stopped before the first block was finished: nothing to continue
+            state.remove()
+        raise
+
+
 def _check_recover_recipe(plan: Recipe, quantize, format: str) -> None:
     if quantize or any(e.get("pass") == "quantize" for e in plan.passes):
         raise SqueezeError(f"recipe {plan.name or plan.path} recovers after its passes, and training would move "
@@ -282,21 +341,25 @@ def _check_recover_recipe(plan: Recipe, quantize, format: str) -> None:
 
 
 def _then_recover(plan: Recipe, model, out: Path, overwrite: bool, json_path, keep_in_memory, eval_data, eval_rows,
-                  kw: dict):
+                  kw: dict, resume: bool = False):
     """A recipe with a ``recover:`` section: its passes export a one-shot model to a work folder
     next to ``out``, :func:`squeeze.recovery.recover` distils that toward the source (masks kept)
     into ``out``, and the work folder goes. One report: the sweep's, with the recovery's beside it,
-    the final export's bytes and its quality (the one-shot model's beside it, on the same rows)."""
+    the final export's bytes and its quality (the one-shot model's beside it, on the same rows).
+    ``resume`` continues the sweep's work folder; the recovery reruns."""
     import shutil
 
     from squeeze.recovery import recover, work_dir
+    from squeeze.resume import work_dir as sweep_work_dir
 
     t_start = time.perf_counter()
     oneshot = out.parent / f".{out.name}.oneshot-work"
     shutil.rmtree(oneshot, ignore_errors=True)
+    if not resume:  # the one-shot sweep is this call's own: a killed earlier one is not asked about
+        shutil.rmtree(sweep_work_dir(oneshot), ignore_errors=True)
     try:
         first = compress(model, oneshot, recipe=Recipe(plan.passes, calibration=plan.calibration), overwrite=True,
-                         keep_in_memory=False, **kw)
+                         keep_in_memory=False, resume=resume, **kw)
         cal = first.report["calibration"] or {}
         settings = dict(plan.recover)
         if settings.get("rows", "packed") == "packed":  # the sweep's calibration rows, unless the recipe says

@@ -23,9 +23,11 @@ from squeeze import progress
 from squeeze.checkpoint import INDEX_NAME, Checkpoint
 from squeeze.errors import SqueezeError
 from squeeze.report import write_json
-from squeeze.versions import versions
+from squeeze.resume import save_tensors
+from squeeze.versions import made_with
 
 SIDECAR = "squeeze.safetensors"
+_SIDECAR_PREFIX = "sidecar/"  # a spill file's run-time buffers (checkpoint keys never hold a slash)
 RECORD = "squeeze.json"
 
 
@@ -88,23 +90,47 @@ class Spill:
         return t.to(SAFETENSORS_DTYPES.get(self.weights.ckpt.dtype_of(key), t.dtype))
 
     def __call__(self, block) -> None:
-        tensors = {}
+        tensors, sidecar = {}, {}
         for name, t in block.module.state_dict().items():
             full = f"{block.name}.{name}"
             key = self.weights.to_ckpt.get(full)
             if key is None:
                 if full not in self.weights.tied:
-                    self.sidecar[full] = t.detach().clone().contiguous()
+                    sidecar[full] = t.detach().clone().contiguous()
                 continue
             tensors[key] = self.cast(key, t.detach()).contiguous()
+        packed = {}
         if self.format != "dense":
             from squeeze.formats import pack_block
 
-            self.packed.update(pack_block(block, self.weights, tensors))
+            packed = pack_block(block, self.weights, tensors)
+            self.packed.update(packed)
+        self.sidecar.update(sidecar)
         path = self.folder / f"block{block.index:05d}.safetensors"
-        save_file(tensors, str(path))
+        # the file alone says what it holds (packed entries, sidecar keys), so a resumed run can
+        # rebuild this index from the files of the blocks it finished (squeeze.resume)
+        meta = {"packed": json.dumps(packed), "sidecar": json.dumps(sorted(sidecar))}
+        save_tensors({**tensors, **{_SIDECAR_PREFIX + k: t for k, t in sidecar.items()}}, path, meta)
         for k in tensors:
             self.where[k] = path
+
+    def restore(self, upto: int) -> None:
+        """Take over the spill files of blocks ``0..upto`` a killed run left in the folder (a
+        resumed sweep starts at block ``upto + 1``); later blocks' files are stale and go."""
+        from safetensors import safe_open
+
+        for path in sorted(self.folder.glob("block*.safetensors")):
+            if int(path.stem.removeprefix("block")) > upto:
+                path.unlink()
+                continue
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                self.packed.update(json.loads(meta.get("packed", "{}")))
+                for k in json.loads(meta.get("sidecar", "[]")):
+                    self.sidecar[k] = f.get_tensor(_SIDECAR_PREFIX + k)
+                for k in f.keys():
+                    if not k.startswith(_SIDECAR_PREFIX):
+                        self.where[k] = path
 
     def get(self, key: str) -> torch.Tensor | None:
         path = self.where.get(key)
@@ -183,7 +209,7 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | TensorSource |
     if sidecar:
         save_file(sidecar, str(dest / SIDECAR))
         sizes[SIDECAR] = (dest / SIDECAR).stat().st_size
-    write_json(dest / RECORD, {**versions(), **record})
+    write_json(dest / RECORD, {**made_with(), **record})
     seal(dest)
     return sizes
 

@@ -115,7 +115,7 @@ def write(src: Checkpoint, dest: Path) -> tuple[dict, dict]:
     from squeeze.formats import codes_of, packed_keys, unpack_linear
     from squeeze.loading import read_record
     from squeeze.report import write_json
-    from squeeze.versions import versions
+    from squeeze.versions import made_with
 
     record = read_record(src.path)
     packed = (record.get("format") or {}).get("linears") or {}
@@ -155,7 +155,7 @@ def write(src: Checkpoint, dest: Path) -> tuple[dict, dict]:
                                       "quantization_config": qconfig})
     copy_extra_files(src, dest)
     sparsity = qconfig["sparsity_config"]
-    record = {**versions(), **record, "format": {
+    record = {**made_with(), **record, "format": {
         "kind": FORMAT, "layout": LAYOUT, "quantization_format": qconfig["format"],
         "quant": spec.name if spec else None, "sparsity_structure": sparsity.get("sparsity_structure"),
         "quantized_linears": sorted(quantized)}}

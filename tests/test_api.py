@@ -49,7 +49,10 @@ def test_cli_compress_info_eval(tiny_dir, tiny_calib, tmp_path, capsys):
     assert info["zero_fraction_linears"] == 0.5
     import transformers
 
-    made = {"squeeze_version": squeeze.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    import safetensors
+
+    made = {"squeeze_version": squeeze.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__, "threads": torch.get_num_threads()}
     assert info["squeeze"]["made_with"] == made  # what produced the export, read from its squeeze.json
     assert all(json.loads((out / "squeeze.json").read_text())[k] == v for k, v in made.items())
     main(["info", str(out)])

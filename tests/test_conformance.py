@@ -176,3 +176,38 @@ def _check_transformers(out, record, src, arch, inputs, want) -> None:
         assert config["model_type"] == "squeeze"
         auto = getattr(transformers, AUTO_CLASS.get(arch, "AutoModelForCausalLM")).from_pretrained(out)
         torch.testing.assert_close(_outputs(auto, inputs), want, **EXACT)
+
+
+def _first_supported_arch(name: str) -> str:
+    """The architecture of ``name``'s determinism cases in the fast loop."""
+    first = {"pyramiddrop": "llava", "mustdrop": "llava"}  # vision-token methods need a VLM
+    return first.get(name, ALL_ARCHS[0])
+
+
+DETERMINISM = [pytest.param(*p.values, id=p.id, marks=() if p.values[2] == _first_supported_arch(p.values[0])
+                            else pytest.mark.slow) for p in CASES]
+
+
+def _all_files(folder) -> dict:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("name,example,arch", DETERMINISM)
+def test_deterministic(name, example, arch, source, tiny_calib, tmp_path, monkeypatch):
+    """Same inputs, seed and thread count: two runs write byte-identical exports, every file
+    (squeeze.json too: it holds no time and no output path). One architecture per example in the
+    fast loop; the rest of the grid is `slow`."""
+    src, _, dense_adapter, _ = source(arch)
+    reason = unsupported_reason(name, dense_adapter)
+    if reason:
+        pytest.skip(reason)
+    kw = dict(recipe=recipe_of(name, example), calib=str(tiny_calib), nsamples=4, seqlen=32, keep_in_memory=False)
+    runs = []
+    for run in ("one", "two"):  # each its own resume cache (drelu), so neither can reuse the other's work
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / f"cache-{run}"))
+        runs.append(_all_files(squeeze.compress(src, tmp_path / run, **kw).out))
+    assert sorted(runs[0]) == sorted(runs[1])
+    assert [f for f in runs[0] if runs[0][f] != runs[1][f]] == []
+    record = json.loads(runs[0]["squeeze.json"])
+    assert record["threads"] == torch.get_num_threads() and record["seed"] == 0
+    assert {"squeeze_version", "torch", "transformers", "safetensors"} <= set(record)

@@ -74,6 +74,13 @@ class ActSparsityPass(BlockPass):
         self.report = {}
         self._gen = torch.Generator().manual_seed(self.settings.seed)
 
+    def sweep_state(self) -> dict:  # the sampling generator runs on across blocks
+        return {**super().sweep_state(), "generator": self._gen.get_state().tolist()}
+
+    def load_sweep_state(self, state: dict) -> None:
+        super().load_sweep_state(state)
+        self._gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
     # -- sites ---------------------------------------------------------------------------------
     def _sites(self, block: Block) -> dict:
         sites = block_sites(block.linears, self.site_names)

@@ -14,7 +14,9 @@ A registered method (a recipe entry ``{pass: NAME, ...settings}``) plays one or 
           decide(ctx) -> decision          for the whole block
           apply(ctx, decision)             changes the block's modules
 
-  Per-block state lives in ``ctx.scratch(self)`` and dies with the block. The context also gives
+  Per-block state lives in ``ctx.scratch(self)`` and dies with the block; what a pass carries
+  from block to block (its report, a plan, a generator) it returns from ``sweep_state()``, which
+  a resumable sweep saves after every block (:mod:`squeeze.resume`). The context also gives
   the block's calibration inputs and call arguments (``ctx.batches``), ``ctx.replay()`` to run the
   block as it is now, the weights as they were when the block was loaded (``ctx.dense``) and what
   the passes before promised for each linear (``ctx.promises``), so no pass reaches into the
@@ -305,6 +307,16 @@ class BlockPass(Method):
 
     def prepare(self, sweep: SweepInfo) -> None:
         self.sweep = sweep
+
+    def sweep_state(self) -> dict:
+        """What this pass carries from one block to the next (JSON-able): saved after every
+        finished block so a resumed sweep (:mod:`squeeze.resume`) continues exactly. The default
+        is the report it accumulates; a pass with more (a plan, a random generator) adds it."""
+        return {"report": self.report}
+
+    def load_sweep_state(self, state: dict) -> None:
+        """Restore :meth:`sweep_state` after :meth:`prepare`, instead of the blocks already done."""
+        self.report = state["report"]
 
     def survey(self, ctx: BlockContext) -> Any:
         raise NotImplementedError

@@ -80,6 +80,13 @@ class PruningPass(BlockPass):
         self.report = {self.name: {"owl_outlier_ratio": [round(r, 6) for r in ratios],
                                    "owl_layer_sparsity": [round(x, 6) for x in self.layer_sparsity]}}
 
+    def sweep_state(self) -> dict:  # OWL's plan comes from the dense pre-sweep, which a resume skips
+        return {**super().sweep_state(), "layer_sparsity": self.layer_sparsity}
+
+    def load_sweep_state(self, state: dict) -> None:
+        super().load_sweep_state(state)
+        self.layer_sparsity = state["layer_sparsity"]
+
     def per_layer(self) -> dict[str, list]:
         if self.layer_sparsity is None:
             return {}

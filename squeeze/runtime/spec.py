@@ -43,7 +43,7 @@ def install(model: nn.Module, record: dict, where: str = "") -> None:
             from squeeze.versions import versions
 
             raise SqueezeError(f"{where or 'squeeze.json'} records method {kind!r}, which squeeze "
-                               f"{versions()['squeeze']} does not know how to load; upgrade squeeze")
+                               f"{versions()['squeeze_version']} does not know how to load; upgrade squeeze")
         target = RUNTIMES[kind]
         if target is not None:
             module, _, fn = target.partition(":")
