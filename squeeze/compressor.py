@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import resource
 import time
 from dataclasses import dataclass, field
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from squeeze import distributed
 from squeeze.adapters import Adapter
 from squeeze.calib.build import build_calibration
 from squeeze.errors import SqueezeError
@@ -44,6 +47,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _agreed(fn):
+    """Under torchrun every rank runs ``fn``; a failure on any rank becomes the same one-line
+    error on all of them (:mod:`squeeze.distributed`), and no rank returns before all are done."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not distributed.active():
+            return fn(*args, **kwargs)
+        try:
+            result = fn(*args, **kwargs)
+        except distributed.PeerFailed:
+            raise
+        except Exception as e:  # noqa: BLE001 (any failure: the peers must hear of it, or they wait)
+            distributed.fail(str(e) if isinstance(e, SqueezeError) else f"{type(e).__name__}: {e}")
+            raise
+        distributed.agree()
+        return result
+    return run
+
+
+@_agreed
 def compress(model: str | Path | None = None, out: str | Path | None = None, *, method: str | None = None,
              pattern: str | None = None, sparsity: float | None = None, recipe: str | Path | list | None = None,
              calib: str = "builtin", nsamples: int | None = None, seqlen: int | None = None, seed: int = 0,
@@ -125,6 +148,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         nsamples = nsamples or plan.calibration.get("nsamples")
         seqlen = seqlen or plan.calibration.get("seqlen")
         if plan.recover:
+            distributed.refuse(f"recipe {plan.name or plan.path} (its recover: section trains on all the data)")
             _check_recover_recipe(plan, quantize, format)
             sweep = dict(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, packing=packing, targets=targets,
                          ignore=ignore, dtype=dtype, strict=strict, format=format, repair=repair,
@@ -168,6 +192,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         why = m.unsupported(adapter)
         if why:
             raise SqueezeError(why)
+    _check_distributed(stages, calib_generate)
     if ct:
         from squeeze.export_ct import check_recipe
 
@@ -197,8 +222,9 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
 
     from squeeze.calib.runner import BlockRunner, RunResult
 
-    with staging_dir(out) as tmp:
-        spill = Spill(tmp / ".spill", weights, export_dtype, "auto" if ct else format)
+    writer = distributed.is_writer()  # distributed: only rank 0 stages and writes the export
+    with staging_dir(out) if writer else contextlib.nullcontext() as tmp:
+        spill = Spill(tmp / ".spill", weights, export_dtype, "auto" if ct else format) if writer else None
         result = RunResult()
         if passes:
             runner = BlockRunner(skeleton, adapter, weights, passes, calibration, keep=keep_in_memory, spill=spill,
@@ -224,6 +250,10 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
             "summary": _summary(result.linears),
             "forwards_per_block": result.forwards_per_block,
         }
+        if not writer:  # the sweep is done and agreed; rank 0 writes, scores and reports
+            return CompressResult(out, {**report, "rank": distributed.rank()})
+        if distributed.active():  # in the report, not the record: the export is the same either way
+            report["distributed"] = distributed.describe()
         record = {k: report[k] for k in ("passes", "calibration", "linears", "summary", "adapter")}
         # a squeeze export as the source: what was done before stays recorded (and promised)
         record["passes"] = list(source_record.get("passes") or []) + record["passes"]
@@ -269,6 +299,17 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     if json_path:
         write_json(json_path, report)
     return CompressResult(out, report, as_loaded(skeleton) if keep_in_memory else None)
+
+
+def _check_distributed(stages, calib_generate: int) -> None:
+    """Under several processes, refuse what is not distributed rather than compute it differently."""
+    if not distributed.active():
+        return
+    if calib_generate:
+        distributed.refuse("--calib-generate (RAC generates from every calibration sample in one model)")
+    for st in stages:
+        if st.needs_weights or st.needs_calibration:
+            distributed.refuse(f"{st.name}'s model stage (it works on the whole model and all the data)")
 
 
 def _check_recover_recipe(plan: Recipe, quantize, format: str) -> None:
