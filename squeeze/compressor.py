@@ -238,6 +238,9 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         if whole_model:  # the stages changed weights the sweep already spilled: hand the new ones over
             for i in range(len(adapter)):
                 spill(adapter.block(i))
+        # distributed: every rank's sweep succeeded before rank 0 writes (a failure elsewhere is
+        # raised here, inside the staging folder, so nothing reaches --out)
+        distributed.agree()
         report = {
             "model": str(ckpt.path) if not is_default else f"{defaults.DEFAULT_NAME} ({ckpt.path})",
             "model_path": str(ckpt.path),  # "model" is for display; this is the folder itself

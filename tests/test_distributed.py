@@ -90,6 +90,46 @@ def test_collectives_on_two_gloo_processes(tmp_path):
         assert got["error"] == "rank 1 of 2: boom on one rank"
 
 
+def _failing_sweep(rank, world, init, model, calib, out, log):
+    """Both ranks compress; rank 1 fails in block 1's decision (a failure only it meets)."""
+    import torch.distributed as d
+
+    import squeeze
+    from squeeze.errors import SqueezeError
+    from squeeze.passes.base import REGISTRY, BlockPass
+
+    class Explode(BlockPass):  # registered only in these worker processes
+        name = "explode-on-rank-1"
+
+        def decide(self, ctx):
+            if distributed.rank() == 1 and ctx.index == 1:
+                raise SqueezeError("exploded in block 1")
+
+        def apply(self, ctx, decision):
+            pass
+
+    REGISTRY[Explode.name] = Explode
+    d.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        squeeze.compress(model, out, recipe=[{"pass": Explode.name}], calib=calib, nsamples=320, seqlen=64)
+        msg = "no error"
+    except SqueezeError as e:
+        msg = f"{type(e).__name__}: {e}"
+    finally:
+        d.destroy_process_group()
+    Path(f"{log}{rank}").write_text(msg)
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_stops_all_and_writes_nothing(tiny, tmp_path):
+    model, calib = tiny
+    torch.multiprocessing.spawn(_failing_sweep, nprocs=2, args=(2, f"file://{tmp_path}/rdv", str(model), str(calib),
+                                                                str(tmp_path / "out"), str(tmp_path / "log")))
+    for r in (0, 1):
+        assert (tmp_path / f"log{r}").read_text() == "PeerFailed: rank 1 of 2: exploded in block 1"
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))  # nor a staging folder
+
+
 # -- the real command line: --nproc 2 (torch.distributed.run) and torchrun -------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
