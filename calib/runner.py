@@ -21,7 +21,7 @@ import torch
 from squeeze.calib.packing import Calibration
 from torch import nn
 
-from squeeze import progress
+from squeeze import distributed, progress
 from squeeze.adapters import Adapter, Block
 from squeeze.compat import forward_accepts, forward_takes_any_keyword
 from squeeze.errors import SqueezeError
@@ -91,7 +91,8 @@ class BlockRunner:
             per = max(1, self.batch_tokens // length)
             for i in range(0, len(group), per):
                 out.append(torch.stack(group[i:i + per]))
-        return out
+        # distributed: this rank's contiguous share of the very batches one process would run
+        return distributed.split(out)
 
     def _capture(self) -> list[Batch]:
         blocks = self.adapter.blocks
@@ -238,6 +239,9 @@ class BlockRunner:
                     raise SqueezeError(f"{work[0].name} needs calibration data (--calib)")
                 self._stats_forward(ctx, work)
                 forwards += 1
+                if distributed.active():  # distributed: every rank's statistics, combined
+                    for p in work:
+                        p.reduce_statistics(ctx)
             for p in work:
                 p.apply(ctx, p.decide(ctx))
                 self._promise(ctx, p)

@@ -153,15 +153,25 @@ def cli():
               help="RAC sampling temperature.")
 @click.option("--calib-generate-top-p", type=float, default=1.0, show_default=True,
               help="RAC sampling: draw from the most likely tokens holding this much probability.")
+@click.option("--nproc", type=int, default=None, metavar="N",
+              help="Calibrate in N processes (torch.distributed, launched as torchrun does), each on its share of "
+                   "the calibration samples; rank 0 writes. Same masks as one process (README: Distributed "
+                   "calibration).")
 def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples, seqlen, seed, packing, targets,
              ignore, dtype, strict, sets, fmt, overwrite, resume, json_path, details, verify, eval_data, eval_rows,
-             trust_remote_code, **generate):
+             trust_remote_code, nproc, **generate):
     """Prune, quantize or sparsify a checkpoint into a new export.
 
     Compress MODEL_DIR (default: the embedded all-MiniLM-L6-v2, written to squeezed/ when --out is
     not given) block by block with --method or --recipe, calibrated on --calib, and export it to
     --out.
     """
+    from squeeze import distributed
+
+    if nproc is not None and nproc > 1 and not distributed.launched():
+        sys.exit(distributed.launch(nproc, _without_nproc(_ARGV)))
+    distributed.init_from_env()  # a no-op unless torchrun started this process
+    _JOINED.append(distributed)
     from squeeze.cli.report import print_compress_report
     from squeeze.compressor import compress as compress_fn
 
@@ -193,6 +203,8 @@ def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples,
         click.echo(f"interrupted; --out was not written. The finished blocks are in {where}: re-run with "
                    "--resume to continue", err=True)
         raise SystemExit(130) from None
+    if not distributed.is_writer():  # rank 0 verifies, writes the JSON and prints the report
+        return
     report = result.report
     if verify:
         from squeeze.cli.report import verify_export
@@ -279,25 +291,63 @@ from squeeze.cli import (
 )
 
 
+_ARGV: list[str] = []  # this command line, for --nproc to hand to the workers
+_JOINED: list = []  # squeeze.distributed, once a command may have joined a process group
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise); known before any process group exists."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def main(argv=None):
+    import os
+
     from squeeze.cli.progress import command_sink
 
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)
+    if _rank() > 0:  # one voice: rank 0 shows the progress, the report and the error line
+        os.environ["SQUEEZE_PROGRESS"] = "off"
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _ARGV[:1] != ["compress"]:
+            # every rank would write the same output: only compress knows how to share the work
+            raise SqueezeError(f"only `squeeze compress` runs in several processes (torchrun / --nproc); run "
+                               f"`squeeze {' '.join(_ARGV[:1])}` in one process")
         # the sink's context closes first, so its display is gone before an error line is printed
         with command_sink():
             cli.main(args=argv, standalone_mode=False)
     except SqueezeError as e:
-        click.echo(f"error: {e}", err=True)
+        if _rank() == 0:
+            click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
-        e.show()
+        if _rank() == 0:
+            e.show()
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted; nothing was written", err=True)
         sys.exit(130)
+    finally:
+        if _JOINED:  # leave the process group cleanly (torch warns at exit otherwise)
+            _JOINED[0].shutdown()
 
 
 if __name__ == "__main__":

@@ -159,6 +159,8 @@ def print_compress_report(r: dict, details: bool = False) -> None:
         f"calibration: {cal.get('source')} ({cal.get('nsamples')} x {cal.get('seqlen')} tokens, {cal.get('packing')})"
         + (f", {cal['prompt_tokens']} prompt + {cal['generated_tokens']} generated tokens"
            if "generated_tokens" in cal else "")
+        + (f", split over {r['distributed']['processes']} processes ({r['distributed']['backend']})"
+           if r.get("distributed") else "")
         if cal else "calibration: none",
         summary_line(r["summary"]),
         _size_line(r),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import resource
 import time
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from squeeze import distributed
 from squeeze.adapters import Adapter
 from squeeze.calib.build import build_calibration
 from squeeze.errors import SqueezeError
@@ -45,6 +47,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _agreed(fn):
+    """Under torchrun every rank runs ``fn``; a failure on any rank becomes the same one-line
+    error on all of them (:mod:`squeeze.distributed`), and no rank returns before all are done."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not distributed.active():
+            return fn(*args, **kwargs)
+        try:
+            result = fn(*args, **kwargs)
+        except distributed.PeerFailed:
+            raise
+        except Exception as e:  # noqa: BLE001 (any failure: the peers must hear of it, or they wait)
+            distributed.fail(str(e) if isinstance(e, SqueezeError) else f"{type(e).__name__}: {e}")
+            raise
+        distributed.agree()
+        return result
+    return run
+
+
+@_agreed
 def compress(model: str | Path | None = None, out: str | Path | None = None, *, method: str | None = None,
              pattern: str | None = None, sparsity: float | None = None, recipe: str | Path | list | None = None,
              calib: str = "builtin", nsamples: int | None = None, seqlen: int | None = None, seed: int = 0,
@@ -137,6 +159,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         nsamples = nsamples or plan.calibration.get("nsamples")
         seqlen = seqlen or plan.calibration.get("seqlen")
         if plan.recover:
+            distributed.refuse(f"recipe {plan.name or plan.path} (its recover: section trains on all the data)")
             _check_recover_recipe(plan, quantize, format)
             sweep = dict(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, packing=packing, targets=targets,
                          ignore=ignore, dtype=dtype, strict=strict, format=format, repair=repair,
@@ -180,6 +203,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         why = m.unsupported(adapter)
         if why:
             raise SqueezeError(why)
+    _check_distributed(stages, calib_generate)
     if ct:
         from squeeze.export_ct import check_recipe
 
@@ -209,8 +233,11 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
 
     from squeeze.calib.runner import BlockRunner, RunResult
 
+    writer = distributed.is_writer()  # distributed: only rank 0 stages and writes the export
     state = saved = None
-    if passes and not whole_model:  # the sweep's progress survives a kill (squeeze.resume)
+    if resume and distributed.active():
+        distributed.refuse("--resume (each rank would need its own work folder)")
+    if passes and not whole_model and not distributed.active():  # the sweep survives a kill (squeeze.resume)
         from squeeze.resume import SweepState, work_dir
         from squeeze.train.state import fingerprint
 
@@ -220,8 +247,9 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     if saved is not None:
         keep_in_memory = False  # the blocks the killed run finished are not loaded again
 
-    with staging_dir(out) as tmp, _work_kept_when_interrupted(state):
-        spill = Spill(state.spill_dir if state else tmp / ".spill", weights, export_dtype, "auto" if ct else format)
+    with staging_dir(out) if writer else contextlib.nullcontext() as tmp, _work_kept_when_interrupted(state):
+        spill = (Spill(state.spill_dir if state else tmp / ".spill", weights, export_dtype, "auto" if ct else format)
+                 if writer else None)
         if saved is not None:
             spill.restore(saved["done"])
         result = RunResult()
@@ -237,6 +265,9 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         if whole_model:  # the stages changed weights the sweep already spilled: hand the new ones over
             for i in range(len(adapter)):
                 spill(adapter.block(i))
+        # distributed: every rank's sweep succeeded before rank 0 writes (a failure elsewhere is
+        # raised here, inside the staging folder, so nothing reaches --out)
+        distributed.agree()
         report = {
             "model": str(ckpt.path) if not is_default else f"{defaults.DEFAULT_NAME} ({ckpt.path})",
             "model_path": str(ckpt.path),  # "model" is for display; this is the folder itself
@@ -250,6 +281,10 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
             "forwards_per_block": result.forwards_per_block,
             **({"resumed_from_block": saved["done"] + 1} if saved is not None else {}),
         }
+        if not writer:  # the sweep is done and agreed; rank 0 writes, scores and reports
+            return CompressResult(out, {**report, "rank": distributed.rank()})
+        if distributed.active():  # in the report, not the record: the export is the same either way
+            report["distributed"] = distributed.describe()
         record = {k: report[k] for k in ("passes", "calibration", "linears", "summary", "adapter")}
         # a squeeze export as the source: what was done before stays recorded (and promised)
         record["passes"] = list(source_record.get("passes") or []) + record["passes"]
@@ -328,6 +363,17 @@ def _work_kept_when_interrupted(state):
         elif state is not None:  # stopped before the first block was finished: nothing to continue
             state.remove()
         raise
+
+
+def _check_distributed(stages, calib_generate: int) -> None:
+    """Under several processes, refuse what is not distributed rather than compute it differently."""
+    if not distributed.active():
+        return
+    if calib_generate:
+        distributed.refuse("--calib-generate (RAC generates from every calibration sample in one model)")
+    for st in stages:
+        if st.needs_weights or st.needs_calibration:
+            distributed.refuse(f"{st.name}'s model stage (it works on the whole model and all the data)")
 
 
 def _check_recover_recipe(plan: Recipe, quantize, format: str) -> None:

@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from squeeze import progress
+from squeeze import distributed, progress
 from squeeze.adapters import Block, Linear
 from squeeze.errors import SqueezeError
 from squeeze.algorithms.actsparse import (
@@ -70,6 +70,8 @@ class ActSparsityPass(BlockPass):
             raise SqueezeError(f"{self.name}: transform is WINA's orthogonal transform; use --method wina")
 
     def prepare(self, sweep) -> None:
+        if self.settings.mode == "topk":  # its samples are drawn per batch from one generator
+            distributed.refuse(f"{self.name} mode topk")
         super().prepare(sweep)
         self.report = {}
         self._gen = torch.Generator().manual_seed(self.settings.seed)
@@ -143,16 +145,22 @@ class ActSparsityPass(BlockPass):
                 x = x.float() @ rotations[site]
             return scores(x, scales[site]).flatten().sort().values
         sizes = {site: sum(c.weight.numel() for c in cs) for site, (_, cs) in sites.items()}
-        if s.allocation == "greedy" and len(sites) > 1:
-            alloc = self._greedy(ctx, sites, sizes, scales, rotations)
-        else:
-            alloc = {site: s.act_sparsity for site in sites}
-        if s.mode == "threshold":
-            # Thresholds from one replay of the block with every site sparse, each site
-            # calibrated on its input as it arrives (downstream of the sites before it).
-            thresholds = self._calibrated(ctx, sites, scales, alloc, rotations)
-        else:
-            thresholds = {site: threshold_for(sorted_scores(site), alloc[site]) for site in sites}
+        # Distributed: one process calibrates on the first tokens of batch 0, which is rank 0's
+        # first batch, so rank 0's choice is exactly the single-process one; the others take it
+        # (and skip the replays).
+        alloc = thresholds = None
+        if distributed.is_writer():
+            if s.allocation == "greedy" and len(sites) > 1:
+                alloc = self._greedy(ctx, sites, sizes, scales, rotations)
+            else:
+                alloc = {site: s.act_sparsity for site in sites}
+            if s.mode == "threshold":
+                # Thresholds from one replay of the block with every site sparse, each site
+                # calibrated on its input as it arrives (downstream of the sites before it).
+                thresholds = self._calibrated(ctx, sites, scales, alloc, rotations)
+            else:
+                thresholds = {site: threshold_for(sorted_scores(site), alloc[site]) for site in sites}
+        alloc, thresholds = distributed.from_rank0((alloc, thresholds))
         out = {}
         for site in sites:
             out[site] = (alloc[site], thresholds[site], scales[site], rotations.get(site))

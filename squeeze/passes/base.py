@@ -11,6 +11,7 @@ A registered method (a recipe entry ``{pass: NAME, ...settings}``) plays one or 
           targets(block)                   the linears it changes
           observed(block)                  the linears whose inputs/outputs it wants to see
           observe(ctx, linear, x, y)       during the statistics forward (x: [tokens, in])
+          reduce_statistics(ctx)           several processes only: combine the ranks' statistics
           decide(ctx) -> decision          for the whole block
           apply(ctx, decision)             changes the block's modules
 
@@ -181,6 +182,8 @@ class BlockContext:
 
         stats = {lin.name: ChannelStats(lin.in_features) for lin in linears}
         self.watch(linears, lambda lin, x, out: stats[lin.name].update(x))
+        for name in sorted(stats):  # every rank's batches (a no-op in one process)
+            stats[name].reduce()
         return stats
 
     def watch(self, linears: list[Linear], fn) -> None:
@@ -332,6 +335,16 @@ class BlockPass(Method):
 
     def observe(self, ctx: BlockContext, linear: Linear, x: torch.Tensor, y: torch.Tensor) -> None:
         pass
+
+    def reduce_statistics(self, ctx: BlockContext) -> None:
+        """Between observe and decide, with several processes (the runner calls it only then):
+        combine what each rank observed so every rank decides alike. The default reduces every
+        statistic in ``ctx.scratch(self)`` that knows how (``reduce()``: ChannelStats, Hessian), in
+        name order so the ranks' collectives line up; a pass with other state overrides it, or
+        refuses to run distributed (:func:`squeeze.distributed.refuse`)."""
+        for _, value in sorted(ctx.scratch(self).items(), key=lambda kv: str(kv[0])):
+            if callable(getattr(value, "reduce", None)):
+                value.reduce()
 
     def decide(self, ctx: BlockContext) -> Any:
         raise NotImplementedError
