@@ -166,7 +166,9 @@ class WeightMap:
 
     def _read(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         t = self.ckpt.get(key)
-        t = t.to(dtype) if t.is_floating_point() else t
+        if t.is_floating_point():
+            check_finite(t, key, self.ckpt.path)
+            t = t.to(dtype)
         # Own, allocator-aligned memory: a tensor read from a file sits at the file's offset, and
         # CPU GEMV kernels round differently at another alignment, so the same weights would give
         # other last bits than the same model loaded from another file.
@@ -176,6 +178,24 @@ class WeightMap:
         """Drop the parameters of ``module`` back to meta (frees their memory)."""
         for name, p in list(module.named_parameters()):
             set_param(module, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+
+
+# elements per isfinite pass: a bounded temporary (16 MB of bools) however large the tensor (a 70B
+# model's embedding holds a billion entries)
+FINITE_CHUNK = 1 << 24
+
+
+def check_finite(t: torch.Tensor, key: str, where) -> None:
+    """Refuse a stored tensor with NaN or Inf entries. Each tensor is checked once, as it is read
+    (one pass over memory that was just read anyway); otherwise a corrupt checkpoint shows up
+    blocks later as non-finite activations, or is silently exported."""
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), FINITE_CHUNK):
+        if not bool(torch.isfinite(flat[i:i + FINITE_CHUNK]).all()):
+            bad = int((~torch.isfinite(flat)).sum())
+            raise SqueezeError(f"{where}: tensor {key} holds non-finite values ({bad} of {flat.numel()} entries are "
+                               "NaN or Inf); the checkpoint is corrupt or was saved after training diverged: "
+                               "re-download or re-export it")
 
 
 def _tied_pairs(model: nn.Module) -> dict[str, str]:
