@@ -186,16 +186,22 @@ FINITE_CHUNK = 1 << 24
 
 
 def check_finite(t: torch.Tensor, key: str, where) -> None:
-    """Refuse a stored tensor with NaN or Inf entries. Each tensor is checked once, as it is read
-    (one pass over memory that was just read anyway); otherwise a corrupt checkpoint shows up
-    blocks later as non-finite activations, or is silently exported."""
+    """Refuse a stored tensor with NaN or Inf entries. Each tensor is checked once, as it is read;
+    otherwise a corrupt checkpoint shows up blocks later as non-finite activations, or is silently
+    exported. A chunk's fp32 sum is non-finite whenever one of its entries is (NaN and Inf
+    propagate), and is ~10x cheaper than isfinite().all() (about 0.1 s per 10^8 entries on one
+    core: seconds on a 70B model); only a non-finite sum, which a huge finite chunk could also
+    give, is looked at entry by entry."""
     flat = t.reshape(-1)
     for i in range(0, flat.numel(), FINITE_CHUNK):
-        if not bool(torch.isfinite(flat[i:i + FINITE_CHUNK]).all()):
-            bad = int((~torch.isfinite(flat)).sum())
-            raise SqueezeError(f"{where}: tensor {key} holds non-finite values ({bad} of {flat.numel()} entries are "
-                               "NaN or Inf); the checkpoint is corrupt or was saved after training diverged: "
-                               "re-download or re-export it")
+        chunk = flat[i:i + FINITE_CHUNK].float()  # fp8 has no kernels of its own; widening is exact
+        if bool(torch.isfinite(chunk.sum())) or bool(torch.isfinite(chunk).all()):
+            continue
+        bad = sum(int((~torch.isfinite(flat[j:j + FINITE_CHUNK].float())).sum())
+                  for j in range(0, flat.numel(), FINITE_CHUNK))
+        raise SqueezeError(f"{where}: tensor {key} holds non-finite values ({bad} of {flat.numel()} entries are "
+                           "NaN or Inf); the checkpoint is corrupt or was saved after training diverged: "
+                           "re-download or re-export it")
 
 
 def _tied_pairs(model: nn.Module) -> dict[str, str]:

@@ -217,6 +217,12 @@ def test_finite_check_reads_in_bounded_chunks(monkeypatch):
     t[4, 8] = float("-inf")  # the very last entry, in the last (partial) chunk
     with pytest.raises(SqueezeError, match="tensor w holds non-finite values \\(1 of 45"):
         modeling.check_finite(t, "w", "here")
+    modeling.check_finite(torch.full((45,), 3e38), "huge", "here")  # the sum overflows; every entry is finite
+    fp8 = torch.zeros(5, 9).to(torch.float8_e4m3fn)  # no isfinite kernel of its own
+    modeling.check_finite(fp8, "w8", "here")
+    fp8[2, 2] = float("nan")
+    with pytest.raises(SqueezeError, match="tensor w8 holds non-finite values \\(1 of 45"):
+        modeling.check_finite(fp8, "w8", "here")
 
 
 def test_layerskip_with_a_pattern_points_to_finetune(tiny_dir, tmp_path, capsys):
