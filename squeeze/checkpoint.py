@@ -60,7 +60,8 @@ class Checkpoint:
             if looks_like_hub_id(str(path)):
                 raise SqueezeError(
                     f"model path {path} does not exist; if it is a Hugging Face hub id, download it first "
-                    f"(`huggingface-cli download {path} --local-dir DIR`) and pass DIR: squeeze reads local folders only"
+                    f"(`huggingface-cli download {path} --local-dir DIR`) and pass DIR: squeeze reads local "
+                    "folders only"
                 )
             raise SqueezeError(f"model path {self.path} does not exist")
         if not self.path.is_dir():

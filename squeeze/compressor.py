@@ -289,8 +289,8 @@ def _check_something_packs(passes, adapter: Adapter) -> None:
         for i in range(len(adapter)):
             if any(max(lin.in_features, lin.out_features) >= m for lin in p.targets(adapter.block(i))):
                 return
-    widest = max((max(lin.in_features, lin.out_features) for i in range(len(adapter)) for p in nm for lin in p.targets(adapter.block(i))),
-                 default=0)
+    widest = max((max(lin.in_features, lin.out_features) for i in range(len(adapter)) for p in nm
+                  for lin in p.targets(adapter.block(i))), default=0)
     raise SqueezeError(f"--format compressed: no targeted linear fits pattern {nm[0].promise()['pattern']} (the widest "
                        f"targeted linear is {widest} wide, less than one group), so nothing would be stored compactly; "
                        "choose a smaller M, other --targets, or --format dense")

@@ -152,8 +152,8 @@ def check_reference(model, reference) -> None:
                            "must be the checkpoint the model was made from")
     if (mt, mv) != (rt, rv):
         raise SqueezeError(
-            f"--reference {rname} is a {rt} model with a vocabulary of {rv} but {mname} is a {mt} model with "
-            f"{mv}: the reference must be the checkpoint the model was made from (same architecture and tokenizer)"
+            f"--reference {rname} is a {rt} model (vocabulary {rv}) but {mname} is a {mt} model (vocabulary {mv}): "
+            "the reference must be the checkpoint the model was made from (same architecture and tokenizer)"
         )
 
 

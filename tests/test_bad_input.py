@@ -51,7 +51,7 @@ def test_eval_reference_with_another_vocabulary(tiny_dir, tiny_calib, tmp_path, 
     cfg["vocab_size"] = 256  # the config is read before any weight: a mismatch never gets to the forward
     (other / "config.json").write_text(json.dumps(cfg))
     assert_refused(["eval", tiny_dir("llama"), "--data", tiny_calib, "--reference", other],
-                   "with a vocabulary of 256", capsys)
+                   "(vocabulary 256)", capsys)
 
 
 @pytest.mark.parametrize("command", [
