@@ -45,12 +45,24 @@ def finetune(model_dir, recipe, calib, out, steps, p_max, e_scale, scale, curric
     from squeeze.cli.report import print_kv
 
     from squeeze.depth.layerskip import finetune as finetune_fn
+    from squeeze.depth.layerskip import state_dir
+    from squeeze.train.state import has_state
 
     _quiet_transformers()
-    report = finetune_fn(model_dir, out, calib=calib, distill_from=distill_from, resume=resume,
-                         overwrite=overwrite, steps=steps, p_max=p_max, e_scale=e_scale,
-                         scale=scale, curriculum=curriculum, lr=lr, batch_size=batch_size, seqlen=seqlen,
-                         nsamples=nsamples, save_every=save_every, seed=seed)
+    try:
+        report = finetune_fn(model_dir, out, calib=calib, distill_from=distill_from, resume=resume,
+                             overwrite=overwrite, steps=steps, p_max=p_max, e_scale=e_scale,
+                             scale=scale, curriculum=curriculum, lr=lr, batch_size=batch_size, seqlen=seqlen,
+                             nsamples=nsamples, save_every=save_every, seed=seed)
+    except KeyboardInterrupt:  # as recover: say where the saved state is and how to go on from it
+        sdir = state_dir(out)
+        if has_state(sdir):
+            click.echo(f"interrupted; --out was not written. The state saved every {save_every} steps is in {sdir}: "
+                       "re-run the same command with --resume to continue", err=True)
+        else:
+            click.echo(f"interrupted before the first saved state (every {save_every} steps); --out was not "
+                       "written: re-run the command to start again (a lower --save-every saves sooner)", err=True)
+        raise SystemExit(130) from None
     if json_path:
         write_json(json_path, report)
     print_kv("finetune", {k: v for k, v in report.items() if k != "losses"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -19,6 +20,12 @@ from squeeze.errors import SqueezeError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``owner/name`` as the hub spells repository ids (no drive, no ./, ~ or leading slash): what a
+    user who is used to ``from_pretrained("meta-llama/Llama-3.2-1B")`` gives in place of a folder."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]", name) is not None and ".." not in name
 
 
 def _read_header(path: Path) -> dict:
@@ -50,6 +57,12 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.exists():
+            if looks_like_hub_id(str(path)):
+                raise SqueezeError(
+                    f"model path {path} does not exist; if it is a Hugging Face hub id, download it first "
+                    f"(`huggingface-cli download {path} --local-dir DIR`) and pass DIR: squeeze reads local "
+                    "folders only"
+                )
             raise SqueezeError(f"model path {self.path} does not exist")
         if not self.path.is_dir():
             raise SqueezeError(f"model path {self.path} is not a directory (give the checkpoint folder)")
@@ -81,7 +94,8 @@ class Checkpoint:
             shards = sorted(set(weight_map.values()))
             for s in shards:
                 if not (self.path / s).is_file():
-                    raise SqueezeError(f"{self.path}: shard {s} named in the index is missing")
+                    raise SqueezeError(f"{self.path}: shard {s} named in {INDEX_NAME} is missing; re-download it "
+                                      "(an incomplete download leaves shards out)")
             return shards, dict(weight_map), INDEX_NAME
         single = self.path / SINGLE_NAME
         if single.is_file():

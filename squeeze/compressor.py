@@ -208,6 +208,8 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         from squeeze.export_ct import check_recipe
 
         check_recipe(methods, passes, adapter)
+    if format == "compressed":
+        _check_something_packs(passes, adapter)
     weights = WeightMap(skeleton, ckpt)
     calibration = None
     if any(m.needs_calibration for m in methods):
@@ -297,6 +299,10 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         dest = tmp / ".compact" if ct else tmp  # compressed-tensors: converted from the compact export
         dest.mkdir(exist_ok=True)
         sizes = write_checkpoint(ckpt, dest, spill, updates, record)
+        if format == "compressed" and not record.get("format"):  # before commit: nothing reaches --out
+            raise SqueezeError("--format compressed: no linear came out sparse or quantized enough to store more "
+                               "compactly than dense; prune harder (--pattern / --sparsity), quantize, or use "
+                               "--format dense")
         if ct:
             from squeeze.checkpoint import Checkpoint
             from squeeze.export_ct import write as write_ct
@@ -374,6 +380,25 @@ def _check_distributed(stages, calib_generate: int) -> None:
     for st in stages:
         if st.needs_weights or st.needs_calibration:
             distributed.refuse(f"{st.name}'s model stage (it works on the whole model and all the data)")
+
+
+def _check_something_packs(passes, adapter: Adapter) -> None:
+    """``--format compressed`` with N:M passes only, none of which can prune a single group (every
+    linear it targets is narrower than M along both axes, so each is kept whole and dense): known from
+    the shapes before any work, so say it now. Other cases are caught when the export is assembled."""
+    nm = [p for p in passes if set(p.promise()) == {"pattern"}]
+    if not nm or len(nm) != len(passes):
+        return
+    for p in nm:
+        m = int(p.promise()["pattern"].split(":")[1])
+        for i in range(len(adapter)):
+            if any(max(lin.in_features, lin.out_features) >= m for lin in p.targets(adapter.block(i))):
+                return
+    widest = max((max(lin.in_features, lin.out_features) for i in range(len(adapter)) for p in nm
+                  for lin in p.targets(adapter.block(i))), default=0)
+    raise SqueezeError(f"--format compressed: no targeted linear fits pattern {nm[0].promise()['pattern']} (the widest "
+                       f"targeted linear is {widest} wide, less than one group), so nothing would be stored compactly; "
+                       "choose a smaller M, other --targets, or --format dense")
 
 
 def _check_recover_recipe(plan: Recipe, quantize, format: str) -> None:

@@ -27,9 +27,11 @@ from squeeze.errors import SqueezeError
 from squeeze.report import write_json
 
 
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
 def model_kind(model: nn.Module) -> str:
-    name = type(model).__name__
-    return "causal" if name.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) else "encoder"
+    return "causal" if type(model).__name__.endswith(CAUSAL_SUFFIXES) else "encoder"
 
 
 def _as_model(m, dtype=None):
@@ -122,6 +124,39 @@ class ActCounter:
         return {"mean": round(sum(self.zeros.values()) / sum(self.total.values()), 4), "layers": layers}
 
 
+def _shape_of(m) -> tuple[str | None, int | None, int | None, str | None]:
+    """(model_type, vocab size, hidden size, name) of a model folder or module, read from its config
+    only (a folder is not loaded for this): what decides whether two models' logits or embeddings
+    can be compared token by token."""
+    if isinstance(m, nn.Module):
+        cfg = m.config.to_dict()
+        name = cfg.get("_name_or_path") or type(m).__name__
+    else:
+        from squeeze.checkpoint import Checkpoint
+
+        cfg, name = Checkpoint(m).config_dict, str(m)
+    arch = (cfg.get("architectures") or [""])[0]
+    cfg = cfg.get("text_config") or cfg  # LLaVA and friends: the language model's
+    return cfg.get("model_type"), cfg.get("vocab_size"), cfg.get("hidden_size") or cfg.get("n_embd"), arch, name
+
+
+def check_reference(model, reference) -> None:
+    """Refuse, before either model is loaded, a reference whose scores cannot be set beside the
+    model's: another architecture or vocabulary (KL over different token ids is meaningless, and
+    the logits do not even have the same width)."""
+    mt, mv, mh, march, mname = _shape_of(model)
+    rt, rv, rh, rarch, rname = _shape_of(reference)
+    encoders = not march.endswith(CAUSAL_SUFFIXES) and not rarch.endswith(CAUSAL_SUFFIXES)
+    if encoders and (mt, mv) == (rt, rv) and mh != rh:  # cosines need embeddings of one width
+        raise SqueezeError(f"--reference {rname} embeds into {rh} dimensions but {mname} into {mh}: the reference "
+                           "must be the checkpoint the model was made from")
+    if (mt, mv) != (rt, rv):
+        raise SqueezeError(
+            f"--reference {rname} is a {rt} model (vocabulary {rv}) but {mname} is a {mt} model (vocabulary {mv}): "
+            "the reference must be the checkpoint the model was made from (same architecture and tokenizer)"
+        )
+
+
 def evaluate(model, data: str = "builtin-eval", reference=None, max_rows: int | None = None,
              seqlen: int | None = None, batch_size: int = 32, json_path: str | Path | None = None,
              activation_stats: bool = False, act_threshold: float = 0.0, max_tokens: int | None = None) -> dict:
@@ -129,6 +164,8 @@ def evaluate(model, data: str = "builtin-eval", reference=None, max_rows: int | 
     ``activation_stats``: per-layer token/chunk-level sparsity of the MLP intermediate
     (:mod:`squeeze.act_stats`; ``act_threshold`` > 0 counts |x| <= it as inactive)."""
     t0 = time.perf_counter()
+    if reference is not None:
+        check_reference(model, reference)
     m, mdir = _as_model(model)
     ref, rdir = (None, None) if reference is None else _as_model(reference)
     cfg = m.config.get_text_config() if hasattr(m.config, "get_text_config") else m.config

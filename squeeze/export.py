@@ -10,10 +10,12 @@ copied from the source, so at most one shard is in memory at a time.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -49,11 +51,31 @@ def staging_dir(out: Path):
     out = Path(out)
     tmp = out.parent / f".{out.name}.tmp-squeeze-{os.getpid()}-{int(time.time() * 1000)}"
     tmp.mkdir(parents=True)
+    free = shutil.disk_usage(tmp).free  # before this run wrote anything: what it had to work with
     try:
         yield tmp
+    except Exception as e:
+        if not out_of_space(e):
+            raise
+        # the failed writer's frames hold spilled tensors, mapped from files in tmp: drop them, or
+        # whoever keeps this error (a caller, a test) keeps the deleted files' space taken
+        traceback.clear_frames(e.__traceback__)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SqueezeError(f"no space left on device writing {out}: the export and its scratch files need more than "
+                           f"the {free / 1e6:.1f} MB that were free there; free more space or choose another --out "
+                           "(nothing was kept)") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def out_of_space(e: BaseException) -> bool:
+    """A full disk or quota, however it is reported: Python's OSError, or safetensors' own error
+    type, whose message carries the OS error ("No space left on device (os error 28)")."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return f"os error {errno.ENOSPC})" in text or os.strerror(errno.ENOSPC) in text
 
 
 def commit(tmp: Path, out: Path) -> None:

@@ -166,7 +166,9 @@ class WeightMap:
 
     def _read(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         t = self.ckpt.get(key)
-        t = t.to(dtype) if t.is_floating_point() else t
+        if t.is_floating_point():
+            check_finite(t, key, self.ckpt.path)
+            t = t.to(dtype)
         # Own, allocator-aligned memory: a tensor read from a file sits at the file's offset, and
         # CPU GEMV kernels round differently at another alignment, so the same weights would give
         # other last bits than the same model loaded from another file.
@@ -176,6 +178,30 @@ class WeightMap:
         """Drop the parameters of ``module`` back to meta (frees their memory)."""
         for name, p in list(module.named_parameters()):
             set_param(module, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+
+
+# elements per isfinite pass: a bounded temporary (16 MB of bools) however large the tensor (a 70B
+# model's embedding holds a billion entries)
+FINITE_CHUNK = 1 << 24
+
+
+def check_finite(t: torch.Tensor, key: str, where) -> None:
+    """Refuse a stored tensor with NaN or Inf entries. Each tensor is checked once, as it is read;
+    otherwise a corrupt checkpoint shows up blocks later as non-finite activations, or is silently
+    exported. A chunk's fp32 sum is non-finite whenever one of its entries is (NaN and Inf
+    propagate), and is ~10x cheaper than isfinite().all() (about 0.1 s per 10^8 entries on one
+    core: seconds on a 70B model); only a non-finite sum, which a huge finite chunk could also
+    give, is looked at entry by entry."""
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), FINITE_CHUNK):
+        chunk = flat[i:i + FINITE_CHUNK].float()  # fp8 has no kernels of its own; widening is exact
+        if bool(torch.isfinite(chunk.sum())) or bool(torch.isfinite(chunk).all()):
+            continue
+        bad = sum(int((~torch.isfinite(flat[j:j + FINITE_CHUNK].float())).sum())
+                  for j in range(0, flat.numel(), FINITE_CHUNK))
+        raise SqueezeError(f"{where}: tensor {key} holds non-finite values ({bad} of {flat.numel()} entries are "
+                           "NaN or Inf); the checkpoint is corrupt or was saved after training diverged: "
+                           "re-download or re-export it")
 
 
 def _tied_pairs(model: nn.Module) -> dict[str, str]:
