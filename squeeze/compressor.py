@@ -357,10 +357,16 @@ def _identity(ckpt, methods, calibration, seed: int, export_dtype, format: str) 
 def _work_kept_when_interrupted(state):
     """A mistake found mid-sweep (non-finite activations, a bad setting) would recur on resume:
     its work folder goes. An interrupt or a crash of the process keeps it for ``--resume``."""
+    from squeeze.export import out_of_space
+
     try:
         yield
     except SqueezeError:
         if state is not None:
+            state.remove()
+        raise
+    except Exception as e:
+        if state is not None and out_of_space(e):  # the work folder fills the same disk: free it too
             state.remove()
         raise
     except KeyboardInterrupt as e:
