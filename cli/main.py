@@ -219,8 +219,11 @@ def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples,
     kwargs = dict(method=method, pattern=pattern, sparsity=sparsity, recipe=recipe, calib=calib,
                   nsamples=nsamples, seqlen=seqlen, seed=seed, packing=packing, targets=targets, ignore=ignore,
                   dtype=dtype, strict=strict, overwrite=overwrite, format=fmt, json_path=None,
-                  eval_data=eval_data, eval_rows=eval_rows, trust_remote_code=trust_remote_code, **generate,
-                  **_parse_sets(sets))
+                  eval_data=eval_data, eval_rows=eval_rows, trust_remote_code=trust_remote_code, **generate)
+    for key, value in _parse_sets(sets).items():  # --set KEY=VALUE: a pass setting, or a flag's own value
+        if kwargs.get(key) not in (None, False) and kwargs[key] != value:
+            raise SqueezeError(f"--set {key}={value} and --{key.replace('_', '-')} {kwargs[key]} disagree: give it once")
+        kwargs[key] = value
     if resume:  # a --set resume=FOLDER is dReLU recovery's own folder (such runs keep no sweep work folder)
         kwargs["resume"] = kwargs["resume"] if isinstance(kwargs.get("resume"), str) else True
     verify = verify if verify is not None else model_dir is None

@@ -97,6 +97,7 @@ def test_error_cases(tiny_dir, tiny_calib, bad_models, tmp_path, capsys):
         "exceeds the model's context": base[:-2] + ["--seqlen", "4096", "--method", "wanda", "--pattern", "2:4"],
         "give exactly one of pattern": base + ["--method", "wanda"],
         "unknown setting": base + ["--method", "wanda", "--pattern", "2:4", "--set", "colour=blue"],
+        "disagree: give it once": base + ["--method", "drelu", "--recover-steps", "2", "--set", "recover_steps=3"],
         "--recipe was given together with sparsity_profile": base + ["--recipe", str(recipe), "--sparsity-profile",
                                                                      "owl"],
     }
