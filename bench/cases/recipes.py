@@ -93,9 +93,10 @@ def _cases() -> list[Case]:
         for model, kind in MODELS.items():
             if rec.kind in (kind, None):
                 quick = {} if (rec.name, model) == ("quick-2:4", "minilm") else None
+                long = (rec.recover or {}).get("steps", 0) > 500  # the long recoveries run on both cores
                 cases.append(Case("recipes", case_name(rec.name, model), "bench.cases.recipes:run",
                                   {"commands": recipe_commands(rec.name, model), "model": model,
-                                   "recipe": rec.name}, quick=quick))
+                                   "recipe": rec.name}, quick=quick, threads=2 if long else 1))
     cases += [Case("recipes", name, "bench.cases.recipes:run", {"commands": cmds, "model": model})
               for name, (model, cmds) in GUIDES.items()]
     return cases
