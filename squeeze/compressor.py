@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from squeeze.modeling import WeightMap, as_loaded, build_skeleton, load_config
 from squeeze.passes.base import BlockPass, ModelContext
 from squeeze.evaluation import model_kind
 from squeeze.recipe import Recipe, build_passes, flags_recipe, next_step, resolve_recipe
-from squeeze.report import write_json
+from squeeze.report import peak_rss_mb, write_json
 
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -41,10 +40,6 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     if name not in DTYPES:
         raise SqueezeError(f"bad --dtype {name!r}: use one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _agreed(fn):
@@ -123,11 +118,11 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         pass_settings["resume"], resume = str(resume), False
 
     is_default = model is None
+    nothing_set = all(v is None or v is False for v in pass_settings.values())  # no pass setting was given
     if is_default:
         model = defaults.default_model_path()
         nsamples = nsamples or defaults.DEFAULT_NSAMPLES
         seqlen = seqlen or defaults.DEFAULT_SEQLEN
-        nothing_set = all(v is None or v is False for v in pass_settings.values())
         if method is None and recipe is None:  # the best 2:4 that takes about a minute (recipes/quick-2of4.yaml)
             if pattern is None and sparsity is None and nothing_set:
                 recipe = None if quantize else defaults.DEFAULT_RECIPE  # --quantize alone: quantization alone
@@ -169,8 +164,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
             return _then_recover(plan, None if is_default else model, out, overwrite, json_path, keep_in_memory,
                                  eval_data, eval_rows, sweep, resume)
         entries = list(plan.passes)
-    elif method is None and quantize and pattern is None and sparsity is None \
-            and all(v is None or v is False for v in pass_settings.values()):
+    elif method is None and quantize and pattern is None and sparsity is None and nothing_set:
         entries = []  # quantization alone
     else:
         entries = flags_recipe(method, pattern, sparsity, **pass_settings)

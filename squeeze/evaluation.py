@@ -210,7 +210,7 @@ def evaluate(model, data: str = "builtin-eval", reference=None, max_rows: int | 
         from squeeze.act_stats import activation_stats as _act_stats
 
         report["activation_stats"] = _act_stats(m, rows, threshold=act_threshold)
-    from squeeze.compressor import peak_rss_mb
+    from squeeze.report import peak_rss_mb
 
     report["seconds"] = round(time.perf_counter() - t0, 3)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)

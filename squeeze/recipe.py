@@ -15,6 +15,7 @@ Shipped recipes (``recipes/*.yaml``, the package ``squeeze.recipes``) are select
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -59,27 +60,22 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_loader())
 
 
-_LOADER = None
-
-
+@functools.cache
 def _loader():
-    global _LOADER
-    if _LOADER is None:
-        import yaml
+    import yaml
 
-        class RecipeLoader(yaml.SafeLoader):
-            pass
+    class RecipeLoader(yaml.SafeLoader):
+        pass
 
-        int_tag = "tag:yaml.org,2002:int"
-        RecipeLoader.yaml_implicit_resolvers = {
-            ch: [(tag, rx) for tag, rx in rules if tag != int_tag]
-            for ch, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-        # SafeLoader's int rule without its last (sexagesimal) alternative
-        RecipeLoader.add_implicit_resolver(int_tag, re.compile(
-            r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
-            list("-+0123456789"))
-        _LOADER = RecipeLoader
-    return _LOADER
+    int_tag = "tag:yaml.org,2002:int"
+    RecipeLoader.yaml_implicit_resolvers = {
+        ch: [(tag, rx) for tag, rx in rules if tag != int_tag]
+        for ch, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    # SafeLoader's int rule without its last (sexagesimal) alternative
+    RecipeLoader.add_implicit_resolver(int_tag, re.compile(
+        r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+        list("-+0123456789"))
+    return RecipeLoader
 
 
 def _parse(p: Path):

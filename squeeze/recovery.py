@@ -208,7 +208,7 @@ def recover(pruned: str | Path, out: str | Path | None = None, *, reference: str
     """
     t_start = time.perf_counter()
     from squeeze.calib.build import build_calibration, load_tokenizer
-    from squeeze.compressor import peak_rss_mb
+    from squeeze.report import peak_rss_mb
     from squeeze.evaluation import model_kind
     from squeeze.export import TensorSource, check_output_dir, commit, size_report, staging_dir, write_checkpoint
     from squeeze.loading import read_record

@@ -2,14 +2,21 @@
 ``config.json``) and for JSON printed on stdout.
 
 Two-space indent, a trailing newline, and anything JSON does not know (paths, dtypes) as its
-``str``; files are replaced atomically so a reader never sees half a report.
+``str``; files are replaced atomically so a reader never sees half a report. Also the peak memory
+every report carries (:func:`peak_rss_mb`), here so that reporting it imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 from pathlib import Path
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def to_json(obj) -> str:

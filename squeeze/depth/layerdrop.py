@@ -178,7 +178,7 @@ def drop_layers(model_dir, out, remove: int, by: str = "importance", calib: str 
     The report lists the removed and kept layers with their importance scores, sizes, time and memory."""
     import time
 
-    from squeeze.compressor import peak_rss_mb
+    from squeeze.report import peak_rss_mb
 
     t0 = time.perf_counter()
     from squeeze.calib.build import build_calibration

@@ -240,7 +240,7 @@ def finetune(model_dir, out, calib: str = "builtin", distill_from=None, resume: 
     import shutil
 
     shutil.rmtree(sdir, ignore_errors=True)
-    from squeeze.compressor import peak_rss_mb
+    from squeeze.report import peak_rss_mb
 
     return {"out": str(out), "steps": cfg.steps, "resumed_from": trained.start, "losses": history,
             "dropout_rates": rates, **record["training"], **size_report(ckpt, sizes, record),

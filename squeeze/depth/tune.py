@@ -73,7 +73,7 @@ def tune_exit(model_dir, calib: str = "builtin", out=None, exit_layers=None, ks=
 
     import time
 
-    from squeeze.compressor import peak_rss_mb
+    from squeeze.report import peak_rss_mb
 
     t0 = time.perf_counter()
     ckpt = open_dense(model_dir)
