@@ -28,6 +28,54 @@ from squeeze.errors import SqueezeError
 from squeeze.passes.base import Batch, BlockContext, BlockPass, SweepInfo
 
 
+# What one forward of a block may allocate for its intermediate activations (about four tensors
+# of tokens x the block's widest linear output, fp32, alive at once in a gated MLP and its hooks).
+# A calibration batch holds at most the tokens that fit, so a wide model's sweep stays near one
+# block + the calibration activations; models up to an MLP width of 1536 keep 4096-token batches.
+FORWARD_BYTES = 96 << 20
+MAX_BATCH_TOKENS = 4096
+
+
+def forward_tokens(adapter: Adapter) -> int:
+    """Tokens per calibration batch: :data:`FORWARD_BYTES` over the per-token bytes of the widest
+    linear output of a block (read from the skeleton's shapes, nothing loaded)."""
+    widest = max((m.out_features for m in adapter.blocks[0].modules() if isinstance(m, nn.Linear)), default=1)
+    return max(1, min(MAX_BATCH_TOKENS, FORWARD_BYTES // (16 * widest)))
+
+
+def memory_bound(adapter: Adapter, weights, calib: Calibration | None, base_bytes: int) -> dict:
+    """What a streamed sweep (``keep=False``) should peak at, in MB, from the shapes alone: the
+    process before any weight is read (``base_bytes``: the interpreter and its libraries), plus the
+    larger of the capture (the modules outside the blocks in fp32, and the activations) and one
+    block: its fp32 weights twice (the weights, and the solver's and the export's copies of them:
+    scores and masks, Hessians, the cast and packed tensors), its stored bytes (mapped while read),
+    the activations entering and leaving it, and one forward's intermediates
+    (:data:`FORWARD_BYTES`). Embeddings, the LM head and file pages of earlier blocks are not
+    held, so the bound does not grow with the vocabulary or the depth."""
+    model = adapter.model
+
+    def fp32(module) -> int:
+        return sum(p.numel() for p in module.parameters()) * 4
+
+    def stored(prefix: str) -> int:
+        ck = weights.ckpt
+        return sum(ck.headers[ck.key_to_shard[k]][k]["data_offsets"][1] - ck.headers[ck.key_to_shard[k]][k]["data_offsets"][0]
+                   for n, k in weights.to_ckpt.items() if n.startswith(prefix))
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    outside = sum(fp32(model.get_submodule(n)) for n in adapter.non_block_modules()
+                  if model.get_submodule(n) is not head)
+    block = max(fp32(b) for b in adapter.blocks)
+    block_stored = max(stored(f"{adapter.blocks_path}.{i}.") for i in range(len(adapter)))
+    width = max(p.shape[-1] for p in model.get_input_embeddings().parameters()) if hasattr(
+        model, "get_input_embeddings") else 0
+    acts = sum(s.numel() for s in calib.samples) * width * 4 if calib is not None else 0
+    parts = {"interpreter": base_bytes, "block_fp32": block, "block_stored": block_stored,
+             "activations": acts, "forward": FORWARD_BYTES if calib is not None else 0, "outside_fp32": outside}
+    total = base_bytes + max(outside + acts, 2 * block + block_stored + 2 * acts + parts["forward"])
+    return {"total_mb": round(total / 2**20, 1), **{f"{k}_mb": round(v / 2**20, 1) for k, v in parts.items()}}
+
+
 class _StopForward(Exception):
     pass
 
@@ -60,7 +108,7 @@ class RunResult:
 class BlockRunner:
     def __init__(self, model: nn.Module, adapter: Adapter, weights, passes: list[BlockPass],
                  calib: Calibration | None, dtype: torch.dtype = torch.float32, keep: bool = True, spill=None,
-                 on_block=None, batch_tokens: int = 4096, promised: dict[str, dict] | None = None,
+                 on_block=None, batch_tokens: int | None = None, promised: dict[str, dict] | None = None,
                  state=None, saved: dict | None = None):
         self.model, self.adapter, self.weights, self.passes = model, adapter, weights, passes
         # state: a squeeze.resume.SweepState saved after every block; saved: what a killed run
@@ -68,7 +116,7 @@ class BlockRunner:
         self.state, self.saved = state, saved
         self.promised = promised or {}  # linear name -> what the source export promised (e.g. its mask)
         self.calib, self.dtype, self.keep, self.spill, self.on_block = calib, dtype, keep, spill, on_block
-        self.batch_tokens = batch_tokens
+        self.batch_tokens = batch_tokens or forward_tokens(adapter)
         self.result = RunResult()
 
     # -- stages ----------------------------------------------------------------------------
@@ -95,6 +143,26 @@ class BlockRunner:
         return distributed.split(out)
 
     def _capture(self) -> list[Batch]:
+        """Every batch's hidden state entering block 0, and each block's call arguments. The
+        modules outside the blocks (embeddings, final norm) are read for this forward only: a
+        streamed sweep drops them again, so a large vocabulary's fp32 table is not held beside
+        every block (the export copies them from the source)."""
+        head = self._untied_head()
+        outside = [name for name in self.adapter.non_block_modules() if name != head]
+        # a large vocabulary's embedding table alone can take seconds to read
+        with progress.phase("loading weights outside the blocks", total=len(outside), unit="module") as shown:
+            for name in outside:
+                self.weights.materialize(self.model, name, self.dtype)
+                shown.advance()
+        try:
+            return self._record_calls()
+        finally:
+            if not self.keep:
+                for name in outside:
+                    self.weights.release(self.model.get_submodule(name))
+                self.weights.ckpt.close()
+
+    def _record_calls(self) -> list[Batch]:
         blocks = self.adapter.blocks
         originals = list(blocks)
         store: list = []
@@ -166,15 +234,6 @@ class BlockRunner:
     @torch.no_grad()
     def run(self) -> RunResult:
         t0 = time.perf_counter()
-        # The LM head is not needed to reach the blocks (the last recorder stops the forward):
-        # leave it on meta while sweeping, it can be as large as a block.
-        head = self._untied_head()
-        outside = [name for name in self.adapter.non_block_modules() if name != head]
-        # a large vocabulary's embedding table alone can take seconds to read
-        with progress.phase("loading weights outside the blocks", total=len(outside), unit="module") as shown:
-            for name in outside:
-                self.weights.materialize(self.model, name, self.dtype)
-                shown.advance()
         info = SweepInfo(self.adapter, len(self.adapter), self.calib is not None)
         for p in self.passes:
             p.prepare(info)
@@ -192,8 +251,10 @@ class BlockRunner:
                 self._sweep_block(i, n, batches, stages, wants_dense)
                 self._save(i, n, batches)
                 sweep.advance()
-        if self.keep and head:
-            self.weights.materialize(self.model, head, self.dtype)
+        if self.keep:  # the caller gets the whole model: the head (left on meta while sweeping: it can
+            # be as large as a block, and the last recorder stops the forward before it) and, without
+            # calibration, the modules outside the blocks
+            self.weights.materialize(self.model, "", self.dtype)
         self.result.seconds["total"] = time.perf_counter() - t0
         return self.result
 

@@ -187,7 +187,11 @@ def _measured(q: dict | None) -> dict | None:
 def time_line(r: dict) -> str:
     q = r.get("quality") or {}
     extra = f" (+ {q['seconds']:.1f} s scoring quality)" if q.get("measured") and "seconds" in q else ""
-    return f"time: {r['seconds']:.1f} s{extra}, peak RSS {r['peak_rss_mb']:.0f} MB"
+    b = r.get("memory_bound")
+    bound = (f" (streamed: bound {b['total_mb']:.0f} MB = interpreter {b['interpreter_mb']:.0f} + 2 x block "
+             f"{b['block_fp32_mb']:.0f} + stored block {b['block_stored_mb']:.0f} + 2 x activations "
+             f"{b['activations_mb']:.0f} + forward {b['forward_mb']:.0f})") if b else ""
+    return f"time: {r['seconds']:.1f} s{extra}, peak RSS {r['peak_rss_mb']:.0f} MB{bound}"
 
 
 def _size_line(r: dict) -> str:

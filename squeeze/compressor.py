@@ -227,7 +227,13 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         fp32_bytes = sum(p.numel() for p in skeleton.parameters()) * 4
         keep_in_memory = fp32_bytes < 0.25 * psutil.virtual_memory().available
 
-    from squeeze.calib.runner import BlockRunner, RunResult
+    from squeeze.calib.runner import BlockRunner, RunResult, memory_bound
+
+    bound = None
+    if passes and not keep_in_memory:  # streamed: what the peak should stay under, beside the peak
+        import psutil
+
+        bound = memory_bound(adapter, weights, calibration, psutil.Process().memory_info().rss)
 
     writer = distributed.is_writer()  # distributed: only rank 0 stages and writes the export
     state = saved = None
@@ -330,6 +336,8 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     report["done"] = [_chosen(m, stages) for m in methods]
     report["quality"] = _quality(out, ckpt.path, eval_data, eval_rows, methods, calibration)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)  # after scoring: the command's peak, quality included
+    if bound:
+        report["memory_bound"] = bound
     if json_path:
         write_json(json_path, report)
     return CompressResult(out, report, as_loaded(skeleton) if keep_in_memory else None)

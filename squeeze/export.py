@@ -10,6 +10,7 @@ copied from the source, so at most one shard is in memory at a time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import errno
 import json
 import os
@@ -19,13 +20,13 @@ import traceback
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from squeeze import progress
 from squeeze.checkpoint import INDEX_NAME, Checkpoint
 from squeeze.errors import SqueezeError
 from squeeze.report import write_json
 from squeeze.resume import save_tensors
+from squeeze.shard_writer import ShardWriter
 from squeeze.versions import made_with
 
 SIDECAR = "squeeze.safetensors"
@@ -154,6 +155,9 @@ class Spill:
                     if not k.startswith(_SIDECAR_PREFIX):
                         self.where[k] = path
 
+    def has(self, key: str) -> bool:
+        return key in self.where
+
     def get(self, key: str) -> torch.Tensor | None:
         path = self.where.get(key)
         if path is None:
@@ -183,41 +187,37 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | TensorSource |
     weight_map = {}
     stored_packed = getattr(ckpt, "packed", {})  # the source's own packed weights
     out_packed = {}
-    # gathering (spilled, packed, cast) and writing the tensors: the bulk of an export's time
+    # gathering (spilled, packed, cast) and writing the tensors: the bulk of an export's time. Each
+    # shard is planned first (every tensor's name and where it comes from), then written one
+    # tensor at a time, so only the tensor being written is in memory, never the whole shard
     with progress.phase("writing export", total=len(ckpt.key_to_shard), unit="tensor") as shown:
         for shard in ckpt.shards:
-            tensors = {}
-
-            def put(name, t):
-                nonlocal total
-                tensors[name] = t.contiguous()
-                weight_map[name] = shard
-                total += t.numel() * t.element_size()
-
+            plan: list[tuple[str, object]] = []  # (name in the export, a call that reads its tensor)
             for k in [k for k, s in ckpt.key_to_shard.items() if s == shard]:
-                shown.advance()
                 new = keys.get(k, k)
                 if new is None:
                     continue
                 entry = spill.packed.get(k) if spill is not None else None
                 if entry:  # packed by this run: its codec's tensors instead of the dense weight
-                    for name in packed_keys(entry):
-                        put(name, spill.get(name))
+                    plan += [(name, functools.partial(spill.get, name)) for name in packed_keys(entry)]
                     out_packed[new] = entry
-                    continue
-                t = spill.get(k) if spill is not None else None
-                if t is None and k in stored_packed:  # untouched and stored packed: copied as stored
+                elif spill is not None and spill.has(k):
+                    plan.append((new, functools.partial(spill.get, k)))
+                elif k in stored_packed:  # untouched and stored packed: copied as stored
                     entry = renamed_entry(stored_packed[k], k, new)
-                    for old, name in zip(packed_keys(stored_packed[k]), packed_keys(entry)):
-                        put(name, ckpt.raw.get(old))
+                    plan += [(name, functools.partial(ckpt.raw.get, old))
+                             for old, name in zip(packed_keys(stored_packed[k]), packed_keys(entry))]
                     out_packed[new] = entry
-                    continue
-                if t is None:
-                    t = ckpt.get(k)
-                    if spill is not None:
-                        t = spill.cast(k, t)
-                put(new, t)
-            save_file(tensors, str(dest / shard), metadata={"format": "pt"})
+                else:
+                    plan.append((new, functools.partial(_source_tensor, ckpt, spill, k)))
+            with ShardWriter(dest / shard, [name for name, _ in plan], {"format": "pt"}) as w:
+                for name, read in plan:
+                    t = read()
+                    w.add(name, t)
+                    weight_map[name] = shard
+                    total += t.numel() * t.element_size()
+                    del t
+            shown.advance(len([k for k, s in ckpt.key_to_shard.items() if s == shard]))
             sizes[shard] = (dest / shard).stat().st_size
     record.pop("format", None)
     if out_packed:
@@ -229,11 +229,16 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | TensorSource |
     copy_extra_files(ckpt, dest)
     sidecar = {**(spill.sidecar if spill is not None else {}), **(sidecar or {})}
     if sidecar:
-        save_file(sidecar, str(dest / SIDECAR))
+        save_tensors(sidecar, dest / SIDECAR)
         sizes[SIDECAR] = (dest / SIDECAR).stat().st_size
     write_json(dest / RECORD, {**made_with(), **record})
     seal(dest)
     return sizes
+
+
+def _source_tensor(ckpt, spill, key: str) -> torch.Tensor:
+    t = ckpt.get(key)
+    return spill.cast(key, t) if spill is not None else t
 
 
 def write_index(ckpt, dest: Path, weight_map: dict[str, str], total: int) -> None:
@@ -297,6 +302,9 @@ class TensorSource:
         from squeeze.checkpoint import SAFETENSORS_DTYPES
 
         return t.to(SAFETENSORS_DTYPES.get(self.ckpt.dtype_of(key), t.dtype))
+
+    def has(self, key: str) -> bool:
+        return key in self.parts or key in self.tensors
 
     def get(self, key: str) -> torch.Tensor | None:
         if key in self.parts:

@@ -168,11 +168,13 @@ class WeightMap:
         t = self.ckpt.get(key)
         if t.is_floating_point():
             check_finite(t, key, self.ckpt.path)
-            t = t.to(dtype)
+        else:
+            dtype = t.dtype
         # Own, allocator-aligned memory: a tensor read from a file sits at the file's offset, and
         # CPU GEMV kernels round differently at another alignment, so the same weights would give
-        # other last bits than the same model loaded from another file.
-        return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+        # other last bits than the same model loaded from another file. The dtype changes in the
+        # same copy: one new tensor, not a converted one and then its aligned copy.
+        return torch.empty(t.shape, dtype=dtype).copy_(t)
 
     def release(self, module: nn.Module) -> None:
         """Drop the parameters of ``module`` back to meta (frees their memory)."""

@@ -37,32 +37,14 @@ def work_dir(out: str | Path) -> Path:
     return out.parent / f".{out.name}.compress-work"
 
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
-
-
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """A safetensors file written atomically (a reader sees the old file or the whole new one).
     Streamed tensor by tensor from the tensors' own memory: safetensors' ``save_file`` first
     builds the whole file in memory, a second copy of the calibration activations."""
-    names = sorted(tensors)
-    header, offset = {}, 0
-    for name in names:
-        t = tensors[name]
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    if metadata:
-        header["__metadata__"] = metadata
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    from squeeze.shard_writer import save_tensors as write
+
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for name in names:
-            t = tensors[name].detach().contiguous().cpu()
-            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    write(tensors, tmp, metadata)
     _durable_replace(tmp, path)
 
 
