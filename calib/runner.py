@@ -14,6 +14,7 @@ first block changes (OWL) gets a dense pre-sweep (``survey``/``plan``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -101,7 +102,7 @@ class _Recorder(nn.Module):
 @dataclass
 class RunResult:
     linears: dict = field(default_factory=dict)  # per-linear report
-    seconds: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)  # phase -> seconds (BlockRunner._clock)
     forwards_per_block: int = 0
 
 
@@ -152,10 +153,12 @@ class BlockRunner:
         # a large vocabulary's embedding table alone can take seconds to read
         with progress.phase("loading weights outside the blocks", total=len(outside), unit="module") as shown:
             for name in outside:
-                self.weights.materialize(self.model, name, self.dtype)
+                with self._clock("load"):
+                    self.weights.materialize(self.model, name, self.dtype)
                 shown.advance()
         try:
-            return self._record_calls()
+            with self._clock("capture"):
+                return self._record_calls()
         finally:
             if not self.keep:
                 for name in outside:
@@ -196,10 +199,25 @@ class BlockRunner:
         return batches
 
     def _load(self, i: int) -> Block:
-        self.weights.materialize(self.model, f"{self.adapter.blocks_path}.{i}", self.dtype)
+        with self._clock("load"):
+            self.weights.materialize(self.model, f"{self.adapter.blocks_path}.{i}", self.dtype)
         return self.adapter.block(i)
 
+    @contextlib.contextmanager
+    def _clock(self, phase: str):
+        """Add the time spent inside to ``result.seconds[phase]``: where a sweep's time goes (load,
+        capture, statistics, solve, propagate, spill), summed over the blocks."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.result.seconds[phase] = self.result.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
     def _propagate(self, ctx: BlockContext) -> None:
+        with self._clock("propagate"):
+            self._replay_all(ctx)
+
+    def _replay_all(self, ctx: BlockContext) -> None:
         for k, b in enumerate(ctx.batches):
             b.hidden = ctx.replay(batch=k)
             if not torch.isfinite(b.hidden).all():
@@ -221,8 +239,9 @@ class BlockRunner:
         with progress.phase(f"dense pre-sweep ({names})", total=n, unit="block") as shown:
             for i in range(n):
                 ctx = BlockContext(self._load(i), batches)
-                for p in surveyors:
-                    values[id(p)].append(p.survey(ctx))
+                with self._clock("statistics"):
+                    for p in surveyors:
+                        values[id(p)].append(p.survey(ctx))
                 if i < n - 1:
                     self._propagate(ctx)
                 self.weights.release(ctx.block.module)
@@ -233,7 +252,6 @@ class BlockRunner:
     # -- the sweep -------------------------------------------------------------------------
     @torch.no_grad()
     def run(self) -> RunResult:
-        t0 = time.perf_counter()
         info = SweepInfo(self.adapter, len(self.adapter), self.calib is not None)
         for p in self.passes:
             p.prepare(info)
@@ -242,20 +260,19 @@ class BlockRunner:
             self._survey(surveyors)
         batches = self._capture() if self.calib is not None else []
         first = self._resume(batches)
-        self.result.seconds["capture"] = time.perf_counter() - t0
         stages = self._stages()
         wants_dense = any(p.wants_dense for p in self.passes)
         n = len(self.adapter)
         with progress.phase("compress", total=n, unit="block", completed=first) as sweep:
             for i in range(first, n):
                 self._sweep_block(i, n, batches, stages, wants_dense)
-                self._save(i, n, batches)
+                with self._clock("spill"):
+                    self._save(i, n, batches)
                 sweep.advance()
         if self.keep:  # the caller gets the whole model: the head (left on meta while sweeping: it can
             # be as large as a block, and the last recorder stops the forward before it) and, without
             # calibration, the modules outside the blocks
             self.weights.materialize(self.model, "", self.dtype)
-        self.result.seconds["total"] = time.perf_counter() - t0
         return self.result
 
     # -- resume ----------------------------------------------------------------------------
@@ -298,21 +315,24 @@ class BlockRunner:
             if any(p.observed(block) for p in work):
                 if self.calib is None:
                     raise SqueezeError(f"{work[0].name} needs calibration data (--calib)")
-                self._stats_forward(ctx, work)
+                with self._clock("statistics"):
+                    self._stats_forward(ctx, work)
+                    if distributed.active():  # distributed: every rank's statistics, combined
+                        for p in work:
+                            p.reduce_statistics(ctx)
                 forwards += 1
-                if distributed.active():  # distributed: every rank's statistics, combined
-                    for p in work:
-                        p.reduce_statistics(ctx)
-            for p in work:
-                p.apply(ctx, p.decide(ctx))
-                self._promise(ctx, p)
+            with self._clock("solve"):
+                for p in work:
+                    p.apply(ctx, p.decide(ctx))
+                    self._promise(ctx, p)
         if batches and i < n - 1:
             self._propagate(ctx)
             forwards += 1
         self.result.forwards_per_block = max(self.result.forwards_per_block, forwards)
         self._record(ctx)
         if self.spill is not None:
-            self.spill(block)
+            with self._clock("spill"):
+                self.spill(block)
         if not self.keep:
             self.weights.release(block.module)
             self.weights.ckpt.close()  # unmap the shard pages read for this block

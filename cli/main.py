@@ -57,6 +57,14 @@ def _skip_unusable_triton() -> None:
         sys.meta_path.insert(0, _NoTriton())
 
 
+def _seconds_since_start() -> float:
+    import time
+
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def _return_freed_memory() -> None:
     """Give every allocation of 1 MB or more (tensors, in practice) its own mapping, unmapped when
     freed. By default glibc raises its mmap threshold to the size of each mapping freed (up to
@@ -244,6 +252,7 @@ def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples,
     verify = verify if verify is not None else model_dir is None
     # without --verify nothing needs the compressed model afterwards: stream the blocks (less memory)
     kwargs.setdefault("keep_in_memory", None if verify else False)
+    startup = _seconds_since_start()  # the interpreter, click and squeeze's imports, before any work
     try:
         result = compress_fn(model_dir, out, **kwargs)
     except KeyboardInterrupt as e:
@@ -256,6 +265,8 @@ def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples,
     if not distributed.is_writer():  # rank 0 verifies, writes the JSON and prints the report
         return
     report = result.report
+    if "seconds_by_phase" in report:
+        report["seconds_by_phase"] = {"startup": round(startup, 3), **report["seconds_by_phase"]}
     if verify:
         from squeeze.cli.report import verify_export
 

@@ -168,6 +168,7 @@ def print_compress_report(r: dict, details: bool = False) -> None:
         *quality_lines(_measured((r.get("recover") or {}).get("quality_before")), "one-shot"),
         *quality_lines(r.get("quality")),
         time_line(r),
+        phases_line(r),
     ]
     v = r.get("verify")
     if v and "reload_max_abs_diff" in v:
@@ -182,6 +183,11 @@ def print_compress_report(r: dict, details: bool = False) -> None:
 
 def _measured(q: dict | None) -> dict | None:
     return q if q and q.get("measured") else None
+
+
+def phases_line(r: dict) -> str:
+    phases = r.get("seconds_by_phase")
+    return ("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())) if phases else ""
 
 
 def time_line(r: dict) -> str:

@@ -139,8 +139,10 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     ct = format == "compressed-tensors"  # swept as for auto, then rewritten in that layout (squeeze.export_ct)
     export_dtype = parse_dtype(dtype)
 
+    t_code = time.perf_counter()
     config = load_config(ckpt, trust_remote_code)
     skeleton = build_skeleton(config, trust_remote_code, attn_implementation="sdpa")
+    phases = {"model code": time.perf_counter() - t_code}  # importing the architecture's modeling code
     family = "decoder" if model_kind(skeleton) == "causal" else "encoder"  # which shipped recipes fit
     plan = None
     if recipe is not None:
@@ -207,8 +209,10 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     weights = WeightMap(skeleton, ckpt)
     calibration = None
     if any(m.needs_calibration for m in methods):
+        t_calib = time.perf_counter()
         calibration = build_calibration(ckpt, config, calib, nsamples, seqlen, seed, packing,
                                         trust_remote_code=trust_remote_code)
+        phases["calibration"] = time.perf_counter() - t_calib
         if calib_generate:  # RAC: the dense model continues every prompt (see squeeze.calib.generate)
             from squeeze.calib.generate import check_settings, generate_calibration
             from squeeze.loading import load
@@ -298,6 +302,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
             if export_dtype else {}
         dest = tmp / ".compact" if ct else tmp  # compressed-tensors: converted from the compact export
         dest.mkdir(exist_ok=True)
+        t_write = time.perf_counter()
         sizes = write_checkpoint(ckpt, dest, spill, updates, record)
         if format == "compressed" and not record.get("format"):  # before commit: nothing reaches --out
             raise SqueezeError("--format compressed: no linear came out sparse or quantized enough to store more "
@@ -313,6 +318,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         for scratch in (tmp / ".spill", tmp / ".compact"):
             shutil.rmtree(scratch, ignore_errors=True)
         commit(tmp, out)
+        phases["write"] = time.perf_counter() - t_write
     if state is not None:
         state.remove()
     report["files"] = sizes
@@ -326,6 +332,9 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
                             "stored_dense": sorted(n for n in result.linears
                                                    if weights.to_ckpt.get(f"{n}.weight") not in spill.packed)}
     report["seconds"] = round(time.perf_counter() - t_start, 3)
+    # where the time went: the sweep's phases summed over the blocks, and the steps around it
+    write_s = phases.pop("write", 0.0)
+    report["seconds_by_phase"] = {k: round(v, 3) for k, v in {**phases, **result.seconds, "write": write_s}.items()}
     nxt = next_step(plan.name if plan else None, family)
     if nxt:
         where = "" if is_default else f" {ckpt.path}"
