@@ -42,6 +42,7 @@ EXAMPLES = {
     "generate": [
         "squeeze generate OUT --prompt-ids 1,2,3 --max-new-tokens 64",
         "squeeze generate OUT --prompt-ids 1,2,3 --max-new-tokens 64 --self-speculative --compare",
+        "squeeze generate OUT --prompt-ids 1,2,3 --compare --reference MODEL_DIR",
     ],
     "drop-layers": [
         "squeeze drop-layers MODEL_DIR --remove 2 --by importance --calib SRC --out OUT",
