@@ -57,6 +57,11 @@ EXAMPLES = {
         "squeeze info OUT",
         "squeeze info OUT --json",
     ],
+    "bench": [
+        "squeeze bench OUT OUT2 --reference MODEL_DIR",
+        "squeeze bench OUT OUT2 --reference MODEL_DIR --rounds 5 --threads 1 --json F --png F.png",
+        "squeeze bench OUT --reference MODEL_DIR --eval-data SRC --new-tokens 64 --prompt-len 32",
+    ],
 }
 
 
