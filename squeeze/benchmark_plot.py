@@ -57,13 +57,13 @@ def plot(report: dict, path) -> Path:
         ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="none", ecolor=colour, lw=1, capsize=3, zorder=4)
         ax.annotate(f"{c['name']}\n{c['method']}, {c['bytes_on_disk'] / 1e6:.3g} MB", (x, y),
                     textcoords="offset points", xytext=(8, 6), fontsize=7)
+    ax.ticklabel_format(axis="x", useOffset=False)  # cosines near 1 read as 0.9999, not "+1" offsets
     ax.set_xlabel(label)
     ax.set_ylabel(f"speed-up vs reference ({report['headline']['what']})")
-    s = report["settings"]
-    ax.set_title(f"squeeze bench: median of {s['rounds']} rounds (bars: min-max), marker area = bytes on disk",
-                 fontsize=9)
-    if measured:
-        ax.margins(x=0.25, y=0.2)
+    rounds = report["settings"]["rounds"]
+    what = f"median of {rounds} rounds (bars: min-max)" if rounds > 1 else "one round"
+    ax.set_title(f"squeeze bench: {what}, marker area = bytes on disk", fontsize=9)
+    ax.margins(x=0.25, y=0.2)  # room for the labels right of and above the markers
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
