@@ -18,21 +18,12 @@ from squeeze.errors import SqueezeError
 from squeeze.runtime.speculative import generate, generate_batch
 
 
-@pytest.fixture(scope="module")
-def pruned(tiny_dir, tiny_calib, tmp_path_factory):
-    """(dense tiny Llama, its Wanda 2:4 export: packed, squeeze.json records the source)."""
-    src = tiny_dir("llama")
-    out = tmp_path_factory.mktemp("bench") / "w24"
-    squeeze.compress(src, out, method="wanda", pattern="2:4", calib=str(tiny_calib), nsamples=4, seqlen=32)
-    return src, out
-
-
 def _files_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def test_bench_sets_an_export_beside_its_reference(pruned, tiny_calib, tmp_path):
-    src, out = pruned
+def test_bench_sets_an_export_beside_its_reference(tiny_pruned, tiny_calib, tmp_path):
+    src, out = tiny_pruned
     js, png = tmp_path / "b.json", tmp_path / "b.png"
     r = CliRunner().invoke(cli, ["bench", str(out), "--reference", str(src), "--rounds", "1", "--new-tokens", "4",
                                  "--prompt-len", "8", "--threads", "1", "--eval-data", str(tiny_calib),
@@ -68,12 +59,12 @@ def test_bench_sets_an_export_beside_its_reference(pruned, tiny_calib, tmp_path)
     assert "squeeze bench" in r.output and "w24" in r.output and "wanda 2:4" in r.output
 
 
-def test_bench_python_api_alternates_rounds(pruned, monkeypatch):
+def test_bench_python_api_alternates_rounds(tiny_pruned, monkeypatch):
     """Rounds alternate reference, model, reference, model (checked on the order the processes ran),
     and medians / spreads are over the rounds."""
     from squeeze import benchmark
 
-    src, out = pruned
+    src, out = tiny_pruned
     order, fake = [], iter(range(100))
 
     def run(spec, name, stem, threads):
@@ -104,10 +95,10 @@ def _run_main(args, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing", "other-arch", "encoder-decode", "context", "no-matplotlib", "rounds"])
-def test_bench_bad_input_is_one_line(case, pruned, tiny_dir, tmp_path, capsys, monkeypatch):
+def test_bench_bad_input_is_one_line(case, tiny_pruned, tiny_dir, tmp_path, capsys, monkeypatch):
     import sys
 
-    src, out = pruned
+    src, out = tiny_pruned
     js = tmp_path / "b.json"
     args = {"missing": [str(tmp_path / "nope"), "--reference", str(src)],
             "other-arch": [str(out), "--reference", str(tiny_dir("gpt2"))],

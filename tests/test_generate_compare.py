@@ -16,15 +16,6 @@ from squeeze.loading import recorded_source
 from squeeze.runtime.speculative import generate
 
 
-@pytest.fixture(scope="module")
-def pruned(tiny_dir, tiny_calib, tmp_path_factory):
-    """(dense tiny Llama, its Wanda 2:4 export, whose squeeze.json records the source)."""
-    src = tiny_dir("llama")
-    out = tmp_path_factory.mktemp("compare") / "w24"
-    squeeze.compress(src, out, method="wanda", pattern="2:4", calib=str(tiny_calib), nsamples=4, seqlen=32)
-    return src, out
-
-
 def _run_main(args, capsys):
     with pytest.raises(SystemExit) as e:
         main(args)
@@ -39,8 +30,8 @@ def _generate(args, tmp_path) -> dict:
     return json.loads(js.read_text())
 
 
-def test_generate_compare_decodes_the_recorded_source(pruned, tmp_path):
-    src, out = pruned
+def test_generate_compare_decodes_the_recorded_source(tiny_pruned, tmp_path):
+    src, out = tiny_pruned
     g = _generate([str(out), "--compare"], tmp_path)
     assert g["compared_with"].startswith(f"source {Path(src).resolve()}")
     theirs = generate(squeeze.load(src), [5, 6, 7], 8)[0, 3:].tolist()
@@ -51,8 +42,8 @@ def test_generate_compare_decodes_the_recorded_source(pruned, tmp_path):
     assert "plain_tokens_per_s" not in g
 
 
-def test_generate_compare_without_a_source_is_plain_decoding_of_itself(pruned, tmp_path):
-    src, _ = pruned
+def test_generate_compare_without_a_source_is_plain_decoding_of_itself(tiny_pruned, tmp_path):
+    src, _ = tiny_pruned
     g = _generate([str(src), "--compare"], tmp_path)
     assert g["compared_with"] == "plain decoding of this model (no source recorded; pass --reference)"
     assert g["identical_to_plain"] is True and "reference_tokens_per_s" not in g
@@ -62,8 +53,8 @@ def test_generate_compare_without_a_source_is_plain_decoding_of_itself(pruned, t
     assert g["identical_prefix"] == 8
 
 
-def test_generate_compare_bad_reference_is_one_line(pruned, tiny_dir, capsys):
-    src, out = pruned
+def test_generate_compare_bad_reference_is_one_line(tiny_pruned, tiny_dir, capsys):
+    src, out = tiny_pruned
     code, err = _run_main(["generate", str(out), "--prompt-ids", "5,6", "--reference", str(tiny_dir("gpt2"))],
                           capsys)
     assert code == 2 and err.startswith("error: ") and "\n" not in err and "gpt2" in err, err
