@@ -165,14 +165,20 @@ def drop_layers(model_dir, remove, by, score, calib, nsamples, seqlen, seed, out
 @click.option("--do-sample", is_flag=True, help="Sample instead of greedy (rejection sampling when speculative).")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="With --do-sample.")
 @click.option("--seed", type=int, default=0, show_default=True, help="With --do-sample.")
-@click.option("--compare", is_flag=True, help="Also run plain decoding and report the speed-up.")
+@click.option("--compare", is_flag=True, help="Also decode the dense source (plain decoding of the checkpoint "
+              "squeeze.json records as the source, or of --reference) and report its tokens/s, the speed-up and the "
+              "share of new tokens identical to its greedy output; with no source recorded, plain decoding of "
+              "MODEL_DIR itself.")
+@click.option("--reference", type=click.Path(), help="The dense checkpoint --compare decodes (implies --compare) "
+              "[default: the source squeeze.json records].")
 @click.option("--json", "json_path", type=click.Path(), help="Write tokens and stats as JSON.")
 def generate(model_dir, prompt, prompt_ids, max_new_tokens, self_speculative, exit_layer, num_speculations,
-             early_exit, exit_threshold, exit_measure, min_exit_layer, do_sample, temperature, seed, compare, json_path):
+             early_exit, exit_threshold, exit_measure, min_exit_layer, do_sample, temperature, seed, compare, reference,
+             json_path):
     """Generate tokens: plain, self-speculative or early exit.
 
     Greedy (or --do-sample) decoding from MODEL_DIR; prints the new tokens, tokens/s and, when
-    self-speculative, the acceptance rate.
+    self-speculative, the acceptance rate. --compare sets it beside the dense source.
     """
     from pathlib import Path
 
@@ -192,6 +198,8 @@ def generate(model_dir, prompt, prompt_ids, max_new_tokens, self_speculative, ex
         ids = tok(prompt)["input_ids"]
     else:
         ids = _ints(prompt_ids, "--prompt-ids")
+    compare = compare or reference is not None
+    ref_dir, compared_with = _compare_target(model_dir, reference) if compare else (None, None)
     model = load(model_dir)
     kw = {"do_sample": do_sample, "temperature": temperature, "seed": seed, "return_stats": True}
     if early_exit:
@@ -205,10 +213,7 @@ def generate(model_dir, prompt, prompt_ids, max_new_tokens, self_speculative, ex
         new = out[0, len(ids):].tolist()
         report = {"new_ids": new, "ids": " ".join(map(str, new)), "mode": "early_exit", **stats}
         if compare:
-            ref, ref_stats = gen(model, ids, max_new_tokens, **kw)
-            report["plain_tokens_per_s"] = ref_stats["tokens_per_s"]
-            report["speedup"] = stats["tokens_per_s"] / max(ref_stats["tokens_per_s"], 1e-9)
-            report["matches_plain"] = sum(a == b for a, b in zip(new, ref[0, len(ids):].tolist())) / len(new)
+            report.update(_compared(model, ref_dir, compared_with, ids, new, stats, max_new_tokens, kw, "matches_plain"))
         if json_path:
             write_json(json_path, report)
         print_kv("generate", report)
@@ -220,20 +225,60 @@ def generate(model_dir, prompt, prompt_ids, max_new_tokens, self_speculative, ex
     if tok is not None:
         report["text"] = tok.decode(new)
     if compare:
-        ref, ref_stats = gen(model, ids, max_new_tokens, **kw)
-        report["plain_tokens_per_s"] = ref_stats["tokens_per_s"]
-        report["speedup"] = stats["tokens_per_s"] / max(ref_stats["tokens_per_s"], 1e-9)
-        if not do_sample:  # sampled outputs agree in distribution only, not token for token
-            report["identical_to_plain"] = bool(torch_equal(ref, out))
+        report.update(_compared(model, ref_dir, compared_with, ids, new, stats, max_new_tokens, kw,
+                                "identical_to_plain"))
     if json_path:
         write_json(json_path, report)
     print_kv("generate", report)
 
 
-def torch_equal(a, b) -> bool:
-    import torch
+def _compare_target(model_dir, reference) -> tuple:
+    """(the dense checkpoint --compare decodes, or None for MODEL_DIR itself; the report's line
+    saying which), settled before any model is loaded so a bad --reference costs nothing."""
+    from pathlib import Path
 
-    return torch.equal(a, b)
+    from squeeze.loading import recorded_source
+
+    if reference is not None:
+        from squeeze.evaluation import check_reference
+
+        check_reference(model_dir, reference)  # a missing folder or another architecture / vocabulary
+        return Path(reference), f"--reference {reference} (plain decoding)"
+    src, why = recorded_source(model_dir)
+    if src is not None:
+        return src, f"source {src} (plain decoding; recorded in squeeze.json)"
+    return None, f"plain decoding of this model ({why}; pass --reference)"
+
+
+def _compared(model, ref_dir, compared_with, ids, new, stats, max_new_tokens, kw, same_key) -> dict:
+    """What --compare adds: the other run's tokens/s, the speed-up over it and how many of the new
+    tokens agree. Against a reference (the dense source): ``reference_tokens_per_s`` and, when
+    greedy, ``identical_to_reference`` (the share of new tokens equal position by position to its
+    greedy output) and ``identical_prefix`` (new tokens before the first difference). Against this
+    model's own plain decoding (nothing recorded): ``plain_tokens_per_s`` and ``same_key``, the
+    check that a lossless mode (self-speculative) reproduces plain decoding, or an early exit's
+    share of matching tokens."""
+    from squeeze.loading import load
+    from squeeze.runtime.speculative import generate as gen
+
+    other = model if ref_dir is None else load(ref_dir)
+    ref, ref_stats = gen(other, ids, max_new_tokens, **kw)
+    theirs = ref[0, len(ids):].tolist()
+    same = [a == b for a, b in zip(new, theirs)]
+    share = sum(same) / max(len(new), len(theirs))
+    out = {"compared_with": compared_with, "speedup": stats["tokens_per_s"] / max(ref_stats["tokens_per_s"], 1e-9)}
+    if ref_dir is None:
+        out["plain_tokens_per_s"] = ref_stats["tokens_per_s"]
+        if same_key == "matches_plain":
+            out[same_key] = share
+        elif not kw["do_sample"]:  # sampled outputs agree in distribution only, not token for token
+            out[same_key] = new == theirs
+        return out
+    out["reference_tokens_per_s"] = ref_stats["tokens_per_s"]
+    if not kw["do_sample"]:
+        out["identical_to_reference"] = share
+        out["identical_prefix"] = same.index(False) if False in same else len(same)
+    return out
 
 
 def _ints(text, flag):

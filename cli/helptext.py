@@ -42,6 +42,7 @@ EXAMPLES = {
     "generate": [
         "squeeze generate OUT --prompt-ids 1,2,3 --max-new-tokens 64",
         "squeeze generate OUT --prompt-ids 1,2,3 --max-new-tokens 64 --self-speculative --compare",
+        "squeeze generate OUT --prompt-ids 1,2,3 --compare --reference MODEL_DIR",
     ],
     "drop-layers": [
         "squeeze drop-layers MODEL_DIR --remove 2 --by importance --calib SRC --out OUT",
@@ -55,6 +56,11 @@ EXAMPLES = {
     "info": [
         "squeeze info OUT",
         "squeeze info OUT --json",
+    ],
+    "bench": [
+        "squeeze bench OUT OUT2 --reference MODEL_DIR",
+        "squeeze bench OUT OUT2 --reference MODEL_DIR --rounds 5 --threads 1 --json F --png F.png",
+        "squeeze bench OUT --reference MODEL_DIR --eval-data SRC --new-tokens 64 --prompt-len 32",
     ],
 }
 

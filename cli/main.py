@@ -5,7 +5,6 @@ User mistakes (:class:`squeeze.SqueezeError`) print one line and exit with code 
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -43,20 +42,6 @@ def _group_size(_ctx, _param, value):
 _PROGRAM = False
 
 
-def _skip_unusable_triton() -> None:
-    """Keep Triton out of a CPU-only `squeeze` process. transformers' modeling code imports
-    torch._dynamo, which imports Triton whenever it is installed (~80 MB of RSS and a second or more
-    at start); without a CUDA device (and outside TRITON_INTERPRET=1, the kernels' CPU test mode)
-    no Triton kernel can run, so squeeze.kernels and torch are told it is not installed (both
-    catch the ImportError and take their CPU paths)."""
-    if "triton" in sys.modules or os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        sys.meta_path.insert(0, _NoTriton())
-
-
 def _seconds_since_start() -> float:
     import time
 
@@ -80,19 +65,11 @@ def _return_freed_memory() -> None:
         pass
 
 
-class _NoTriton:
-    """A meta-path finder under which ``import triton`` (and ``importlib.util.find_spec``) fail as
-    for a package that is not installed."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "triton" or name.startswith("triton."):
-            raise ModuleNotFoundError(f"No module named {name!r} (skipped: no CUDA device)", name=name)
-        return None
-
-
 def _quiet_transformers():
     if _PROGRAM:
-        _skip_unusable_triton()
+        from squeeze.notriton import skip_unusable_triton
+
+        skip_unusable_triton()
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -349,6 +326,7 @@ from squeeze.cli import (
     cmd_convert,  # noqa: F401  (registers `squeeze convert`)
     cmd_recover,  # noqa: F401  (registers `squeeze recover`)
     cmd_recipes,  # noqa: F401  (registers `squeeze recipes`)
+    cmd_bench,  # noqa: F401  (registers `squeeze bench`)
 )
 
 

@@ -6,6 +6,7 @@ Python API::
     result = squeeze.compress("path/to/model", out="pruned", method="wanda", pattern="2:4")
     report = squeeze.evaluate("pruned", data="builtin", reference="path/to/model")
     model = squeeze.load("pruned")
+    figures = squeeze.bench_models(["pruned"], reference="path/to/model")
 """
 
 __version__ = "0.1.0"
@@ -15,7 +16,8 @@ from squeeze.errors import SqueezeError
 # public name -> module that defines it; imported on first use so `import squeeze` stays cheap
 # (the CLI imports torch only when a command runs)
 _API = {"compress": "squeeze.compressor", "evaluate": "squeeze.evaluation", "load": "squeeze.loading",
-        "info": "squeeze.inspection", "recover": "squeeze.recovery", "generate": "squeeze.runtime.speculative"}
+        "info": "squeeze.inspection", "recover": "squeeze.recovery", "generate": "squeeze.runtime.speculative",
+        "bench_models": "squeeze.benchmark"}
 
 
 def __getattr__(name):
@@ -69,4 +71,5 @@ def _register_when_transformers_loads() -> None:
 
 _register_when_transformers_loads()
 
-__all__ = ["SqueezeError", "__version__", "compress", "evaluate", "generate", "info", "load", "recover"]
+__all__ = ["SqueezeError", "__version__", "bench_models", "compress", "evaluate", "generate", "info", "load",
+           "recover"]

@@ -124,10 +124,10 @@ class ActCounter:
         return {"mean": round(sum(self.zeros.values()) / sum(self.total.values()), 4), "layers": layers}
 
 
-def _shape_of(m) -> tuple[str | None, int | None, int | None, str | None]:
-    """(model_type, vocab size, hidden size, name) of a model folder or module, read from its config
-    only (a folder is not loaded for this): what decides whether two models' logits or embeddings
-    can be compared token by token."""
+def shape_of(m) -> tuple[str | None, int | None, int | None, str, str]:
+    """(model_type, vocab size, hidden size, architecture, name) of a model folder or module, read
+    from its config only (a folder is not loaded for this): what decides whether two models' logits
+    or embeddings can be compared token by token."""
     if isinstance(m, nn.Module):
         cfg = m.config.to_dict()
         name = cfg.get("_name_or_path") or type(m).__name__
@@ -144,8 +144,8 @@ def check_reference(model, reference) -> None:
     """Refuse, before either model is loaded, a reference whose scores cannot be set beside the
     model's: another architecture or vocabulary (KL over different token ids is meaningless, and
     the logits do not even have the same width)."""
-    mt, mv, mh, march, mname = _shape_of(model)
-    rt, rv, rh, rarch, rname = _shape_of(reference)
+    mt, mv, mh, march, mname = shape_of(model)
+    rt, rv, rh, rarch, rname = shape_of(reference)
     encoders = not march.endswith(CAUSAL_SUFFIXES) and not rarch.endswith(CAUSAL_SUFFIXES)
     if encoders and (mt, mv) == (rt, rv) and mh != rh:  # cosines need embeddings of one width
         raise SqueezeError(f"--reference {rname} embeds into {rh} dimensions but {mname} into {mh}: the reference "

@@ -29,6 +29,26 @@ def read_record(path: str | Path) -> dict:
         raise SqueezeError(f"{f}: unreadable ({e})") from None
 
 
+def recorded_source(path: str | Path) -> tuple[Path | None, str | None]:
+    """The dense checkpoint an export was made from, by its record's ``source`` (a mapping with
+    ``path`` from compress and recover, a plain path from drop-layers and finetune), followed back
+    through exports made from exports to the first folder that records none. Returns (folder, None),
+    or (None, why not): nothing recorded, or a recorded folder that no longer exists."""
+    here, seen = Path(path).resolve(), set()
+    while True:
+        src = read_record(here).get("source")
+        src = src.get("path") if isinstance(src, dict) else src
+        if not src:
+            return (None, "no source recorded") if here == Path(path).resolve() else (here, None)
+        nxt = Path(src).resolve()
+        if not (nxt / "config.json").is_file():
+            return None, f"source {src} recorded but not found"
+        if nxt in seen or nxt == here:  # a record pointing back at itself: stop where we are
+            return nxt, None
+        seen.add(here)
+        here = nxt
+
+
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
          trust_remote_code: bool = False, attn_implementation: str | None = None,
          sparse24: bool | None = None, quant_kernels: bool | None = None) -> torch.nn.Module:

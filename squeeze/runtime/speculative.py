@@ -20,7 +20,8 @@ chosen, not yet in the cache) at position ``n`` and every cache layer holding ``
 5. crop every cache layer back to the accepted length (rejected drafts leave no trace).
 
 Plain decoding (``self_speculative=False``) uses the same layer runner and cache, so speed
-comparisons are like for like. Batch size 1.
+comparisons are like for like. Batch size 1; :func:`generate_batch` is plain greedy decoding of
+several prompts of one length at once (what ``squeeze bench`` measures at batch 8).
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def generate(model, input_ids, max_new_tokens: int, self_speculative: bool = Fal
     verifies them with the rest; unset values come from the model's squeeze.json
     (``squeeze tune-exit``) or default to L//2 and 4. Greedy output is identical to plain greedy
     decoding. Stops early after ``eos_token_id`` if given. Returns a [1, n + new] LongTensor, or
-    ``(ids, stats)`` with ``return_stats=True`` (tokens/s, acceptance rate, tokens per full
-    forward).
+    ``(ids, stats)`` with ``return_stats=True`` (tokens/s over the whole call, the prompt's
+    ``prefill_seconds`` within it, acceptance rate, tokens per full forward).
     """
     if not isinstance(model, nn.Module):
         from squeeze.loading import load
@@ -133,14 +134,63 @@ def generate(model, input_ids, max_new_tokens: int, self_speculative: bool = Fal
     return (out, stats) if return_stats else out
 
 
+@torch.no_grad()
+def generate_batch(model: nn.Module, input_ids, max_new_tokens: int) -> tuple[torch.Tensor, dict]:
+    """Greedy plain decoding of B prompts of one length at once: ``input_ids`` is [B, n], every row
+    gets ``max_new_tokens`` tokens (no padding, no stop token, so each step is one forward of B
+    tokens, as in batched serving). The loop is :func:`generate`'s plain one on the same layer
+    runner and cache. Returns ([B, n + new] ids, stats): ``prefill_seconds`` (the prompts' forward,
+    which picks the first token of each row), ``decode_seconds`` (the other ``max_new_tokens - 1``
+    steps) and ``tokens_per_s`` = B * (max_new_tokens - 1) / decode_seconds."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise SqueezeError(f"generate_batch takes a [batch, length] tensor of prompt ids; got shape {tuple(ids.shape)}")
+    if max_new_tokens < 1:
+        raise SqueezeError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    model.eval()
+    dev = next(model.parameters()).device
+    ids = ids.to(dev)
+    stack = Stack(model)
+    B, n = ids.shape
+    cache = new_cache()
+    wait = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)  # kernels run asynchronously there
+    t0 = time.perf_counter()
+    h = stack.run(stack.embed(ids), 0, stack.num_layers, torch.arange(n, device=dev), cache)  # (B, n, C)
+    tok = stack.head(h[:, -1]).argmax(-1)  # (B,)
+    wait()
+    t1 = time.perf_counter()
+    out = [tok]
+    for step in range(1, max_new_tokens):  # the token picked at step s - 1 sits at position n + s - 1
+        h = stack.run(stack.embed(tok[:, None]), 0, stack.num_layers, torch.tensor([n + step - 1], device=dev), cache)
+        tok = stack.head(h[:, -1]).argmax(-1)
+        out.append(tok)
+    wait()
+    t2 = time.perf_counter()
+    new = torch.stack(out, 1)  # (B, max_new_tokens)
+    assert new.shape == (B, max_new_tokens)
+    stats = {"batch": B, "new_tokens": max_new_tokens, "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1,
+             "tokens_per_s": B * (max_new_tokens - 1) / max(t2 - t1, 1e-9)}
+    return torch.cat([ids, new], 1), stats
+
+
 def _prefill(stack: Stack, ids: torch.Tensor, cache) -> torch.Tensor:
     h = stack.run(stack.embed(ids[None]), 0, stack.num_layers, torch.arange(ids.numel(), device=ids.device), cache)
     return stack.head(h[:, -1])[0]
 
 
+def _timed_prefill(stack: Stack, ids, cache, picker, stats: dict) -> int:
+    """The first new token; the prefill's seconds go into ``stats`` (``prefill_seconds``), so the
+    decode rate after it can be told apart from the prompt's cost."""
+    t0 = time.perf_counter()
+    tok, _ = picker.pick(_prefill(stack, ids, cache))  # picking a Python int waits for the device
+    stats["prefill_seconds"] = time.perf_counter() - t0
+    return tok
+
+
 def _plain(stack: Stack, ids, max_new, picker, eos, shown):
     cache = new_cache()
-    tok, _ = picker.pick(_prefill(stack, ids, cache))
+    stats = {"mode": "plain"}
+    tok = _timed_prefill(stack, ids, cache, picker, stats)
     out, n = [tok], ids.numel()
     shown.advance()
     while len(out) < max_new and tok != eos:
@@ -150,13 +200,14 @@ def _plain(stack: Stack, ids, max_new, picker, eos, shown):
         out.append(tok)
         n += 1
         shown.advance()
-    return out, {"mode": "plain", "full_forwards": len(out)}
+    return out, {**stats, "full_forwards": len(out)}
 
 
 def _self_speculative(stack: Stack, ids, max_new, E, k, picker, eos, shown):
     L, dev = stack.num_layers, ids.device
     cache = new_cache()
-    tok, _ = picker.pick(_prefill(stack, ids, cache))
+    timing: dict = {}
+    tok = _timed_prefill(stack, ids, cache, picker, timing)
     shown.advance()
     out, n = [tok], ids.numel()  # n = cached positions in every layer; tok sits at position n
     drafted = accepted = iterations = 0
@@ -192,7 +243,7 @@ def _self_speculative(stack: Stack, ids, max_new, E, k, picker, eos, shown):
         shown.advance(len(new))
     return out, {"mode": "self_speculative", "exit_layer": E, "num_speculations": k,
                  "full_forwards": 1 + iterations, "iterations": iterations, "drafted": drafted,
-                 "accepted": accepted, "acceptance_rate": accepted / drafted if drafted else 0.0}
+                 "accepted": accepted, "acceptance_rate": accepted / drafted if drafted else 0.0, **timing}
 
 
 def _accept(logits: torch.Tensor, drafts: list[int], q: list, picker: _Picker) -> tuple[int, int]:
