@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench import harness
 
-SUITES = ("prune", "quality", "quant", "recover", "recipes", "kernels", "act_sparsity", "depth", "vision_tokens", "streaming")
+SUITES = ("prune", "quality", "quant", "recover", "recipes", "kernels", "act_sparsity", "depth", "vision_tokens", "streaming", "cost")
 
 
 def suite_modules():

@@ -67,7 +67,7 @@ def _return_freed_memory() -> None:
 
 def _quiet_transformers():
     if _PROGRAM:
-        from squeeze.notriton import skip_unusable_triton
+        from squeeze.lean import skip_unusable_triton
 
         skip_unusable_triton()
     import transformers
@@ -362,7 +362,10 @@ def main(argv=None):
     _ARGV = list(sys.argv[1:] if argv is None else argv)
     _PROGRAM = argv is None
     if _PROGRAM:
+        from squeeze.lean import skip_scipy
+
         _return_freed_memory()
+        skip_scipy()
     if _rank() > 0:  # one voice: rank 0 shows the progress, the report and the error line
         os.environ["SQUEEZE_PROGRESS"] = "off"
     try:

@@ -101,9 +101,9 @@ def main(spec_path: str, result_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
     if spec["device"] == "cpu":  # as the `squeeze` program: a CPU user's process carries no Triton
-        from squeeze.notriton import skip_unusable_triton
+        from squeeze.lean import skip_unused_packages
 
-        skip_unusable_triton()
+        skip_unused_packages()
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

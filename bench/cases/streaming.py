@@ -123,7 +123,7 @@ def streamed(layers: int, method: str, cap_bytes: int, nsamples: int, seqlen: in
         "cgroup_peak_mb": got["cgroup_peak_mb"], "bound_mb": bound.get("total_mb"),
         "interpreter_mb": bound.get("interpreter_mb"), "block_fp32_mb": bound.get("block_fp32_mb"),
         "peak_over_model": round(peak / 1024 / (model_bytes / 2**20), 3) if done else None,
-        "wall_s": got["wall_s"]}}]
+        "wall_s": got["wall_s"], "phases_s": r.get("seconds_by_phase")}}]
 
 
 CAP = 1_000_000_000  # 1.0 GB (953.7 MiB)
@@ -147,4 +147,16 @@ def table(records) -> str:
                      "peak / model", "wall s"], rows)
 
 
-TABLES = {"streaming": table}
+def table_phases(records) -> str:
+    """Where a streamed compress of each model spends its time (seconds, from its report)."""
+    rows, names = [], []
+    for c in CASES:
+        for r in latest(records, c.suite, c.name):
+            phases = r["metrics"].get("phases_s")
+            if phases:
+                names = names or list(phases)
+                rows.append([r["row"], f"{r['metrics']['model_mb']:.0f}"] + [f"{phases.get(k, 0):.1f}" for k in names])
+    return md_table(["run", "model MiB"] + names, rows) if rows else ""
+
+
+TABLES = {"streaming": table, "streaming-phases": table_phases}
