@@ -50,21 +50,6 @@ def _seconds_since_start() -> float:
     return time.time() - psutil.Process().create_time()
 
 
-def _return_freed_memory() -> None:
-    """Give every allocation of 1 MB or more (tensors, in practice) its own mapping, unmapped when
-    freed. By default glibc raises its mmap threshold to the size of each mapping freed (up to
-    32 MB); after that, a block sweep's activation- and weight-sized tensors come from the heap,
-    which fragments and keeps far more than is live: a streamed compress of a 1.34 GB Llama peaked
-    at 1322 MB of anonymous memory with the default and 761 MB with the threshold fixed
-    (bench/README.md, streaming). glibc only (mallopt's M_MMAP_THRESHOLD = -3); elsewhere a no-op."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)
-    except (OSError, AttributeError):
-        pass
-
-
 def _quiet_transformers():
     if _PROGRAM:
         from squeeze.lean import skip_unusable_triton
@@ -364,7 +349,6 @@ def main(argv=None):
     if _PROGRAM:
         from squeeze.lean import skip_scipy
 
-        _return_freed_memory()
         skip_scipy()
     if _rank() > 0:  # one voice: rank 0 shows the progress, the report and the error line
         os.environ["SQUEEZE_PROGRESS"] = "off"

@@ -196,7 +196,8 @@ def time_line(r: dict) -> str:
     b = r.get("memory_bound")
     bound = (f" (streamed: bound {b['total_mb']:.0f} MB = interpreter {b['interpreter_mb']:.0f} + 2 x block "
              f"{b['block_fp32_mb']:.0f} + stored block {b['block_stored_mb']:.0f} + 2 x activations "
-             f"{b['activations_mb']:.0f} + forward {b['forward_mb']:.0f})") if b else ""
+             f"{b['activations_mb']:.0f} + forward {b['forward_mb']:.0f}"
+             + (f" + Hessians {b['hessians_mb']:.0f}" if b.get("hessians_mb") else "") + ")") if b else ""
     return f"time: {r['seconds']:.1f} s{extra}, peak RSS {r['peak_rss_mb']:.0f} MB{bound}"
 
 

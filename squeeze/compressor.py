@@ -237,7 +237,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     if passes and not keep_in_memory:  # streamed: what the peak should stay under, beside the peak
         import psutil
 
-        bound = memory_bound(adapter, weights, calibration, psutil.Process().memory_info().rss)
+        bound = memory_bound(adapter, weights, calibration, psutil.Process().memory_info().rss, passes)
 
     writer = distributed.is_writer()  # distributed: only rank 0 stages and writes the export
     state = saved = None

@@ -156,3 +156,24 @@ def test_report_has_bound_when_streamed_and_phases(tiny_dir, tiny_calib, tmp_pat
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "s" / "squeeze.json").read_text())["linears"] == \
         json.loads((tmp_path / "k" / "squeeze.json").read_text())["linears"]
+
+
+def test_memory_bound_counts_hessians_of_second_order_passes(tiny_dir):
+    ckpt = Checkpoint(tiny_dir("llama"))
+    model = build_skeleton(load_config(ckpt))
+    adapter, weights = Adapter(model), WeightMap(model, ckpt)
+    calib = Calibration([torch.zeros(24, dtype=torch.long)] * 2, "t", "rows", 24, 0)
+
+    class Second(BlockPass):
+        name, hessians = "test-second-order", True
+
+        def observed(self, block):
+            return list(block.linears.values())
+
+    plain = memory_bound(adapter, weights, calib, 0)
+    second = memory_bound(adapter, weights, calib, 0, [Second()])
+    ins = [lin.in_features for lin in adapter.block(0).linears.values()]
+    square = [n * n * 8 for n in ins]
+    expect = max(sum(square[j:]) + 2 * square[j] for j in range(len(square)))
+    assert plain["hessians_mb"] == 0 and second["hessians_mb"] == round(expect / 2**20, 1)
+    assert second["total_mb"] > plain["total_mb"]

@@ -307,6 +307,9 @@ class BlockPass(Method):
     fresh_statistics: ClassVar[bool] = False
     wants_survey: ClassVar[bool] = False  # survey() each block in a dense pre-sweep, then plan()
     wants_dense: ClassVar[bool] = False  # ctx.dense: the block's weights before any pass changed them
+    # observed linears each get an in x in float64 Hessian (second-order solvers): what a streamed
+    # sweep's memory bound adds for them (squeeze.calib.runner.memory_bound)
+    hessians: ClassVar[bool] = False
 
     def prepare(self, sweep: SweepInfo) -> None:
         self.sweep = sweep

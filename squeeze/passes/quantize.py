@@ -46,6 +46,7 @@ def default_observer(spec: QuantSpec, solver: str) -> str:
 @register
 class Quantize(BlockPass):
     name = "quantize"
+    hessians = True
     flag = "--quantize"  # with its --group-size / --quant-* flags, alone or after a --method
     fresh_statistics = True  # the Hessian of the block as the passes before left it
     examples = (
@@ -109,8 +110,8 @@ class Quantize(BlockPass):
             masked = {"pattern", "sparsity"} & set(ctx.promises.get(lin.name, {}))
             keep = (w != 0) if masked else None  # a mask promised before: keep it exact
             if self.settings.solver == "obs":
-                h = ctx.scratch(self).pop(lin.name)
-                w_hat, scale, zero = obs_quantize(w, h.matrix(), self.spec, keep=keep,
+                hessian = ctx.scratch(self).pop(lin.name).matrix()  # the sums go once it is made
+                w_hat, scale, zero = obs_quantize(w, hessian, self.spec, keep=keep,
                                                   blocksize=self.settings.blocksize,
                                                   dampening=self.settings.dampening,
                                                   actorder=self.settings.actorder == "static",

@@ -26,6 +26,7 @@ from squeeze.passes.pruning import PruningPass
 @register
 class SparseGPT(PruningPass):
     name = "sparsegpt"
+    hessians = True
     examples = ({"pattern": "2:4"}, {"sparsity": 0.5, "blocksize": 16},
                 {"pattern": "2:4", "mlp_scoring": "dass"})
 
@@ -51,8 +52,9 @@ class SparseGPT(PruningPass):
 
     def prune(self, ctx, linear) -> torch.Tensor:
         s = self.settings
-        h = ctx.scratch(self).pop(linear.name)
-        W, _ = sparsegpt_prune(linear.weight.float(), h.matrix(),
+        # the accumulated sums go as soon as the matrix is made: the largest linear's solve holds
+        # three in x in float64 matrices already (memory_bound)
+        W, _ = sparsegpt_prune(linear.weight.float(), ctx.scratch(self).pop(linear.name).matrix(),
                                sparsity=None if self.nm else self.sparsity_for(linear), nm=self.nm,
                                blocksize=s.blocksize, dampening=s.dampening)
         return W
