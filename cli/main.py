@@ -339,6 +339,35 @@ def _rank() -> int:
 
 
 def main(argv=None):
+    """The `squeeze` program (``argv=None``: the command line), or one command run in-process."""
+    if argv is not None:  # in-process callers (tests, notebooks) keep their interpreter
+        return _run(argv)
+    try:
+        _run(None)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    _leave(code)
+
+
+def _leave(code) -> None:
+    """End the program without tearing the interpreter down: finalizing the thousands of modules
+    torch and transformers import takes about 1.2 s here, after the work is done. What exit would
+    still do that matters runs first: atexit handlers (weakref finalizers among them) and the
+    streams' buffers."""
+    import atexit
+    import os
+
+    if isinstance(code, str):  # sys.exit("message"): printed, status 1, as Python does
+        print(code, file=sys.stderr)
+        code = 1
+    getattr(atexit, "_run_exitfuncs", lambda: None)()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if code is None else int(code))
+
+
+def _run(argv):
     import os
 
     from squeeze.cli.progress import command_sink
