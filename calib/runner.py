@@ -23,6 +23,7 @@ from squeeze.calib.packing import Calibration
 from torch import nn
 
 from squeeze import distributed, progress
+from squeeze.memory import unmap_freed_tensors
 from squeeze.adapters import Adapter, Block
 from squeeze.compat import forward_accepts, forward_takes_any_keyword
 from squeeze.errors import SqueezeError
@@ -44,30 +45,8 @@ def forward_tokens(adapter: Adapter) -> int:
     return max(1, min(MAX_BATCH_TOKENS, FORWARD_BYTES // (16 * widest)))
 
 
-# A block this large (fp32) is swept with freed tensors unmapped (:func:`_unmap_freed_tensors`).
+# A block this large (fp32) is swept with freed tensors unmapped (squeeze.memory)
 LARGE_BLOCK_BYTES = 64 << 20
-_unmapping = False
-
-
-def _unmap_freed_tensors() -> None:
-    """Give every allocation of 1 MB or more its own mapping, returned to the system when freed.
-    By default glibc raises its mmap threshold to the size of each mapping freed (up to 32 MB);
-    after that a sweep's weight- and activation-sized tensors come from the heap, which fragments
-    and keeps far more than is live: a streamed compress of a 1.34 GB Llama (blocks of 172 MiB)
-    peaked at 1322 MB of anonymous memory by default and 761 MB with the threshold fixed, in the
-    same time. With small blocks the extra page faults cost more than they save (a 20M-parameter
-    Llama's sweep took 1.55x as long), so only sweeps of large blocks ask for it, once per process.
-    glibc only (mallopt's M_MMAP_THRESHOLD = -3); elsewhere nothing changes."""
-    global _unmapping
-    if _unmapping:
-        return
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)
-        _unmapping = True
-    except (OSError, AttributeError):
-        pass
 
 
 def memory_bound(adapter: Adapter, weights, calib: Calibration | None, base_bytes: int,
@@ -288,7 +267,7 @@ class BlockRunner:
     @torch.no_grad()
     def run(self) -> RunResult:
         if max(sum(p.numel() for p in b.parameters()) * 4 for b in self.adapter.blocks) >= LARGE_BLOCK_BYTES:
-            _unmap_freed_tensors()
+            unmap_freed_tensors()
         info = SweepInfo(self.adapter, len(self.adapter), self.calib is not None)
         for p in self.passes:
             p.prepare(info)

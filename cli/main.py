@@ -190,6 +190,10 @@ def compress(model_dir, out, method, pattern, sparsity, recipe, calib, nsamples,
     distributed.init_from_env()  # a no-op unless torchrun started this process
     _JOINED.append(distributed)
     from squeeze.cli.report import print_compress_report
+    from squeeze.memory import LARGE_MODEL_BYTES, unmap_freed_tensors, weight_bytes
+
+    if model_dir is not None and weight_bytes(model_dir) >= LARGE_MODEL_BYTES:
+        unmap_freed_tensors()  # before torch allocates anything (squeeze.memory)
     from squeeze.compressor import compress as compress_fn
 
     _quiet_transformers()
