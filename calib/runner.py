@@ -23,72 +23,20 @@ from squeeze.calib.packing import Calibration
 from torch import nn
 
 from squeeze import distributed, progress
-from squeeze.memory import unmap_freed_tensors
+from squeeze.memory import FORWARD_BYTES, LARGE_BLOCK_BYTES, MAX_BATCH_TOKENS, unmap_freed_tensors
 from squeeze.adapters import Adapter, Block
 from squeeze.compat import forward_accepts, forward_takes_any_keyword
 from squeeze.errors import SqueezeError
 from squeeze.passes.base import Batch, BlockContext, BlockPass, SweepInfo
 
 
-# What one forward of a block may allocate for its intermediate activations (about four tensors
-# of tokens x the block's widest linear output, fp32, alive at once in a gated MLP and its hooks).
-# A calibration batch holds at most the tokens that fit, so a wide model's sweep stays near one
-# block + the calibration activations; models up to an MLP width of 1536 keep 4096-token batches.
-FORWARD_BYTES = 96 << 20
-MAX_BATCH_TOKENS = 4096
-
-
 def forward_tokens(adapter: Adapter) -> int:
-    """Tokens per calibration batch: :data:`FORWARD_BYTES` over the per-token bytes of the widest
-    linear output of a block (read from the skeleton's shapes, nothing loaded)."""
+    """Tokens per calibration batch: :data:`~squeeze.memory.FORWARD_BYTES` over the per-token bytes
+    of the widest linear output of a block (read from the skeleton's shapes, nothing loaded), so a
+    wide model's sweep stays near one block + the calibration activations; models up to an MLP
+    width of 1536 keep 4096-token batches."""
     widest = max((m.out_features for m in adapter.blocks[0].modules() if isinstance(m, nn.Linear)), default=1)
     return max(1, min(MAX_BATCH_TOKENS, FORWARD_BYTES // (16 * widest)))
-
-
-# A block this large (fp32) is swept with freed tensors unmapped (squeeze.memory)
-LARGE_BLOCK_BYTES = 64 << 20
-
-
-def memory_bound(adapter: Adapter, weights, calib: Calibration | None, base_bytes: int,
-                 passes: list[BlockPass] = ()) -> dict:
-    """What a streamed sweep (``keep=False``) should peak at, in MB, from the shapes alone: the
-    process before any weight is read (``base_bytes``: the interpreter and its libraries), plus the
-    larger of the capture (the modules outside the blocks in fp32, and the activations) and one
-    block: its fp32 weights twice (the weights, and the solver's and the export's copies of them:
-    scores and masks, Hessians, the cast and packed tensors), its stored bytes (mapped while read),
-    the activations entering and leaving it, and one forward's intermediates
-    (:data:`FORWARD_BYTES`), and the Hessians of second-order ``passes`` (each observed linear's
-    in x in float64 sums are all held after the statistics forward; solving one takes two more
-    matrices of its size: the factor and the inverse). Embeddings, the LM head and file pages of
-    earlier blocks are not held, so the bound does not grow with the vocabulary or the depth."""
-    model = adapter.model
-
-    def fp32(module) -> int:
-        return sum(p.numel() for p in module.parameters()) * 4
-
-    def stored(prefix: str) -> int:
-        ck = weights.ckpt
-        return sum(ck.headers[ck.key_to_shard[k]][k]["data_offsets"][1] - ck.headers[ck.key_to_shard[k]][k]["data_offsets"][0]
-                   for n, k in weights.to_ckpt.items() if n.startswith(prefix))
-
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    outside = sum(fp32(model.get_submodule(n)) for n in adapter.non_block_modules()
-                  if model.get_submodule(n) is not head)
-    block = max(fp32(b) for b in adapter.blocks)
-    block_stored = max(stored(f"{adapter.blocks_path}.{i}.") for i in range(len(adapter)))
-    width = max(p.shape[-1] for p in model.get_input_embeddings().parameters()) if hasattr(
-        model, "get_input_embeddings") else 0
-    acts = sum(s.numel() for s in calib.samples) * width * 4 if calib is not None else 0
-    first = adapter.block(0)
-    observed = {lin.name: lin.in_features for p in passes if p.hessians for lin in p.observed(first)}
-    square = [n * n * 8 for n in observed.values()]
-    # solved in order, each popped when solved: while linear j is solved, j and the later ones are held
-    hessians = max((sum(square[j:]) + 2 * square[j] for j in range(len(square))), default=0)
-    parts = {"interpreter": base_bytes, "block_fp32": block, "block_stored": block_stored,
-             "activations": acts, "forward": FORWARD_BYTES if calib is not None else 0, "hessians": hessians,
-             "outside_fp32": outside}
-    total = base_bytes + max(outside + acts, 2 * block + block_stored + 2 * acts + parts["forward"] + hessians)
-    return {"total_mb": round(total / 2**20, 1), **{f"{k}_mb": round(v / 2**20, 1) for k, v in parts.items()}}
 
 
 class _StopForward(Exception):

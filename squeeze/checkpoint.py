@@ -118,6 +118,10 @@ class Checkpoint:
     def shape_of(self, key: str) -> list[int]:
         return self.headers[self.key_to_shard[key]][key]["shape"]
 
+    def nbytes(self, key: str) -> int:
+        start, end = self.headers[self.key_to_shard[key]][key]["data_offsets"]
+        return end - start
+
     def get(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 

@@ -231,7 +231,8 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         fp32_bytes = sum(p.numel() for p in skeleton.parameters()) * 4
         keep_in_memory = fp32_bytes < 0.25 * psutil.virtual_memory().available
 
-    from squeeze.calib.runner import BlockRunner, RunResult, memory_bound
+    from squeeze.calib.runner import BlockRunner, RunResult
+    from squeeze.memory import memory_bound
 
     bound = None
     if passes and not keep_in_memory:  # streamed: what the peak should stay under, beside the peak

@@ -1,4 +1,6 @@
-"""How freed tensor memory goes back to the system (imports nothing heavy: the CLI calls it first).
+"""The memory of a compress run: how freed tensor memory goes back to the system, and the bound a
+streamed sweep should stay under (:func:`memory_bound`). Imports nothing heavy: the CLI calls it
+before torch loads.
 
 By default glibc raises its mmap threshold to the size of each mapping freed (up to 32 MB); after
 that, a block sweep's weight- and activation-sized tensors come from the heap, which fragments
@@ -15,8 +17,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# checkpoint weight bytes from which the CLI asks for it before loading anything
+# checkpoint weight bytes from which the CLI asks for it before loading anything, and block
+# bytes (fp32) from which the runner does
 LARGE_MODEL_BYTES = 512 << 20
+LARGE_BLOCK_BYTES = 64 << 20
+# What one forward of a block may allocate for its intermediate activations (about four tensors
+# of tokens x the block's widest linear output, fp32, alive at once in a gated MLP and its hooks):
+# calibration batches hold at most the tokens that fit (squeeze.calib.runner.forward_tokens)
+FORWARD_BYTES = 96 << 20
+MAX_BATCH_TOKENS = 4096
 _asked = False
 
 
@@ -40,3 +49,44 @@ def weight_bytes(folder) -> int:
         return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
     except (OSError, TypeError):
         return 0
+
+
+def memory_bound(adapter, weights, calib, base_bytes: int, passes=()) -> dict:
+    """What a streamed sweep (:class:`squeeze.calib.runner.BlockRunner`, ``keep=False``) should
+    peak at, in MB, from the shapes alone (``adapter`` over the skeleton, its
+    :class:`~squeeze.modeling.WeightMap` ``weights``, the calibration ``calib`` or None, the block
+    ``passes``): the process before any weight is read (``base_bytes``: the interpreter and its
+    libraries), plus the larger of the capture (the modules outside the blocks in fp32, and the
+    activations) and one block: its fp32 weights twice (the weights, and the solver's and the
+    export's copies of them: scores and masks, the cast and packed tensors), its stored bytes
+    (mapped while read), the activations entering and leaving it, one forward's intermediates
+    (:data:`FORWARD_BYTES`), and the Hessians of second-order ``passes`` (each observed linear's
+    in x in float64 sums are all held after the statistics forward; solving one takes two more
+    matrices of its size: the factor and the inverse). Embeddings, the LM head and file pages of
+    earlier blocks are not held, so the bound does not grow with the vocabulary or the depth."""
+    model = adapter.model
+
+    def fp32(module) -> int:
+        return sum(p.numel() for p in module.parameters()) * 4
+
+    def stored(prefix: str) -> int:
+        return sum(weights.ckpt.nbytes(k) for n, k in weights.to_ckpt.items() if n.startswith(prefix))
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    outside = sum(fp32(model.get_submodule(n)) for n in adapter.non_block_modules()
+                  if model.get_submodule(n) is not head)
+    block = max(fp32(b) for b in adapter.blocks)
+    block_stored = max(stored(f"{adapter.blocks_path}.{i}.") for i in range(len(adapter)))
+    width = max(p.shape[-1] for p in model.get_input_embeddings().parameters()) if hasattr(
+        model, "get_input_embeddings") else 0
+    acts = sum(s.numel() for s in calib.samples) * width * 4 if calib is not None else 0
+    first = adapter.block(0)
+    observed = {lin.name: lin.in_features for p in passes if p.hessians for lin in p.observed(first)}
+    square = [n * n * 8 for n in observed.values()]
+    # solved in order, each popped when solved: while linear j is solved, j and the later ones are held
+    hessians = max((sum(square[j:]) + 2 * square[j] for j in range(len(square))), default=0)
+    parts = {"interpreter": base_bytes, "block_fp32": block, "block_stored": block_stored,
+             "activations": acts, "forward": FORWARD_BYTES if calib is not None else 0, "hessians": hessians,
+             "outside_fp32": outside}
+    total = base_bytes + max(outside + acts, 2 * block + block_stored + 2 * acts + parts["forward"] + hessians)
+    return {"total_mb": round(total / 2**20, 1), **{f"{k}_mb": round(v / 2**20, 1) for k, v in parts.items()}}

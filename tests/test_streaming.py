@@ -11,13 +11,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from squeeze.calib import Calibration
-from squeeze.calib.runner import FORWARD_BYTES, MAX_BATCH_TOKENS, BlockRunner, forward_tokens, memory_bound
+from squeeze.calib.runner import BlockRunner, forward_tokens
 
 import squeeze
 from squeeze.adapters import Adapter
 from squeeze.checkpoint import Checkpoint
 from squeeze.modeling import WeightMap, build_skeleton, load_config
 from squeeze.passes.base import BlockPass
+from squeeze.memory import FORWARD_BYTES, MAX_BATCH_TOKENS, memory_bound
 from squeeze.shard_writer import ShardWriter
 
 
