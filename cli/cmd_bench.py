@@ -71,10 +71,12 @@ def print_bench(r: dict) -> None:
     speed = ([("decode_tps_b1", "decode tok/s b1"), ("decode_tps_b8", f"decode tok/s b{s['batch']}")] if causal
              else [("prefill_ms_b8", f"forward ms b{s['batch']}")])
     t = Table(title=f"squeeze bench (reference {r['cases'][0]['name']})")
+    # names stay whole however narrow the terminal; the figures fold instead
+    whole = {"case": max(len(c["name"]) for c in r["cases"]), "method": max(len(c["method"]) for c in r["cases"])}
     for col in ["case", "method", *(label for _, label in speed), f"prefill ms ({s['prompt_len']} tok)",
                 "peak RSS MB", "disk MB", *(["ppl", "KL(ref||model)", "greedy match"] if causal
                                             else ["cosine mean", "cosine min"])]:
-        t.add_column(col, justify="left" if col in ("case", "method") else "right", overflow="fold")
+        t.add_column(col, justify="left" if col in whole else "right", overflow="fold", min_width=whole.get(col))
     for c in r["cases"]:
         q = c["quality"] if c["quality"].get("measured") else {}
         quality = ([_num(q.get("ppl")), _num(q.get("kl"), ".4f"), _num(c.get("greedy_match"), ".2f")] if causal

@@ -4,13 +4,15 @@ safetensors' own ``save_file`` takes every tensor of the file at once and serial
 file in memory: for an export shard of a few GB that is the shard twice over, the largest
 allocation of a compress run. The format puts a JSON header (names, dtypes, shapes, byte offsets)
 before the data, and the header may be padded with spaces, so a writer that knows the tensor
-*names* in advance reserves an upper bound on the header's length, streams each tensor's bytes
-after it as they arrive, and writes the real header, padded to the reserved length, at the end.
+*names* in advance reserves room for the header, streams each tensor's bytes after it as they
+arrive, and writes the real header, padded to the reserved length, at the end (or, when it does
+not fit, writes it first into a new file and copies the data after it, in chunks).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -19,9 +21,10 @@ ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", t
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
-# the longest header entry a name can have: quotes, separators, the longest dtype name, 8 dims
-# and 2 offsets of up to 20 digits each
-_ENTRY_BOUND = 64 + 8 * 21 + 2 * 21
+# room reserved per header entry besides its name: the keys, the longest dtype name, 4 dims of up
+# to 10 digits and 2 offsets of up to 15; a header that outgrows it is moved (__exit__)
+_ENTRY_BOUND = 48 + 4 * 11 + 2 * 16
+_COPY_CHUNK = 64 << 20
 
 
 class ShardWriter:
@@ -66,10 +69,24 @@ class ShardWriter:
                 if self.metadata:
                     header["__metadata__"] = self.metadata
                 raw = json.dumps(header, separators=(",", ":")).encode()
-                self.file.seek(0)
-                self.file.write(self.reserve.to_bytes(8, "little") + raw + b" " * (self.reserve - len(raw)))
+                if len(raw) <= self.reserve:
+                    self.file.seek(0)
+                    self.file.write(self.reserve.to_bytes(8, "little") + raw + b" " * (self.reserve - len(raw)))
+                else:  # more dims or digits than reserved for (rare): the header first, the data after it
+                    self._move_data(raw)
         finally:
             self.file.close()
+
+    def _move_data(self, raw: bytes) -> None:
+        raw += b" " * (-len(raw) % 8)
+        moved = self.path.with_name(self.path.name + ".moving")
+        self.file.flush()
+        with open(self.path, "rb") as src, open(moved, "wb") as dst:
+            dst.write(len(raw).to_bytes(8, "little") + raw)
+            src.seek(8 + self.reserve)
+            while chunk := src.read(_COPY_CHUNK):  # in chunks: never the whole data in memory
+                dst.write(chunk)
+        os.replace(moved, self.path)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

@@ -50,6 +50,20 @@ def test_shard_writer_is_a_safetensors_file(tmp_path):
     assert path.stat().st_size - n == ref.stat().st_size - struct.unpack("<Q", ref.read_bytes()[:8])[0]
 
 
+def test_shard_writer_moves_the_data_when_the_header_outgrows_its_room(tmp_path):
+    # 8 dims (4 are reserved for) and offsets past 10^6: the header is written first, the data moved
+    big = {"t": torch.arange(2**18, dtype=torch.int32).reshape(1, 1, 1, 1, 2, 2, 2, 2**15),
+           "u": torch.ones(1, 1, 1, 1, 1, 1, 1, 3)}
+    with ShardWriter(tmp_path / "m.safetensors", list(big)) as w:
+        w.reserve = 16  # as if the names alone had been reserved for
+        w.file.seek(8 + w.reserve)
+        for k, t in big.items():
+            w.add(k, t)
+    back = load_file(str(tmp_path / "m.safetensors"))
+    assert all(torch.equal(back[k], t) for k, t in big.items())
+    assert not list(tmp_path.glob("*.moving"))
+
+
 def test_shard_writer_refuses_unannounced_and_missing(tmp_path):
     t = torch.ones(2)
     with pytest.raises(ValueError, match="not announced"):
