@@ -138,11 +138,11 @@ class ActSparsifier(nn.Module):
         return None if self.mode == "zero" else 1.0 - self._floats()[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last = self._last
-        if last is not None and last[0]() is x and last[1] == x._version:
+        last, ver = self._last, _version(x)
+        if last is not None and last[0]() is x and last[1] == ver:
             return last[2]
         y = self._mask(x)
-        self._last = (weakref.ref(x), x._version, y)
+        self._last = (weakref.ref(x), ver, y)
         return y
 
     def _mask(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,6 +161,12 @@ class ActSparsifier(nn.Module):
             n = math.ceil(self.dense_prefix * x.shape[-2])
             y = torch.cat([x[..., :n, :], y[..., n:, :]], dim=-2)
         return y
+
+
+def _version(x: torch.Tensor) -> int:
+    # inference-mode tensors keep no version counter (reading it raises); they cannot be written
+    # outside inference mode, so their identity is enough
+    return -1 if x.is_inference() else x._version
 
 
 # -- sites -------------------------------------------------------------------------------------
@@ -271,12 +277,12 @@ class _SiteForward:
         # (once per input tensor, shared by the site's consumers) and F.linear.
         sp, st = self._sp, self._state
         if st is not None and st[0] == sp._gen and x.numel() <= st[1] and sp.calibrate_to is None:
-            last = sp._lean_last  # (x, its version, mask of x): decode-size tensors, held strongly
-            if last is not None and last[0] is x and last[1] == x._version:
+            last, ver = sp._lean_last, _version(x)  # (x, its version, mask of x): decode sizes, held strongly
+            if last is not None and last[0] is x and last[1] == ver:
                 y = last[2]
             else:
                 y = x if st[2] is None else torch.hardshrink(x, st[2])
-                sp.__dict__["_lean_last"] = (x, x._version, y)  # not Module.__setattr__: ~2 us
+                sp.__dict__["_lean_last"] = (x, ver, y)  # not Module.__setattr__: ~2 us
             p = self._params
             return F.linear(y, p["weight"], p["bias"])
         return self._call(x)
@@ -342,7 +348,7 @@ def masked_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if sp is None:
         return x
     last = sp._lean_last
-    if last is not None and last[0] is x and last[1] == x._version:
+    if last is not None and last[0] is x and last[1] == _version(x):
         return last[2]
     return sp.forward(x)
 
