@@ -144,11 +144,14 @@ def test_teal_sparse_and_dense_paths_agree_to_rounding(teal_export):
     products in another order, so they agree within in_features * eps(fp32) * sum|x w|."""
     model = squeeze.load(teal_export, runtime="sparse")
     name, lin = next((n, m) for n, m in act_sparse.consumers(model).items() if n.endswith("down_proj"))
+    assert "_squeeze_wt" not in lin.__dict__  # the kernel's transposed copy: built on first sparse call
     sp = lin.__dict__["_squeeze_sparsifier"]
     x = act_sparse.synthetic_input(sp, lin.in_features, 0.4, torch.float32)
     with torch.no_grad():
         sparse = lin(x)
+        assert "_squeeze_wt" in lin.__dict__
         act_sparse.set_path(lin, "dense")
+        assert "_squeeze_wt" not in lin.__dict__  # the dense path holds no second copy of the weight
         dense = lin(x)
         xm = act_sparse.masked_input(lin, x)
         bound = lin.in_features * torch.finfo(torch.float32).eps * (xm.abs() @ lin.weight.abs().t())
@@ -175,6 +178,8 @@ def test_auto_decides_from_the_measured_plan(teal_export, monkeypatch):
         model = squeeze.load(teal_export)
         paths = {m.__dict__["forward"].path for m in act_sparse.consumers(model).values()}
         assert paths == {favour}
+        if favour == "dense":  # timing the sparse path left no transposed weight copies behind
+            assert not any("_squeeze_wt" in m.__dict__ for m in act_sparse.consumers(model).values())
         s = model.squeeze_runtime["summary"]["act_sparse"]
         assert s["how"] == "measured"
         assert s["ratio_min"] == pytest.approx(3.0 if favour == "sparse" else 1 / 3, abs=1e-3)

@@ -359,6 +359,8 @@ def set_path(module: nn.Module, path: str) -> None:
     if not isinstance(fwd, _SiteForward):
         raise ValueError(f"{type(module).__name__} has no activation-sparse forward")
     fwd.path = path
+    if path == "dense":  # the sparse path's transposed weight copy (built when the plan timed it)
+        module.__dict__.pop("_squeeze_wt", None)
 
 
 def consumers(model: nn.Module) -> dict[str, nn.Module]:
