@@ -97,7 +97,11 @@ def print_bench(r: dict) -> None:
             + (", greedy match: share of batch-1 new tokens equal to the reference's" if causal else ""))
     else:
         say(f"quality: {ref_q.get('reason')}")
+    from squeeze.cli.report import runtime_lines
+
     for c in r["cases"]:
+        for line in runtime_lines(c.get("runtime") or {}):
+            say(f"{c['name']} run-time: {line}")
         if c.get("decode_mode", "plain") != "plain":
             say(f"{c['name']} decodes {c['decode_mode']} at batch 1")
         sparsity = (c["quality"].get("act_sparsity") or {}).get("mean")

@@ -185,7 +185,7 @@ def generate(model_dir, prompt, prompt_ids, max_new_tokens, self_speculative, ex
     from squeeze.cli.report import print_kv
 
     from squeeze.calib.build import load_tokenizer
-    from squeeze.runtime.speculative import generate as gen
+    from squeeze.runtime.speculative import generate as gen, saved_settings
     from squeeze.loading import load
 
     _quiet_transformers()
@@ -222,6 +222,10 @@ def generate(model_dir, prompt, prompt_ids, max_new_tokens, self_speculative, ex
                      num_speculations=num_speculations, **kw)
     new = out[0, len(ids):].tolist()
     report = {"new_ids": new, "ids": " ".join(map(str, new)), **stats}
+    recorded = saved_settings(model).get("speedup")
+    if recorded is not None and float(recorded) < 1.0:  # plain is the default; say why when it is asked for
+        report["note"] = (f"tune-exit measured its self-speculative settings at {float(recorded):.2f}x plain "
+                          "decoding" + ("" if self_speculative else "; decoding plain (pass --self-speculative to try)"))
     if tok is not None:
         report["text"] = tok.decode(new)
     if compare:

@@ -56,6 +56,7 @@ EXAMPLES = {
     "info": [
         "squeeze info OUT",
         "squeeze info OUT --json",
+        "squeeze info OUT --threads 1",
     ],
     "bench": [
         "squeeze bench OUT OUT2 --reference MODEL_DIR",

@@ -292,15 +292,23 @@ def eval_cmd(model_dir, data, reference, max_rows, seqlen, json_path, flops, flo
 @cli.command(epilog=examples("info"))
 @click.argument("model_dir")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def info(model_dir, as_json):
+@click.option("--threads", type=int, help="torch threads the run-time plan is made for [default: torch's].")
+def info(model_dir, as_json, threads):
     """Show a checkpoint's sparsity, sizes and what squeeze did.
 
     Per-linear sparsity and pattern validity, file sizes, and the squeeze.json record (passes,
-    settings, versions) of MODEL_DIR.
+    settings, versions) of MODEL_DIR; for run-times with a sparse and a dense path (TEAL/WINA,
+    dReLU, 2:4 on CPU), which one squeeze.load picks on this machine and the measured speed-up.
     """
     from squeeze.inspection import info as info_fn
 
     _quiet_transformers()
+    if threads is not None:
+        if threads < 1:
+            raise SqueezeError(f"--threads must be >= 1; got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     report = info_fn(model_dir)
     if as_json:
         print_json(report)

@@ -251,6 +251,20 @@ def print_info(r: dict) -> None:
         console.print("calibration: " + (_entry_line(cal) if cal else "none"))
         made = sq.get("made_with") or {}
         console.print("made with: " + ", ".join(f"{k.removesuffix('_version')} {made.get(k) or '?'}" for k in made))
+    rt = r.get("runtime")
+    if rt:
+        console.print(f"run-time paths on this machine ({rt.get('threads')} threads, runtime {rt.get('mode')}):")
+        for line in runtime_lines(rt):
+            console.print("  " + line)
+
+
+def runtime_lines(rt: dict) -> list[str]:
+    """One line per run-time kind: the path squeeze.load chose and the measured ratio."""
+    from squeeze.runtime.plan import summary_line
+
+    if rt.get("note"):
+        return [rt["note"]]
+    return [summary_line(kind, s) for kind, s in (rt.get("summary") or {}).items()]
 
 
 def _entry_line(entry: dict) -> str:

@@ -36,6 +36,7 @@ def activation_stats(model: nn.Module, rows: list[torch.Tensor], threshold: floa
                      chunks=CHUNKS) -> dict:
     """Per-layer TLS and CLS(c) of the MLP intermediate over ``rows`` (1-D token id tensors)."""
     from squeeze.adapters import Adapter
+    from squeeze.runtime.act_sparse import masked_input
 
     adapter = Adapter(model)
     downs = {}
@@ -47,7 +48,8 @@ def activation_stats(model: nn.Module, rows: list[torch.Tensor], threshold: floa
 
     def hook(i):
         def fn(module, args, out):
-            x = args[0].reshape(-1, args[0].shape[-1])
+            x = masked_input(module, args[0])
+            x = x.reshape(-1, x.shape[-1])
             current[i] = (x.abs() > threshold) if threshold > 0 else (x != 0)
         return fn
 

@@ -246,6 +246,7 @@ def _summary(plan: dict, runs: dict[str, list[dict]]) -> dict:
                "max": {m: max(r[m] for r in rounds) for m in metrics}}
         if "decode_mode" in first:
             row["decode_mode"] = first["decode_mode"]
+        row["runtime"] = first.get("runtime") or {}
         row["quality"] = first.get("quality") or {"measured": False, "reason": plan["skipped"] or "not measured"}
         cases.append(row)
     ref = cases[0]

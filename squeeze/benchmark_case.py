@@ -8,11 +8,12 @@ next one's timings; :mod:`squeeze.benchmark` alternates these processes over the
 
 Causal LMs: ``prefill_ms`` (the batch-1 forward over the prompt, median of :data:`REPEATS`),
 ``decode_tps_b1`` (:func:`squeeze.generate`, the loop of ``squeeze generate``: self-speculative
-when the export records tuned exit settings, plain otherwise; the tokens after the prefill over
+when the export records tuned exit settings measured at a speed-up of at least 1.0, plain otherwise; the tokens after the prefill over
 the time after it) and ``decode_tps_b8`` (:func:`~squeeze.runtime.speculative.generate_batch`,
 greedy, 8 prompts at once). Encoders: ``prefill_ms`` and ``prefill_ms_b8``, the forward over 1
 and 8 prompts. Both: ``peak_rss_mb`` of this process once the speed figures are in (the quality
-score afterwards loads a second model), ``load_s``. A SqueezeError is written as ``{"error": ...}``
+score afterwards loads a second model), ``load_s``, ``runtime`` (the run-time plan ``squeeze.load``
+made: sparse or dense path per kind). A SqueezeError is written as ``{"error": ...}``
 and the process exits with code 2, so the parent can stop with the same one line.
 """
 
@@ -42,7 +43,8 @@ def measure(spec: dict) -> dict:
     t0 = time.perf_counter()
     model = load(spec["path"], dtype=None if spec["dtype"] == "auto" else spec["dtype"], device=device)
     _wait(device)
-    out = {"load_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "dtype": str(model.dtype)}
+    out = {"load_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "dtype": str(model.dtype),
+           "runtime": getattr(model, "squeeze_runtime", None) or {}}
     prompts = torch.tensor(spec["prompts"], dtype=torch.long, device=device)  # (8, prompt_len)
     with torch.no_grad():
         out.update(_causal(model, prompts, spec) if spec["kind"] == "causal" else _encoder(model, prompts, device))
@@ -65,9 +67,9 @@ def _wait(device: str) -> None:
 
 
 def _causal(model, prompts, spec) -> dict:
-    from squeeze.runtime.speculative import generate, generate_batch, saved_settings
+    from squeeze.runtime.speculative import generate, generate_batch, speculative_pays
 
-    speculative = bool(saved_settings(model))  # `squeeze tune-exit` chose exits: that is how it decodes
+    speculative = speculative_pays(model)  # `squeeze tune-exit` chose exits that it measured faster
     one = prompts[0].tolist()
     generate(model, one, 2, self_speculative=speculative)  # warm-up: first-call costs, run-time plans
     generate_batch(model, prompts, 2)
@@ -79,7 +81,14 @@ def _causal(model, prompts, spec) -> dict:
     return {"prefill_ms": prefill * 1e3, "decode_tps_b1": (st["new_tokens"] - 1) / max(decode_s, 1e-9),
             "decode_tps_b8": st8["tokens_per_s"], "new_ids": ids[0, len(one):].tolist(),
             "decode_mode": st["mode"] + (f" (exit layer {st['exit_layer']}, k {st['num_speculations']}, acceptance "
-                                         f"{st['acceptance_rate']:.2f})" if speculative else "")}
+                                         f"{st['acceptance_rate']:.2f})" if speculative else _unused(model))}
+
+
+def _unused(model) -> str:
+    from squeeze.runtime.speculative import saved_settings
+
+    speedup = saved_settings(model).get("speedup")
+    return "" if speedup is None else f" (tune-exit measured self-speculative at {float(speedup):.2f}x: not used)"
 
 
 def _encoder(model, prompts, device) -> dict:

@@ -106,7 +106,9 @@ class ActCounter:
             self.handles.append(mod.register_forward_hook(functools.partial(self._count, layer=layer, weight=weight)))
 
     def _count(self, module, args, out, layer, weight):
-        x = args[0]
+        from squeeze.runtime.act_sparse import masked_input
+
+        x = masked_input(module, args[0])
         tokens = x.numel() // max(x.shape[-1], 1)  # every token counts once, whatever the row lengths
         frac = float((x == 0).sum()) / max(x.numel(), 1)
         self.zeros[layer] = self.zeros.get(layer, 0.0) + frac * weight * tokens

@@ -11,7 +11,12 @@ from squeeze.sparsity import fraction_zero, parse_pattern, satisfies_nm
 from squeeze.versions import KEYS as VERSION_KEYS
 
 
-def info(path, trust_remote_code: bool = False) -> dict:
+PLANNED_KINDS = ("teal", "wina", "drelu")  # record kinds whose run-time has a sparse and a dense path
+
+
+def info(path, trust_remote_code: bool = False, runtime: bool = True) -> dict:
+    """``runtime=True``: also load the model (``squeeze.load``) when its run-time chooses between
+    a sparse and a dense path, and report what the plan for this machine decided."""
     ckpt = open_dense(path)
     config = load_config(ckpt, trust_remote_code)
     skeleton = build_skeleton(config, trust_remote_code)
@@ -51,7 +56,9 @@ def info(path, trust_remote_code: bool = False) -> dict:
             lin_params += w.numel()
             lin_zeros += rec["sparsity"] * w.numel()
     n_params = sum(p.numel() for _, p in skeleton.named_parameters())
-    return {
+    planned = any(e.get("pass") in PLANNED_KINDS for e in record.get("passes") or []) or \
+        any("meta" in e and "quant" not in e for e in (packed or {}).values())
+    out = {
         "path": str(ckpt.path),
         "model_type": config.model_type,
         "architecture": type(skeleton).__name__,
@@ -64,6 +71,23 @@ def info(path, trust_remote_code: bool = False) -> dict:
         "squeeze": {"passes": record.get("passes"), "calibration": record.get("calibration"),
                     "made_with": {k: record.get(k) for k in VERSION_KEYS}} if record else None,
     }
+    if runtime and planned:
+        out["runtime"] = runtime_plan(ckpt.path, trust_remote_code)
+    return out
+
+
+def runtime_plan(path, trust_remote_code: bool = False) -> dict:
+    """What ``squeeze.load`` decides on this machine (threads: torch's current count): per run-time
+    kind, how many modules run the sparse and the dense path, and the measured speed of the sparse
+    path relative to the dense one (from the plan cache when this machine measured it before)."""
+    import torch
+
+    from squeeze.loading import load
+
+    model = load(path, trust_remote_code=trust_remote_code)
+    plan = dict(model.squeeze_runtime)
+    plan.setdefault("threads", torch.get_num_threads())
+    return plan
 
 
 def _file_bytes(folder) -> dict[str, int]:

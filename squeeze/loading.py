@@ -51,7 +51,8 @@ def recorded_source(path: str | Path) -> tuple[Path | None, str | None]:
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
          trust_remote_code: bool = False, attn_implementation: str | None = None,
-         sparse24: bool | None = None, quant_kernels: bool | None = None) -> torch.nn.Module:
+         sparse24: bool | None = None, quant_kernels: bool | None = None,
+         runtime: str | None = None) -> torch.nn.Module:
     """Load a checkpoint (squeeze export or any HF checkpoint folder) ready for inference.
 
     A compressed export is rebuilt from its packed tensors, exactly the dense model the compress
@@ -61,12 +62,22 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     CPU), unless ``quant_kernels=False`` keeps the exact dense path. A compressed-tensors checkpoint
     (``--format compressed-tensors``, or weight-only int4/int8/fp8 from llm-compressor) is decoded by
     squeeze (:mod:`squeeze.formats_ct`) into that exact dense model, without compressed-tensors.
+
+    ``runtime``: "auto" (default, or ``$SQUEEZE_RUNTIME``) gives every run-time with a sparse and
+    a dense path (activation-sparse linears, the dReLU FFN, 2:4 linears on CPU) the one a plan
+    measured on this machine for its shapes says is faster (:mod:`squeeze.runtime.plan`; cached);
+    "sparse" / "dense" force one without measuring. The dense path computes what the export
+    means: thresholded activations stay thresholded. ``sparse24`` set explicitly wins for 2:4.
+    What was decided is ``model.squeeze_runtime``.
     """
+    from squeeze.runtime.plan import resolve_mode
+
+    mode = resolve_mode(runtime)
     with progress.phase(f"loading {Path(path).resolve().name}"):  # seconds to minutes for a large model
-        return _load(path, dtype, device, trust_remote_code, attn_implementation, sparse24, quant_kernels)
+        return _load(path, dtype, device, trust_remote_code, attn_implementation, sparse24, quant_kernels, mode)
 
 
-def _load(path, dtype, device, trust_remote_code, attn_implementation, sparse24, quant_kernels):
+def _load(path, dtype, device, trust_remote_code, attn_implementation, sparse24, quant_kernels, mode="auto"):
     from squeeze.formats import open_dense
     from squeeze.formats_ct import CompressedTensorsView
 
@@ -74,13 +85,17 @@ def _load(path, dtype, device, trust_remote_code, attn_implementation, sparse24,
     config = load_config(ckpt, trust_remote_code)
     record = read_record(ckpt.path)
     packed = getattr(ckpt, "packed", None)
+    on_cpu = torch.device(device).type == "cpu"
+    candidates = []
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     if packed:
         dtype = dtype if isinstance(dtype, torch.dtype) else ckpt.source_dtype()  # the export's
         model = load_dense(ckpt, config, dtype, attn_implementation, trust_remote_code)
-        if sparse24 if sparse24 is not None else torch.device(device).type == "cuda":
+        if sparse24 is True or (sparse24 is None and not on_cpu and mode != "dense"):
             _swap_sparse24(model, ckpt.raw, packed)
+        elif sparse24 is None and on_cpu:
+            candidates += _sparse24_candidates(model, ckpt.raw, packed)
         if quant_kernels is not False and any("quant" in e for e in packed.values()):
             from squeeze.runtime.quant import install as install_quant
 
@@ -105,6 +120,7 @@ def _load(path, dtype, device, trust_remote_code, attn_implementation, sparse24,
                 raise SqueezeError(f"{sidecar}: tensors {missing[:3]} have no place in the loaded model")
             model.load_state_dict(state, strict=False)
     model.squeeze_record = record
+    model.squeeze_runtime = _plan(model, candidates, mode, on_cpu)
     return model.to(device).eval()
 
 
@@ -140,18 +156,72 @@ def load_dense(ckpt, config, dtype: torch.dtype, attn_implementation: str | None
     return model
 
 
-def _swap_sparse24(model, ckpt, packed) -> None:
-    from squeeze.runtime.sparse24 import Sparse24Linear
+def _plan(model, candidates, mode: str, on_cpu: bool) -> dict:
+    """Every run-time's sparse-or-dense decision (:mod:`squeeze.runtime.plan`). Off the CPU the
+    run-time modules keep their device dispatch (Triton where there is a kernel) unless a path is
+    forced."""
+    from squeeze.runtime import act_sparse, drelu
+    from squeeze.runtime.plan import plan, summary
 
+    fast = drelu.fast_mlps(model)
+    # down_proj inside a chunk-sparse FFN never runs its own forward at decode: nothing to plan
+    inside = {id(m) for mlp in fast.values() for m in mlp.modules()}
+    candidates = candidates + drelu.plan_candidates(model) + act_sparse.plan_candidates(model, skip=inside)
+    if not candidates:
+        return {"mode": mode, "decisions": [], "summary": {}}
+    if not on_cpu and mode == "auto":
+        return {"mode": mode, "decisions": [], "summary": {}, "note": "not planned off the CPU"}
+    decisions = plan(candidates, mode)
+    return {"mode": mode, "threads": torch.get_num_threads(), "decisions": [d.as_dict() for d in decisions],
+            "summary": summary(decisions)}
+
+
+def _packed_24(model, packed) -> dict:
     from squeeze.formats import packed_modules
 
     # 2:4 with quantized values: the quant run-time's (runtime.quant), or decoded
-    by_key = {name: e for name, e in packed_modules(model, packed).items() if "quant" not in e}
-    for name, p in by_key.items():
+    return {name: e for name, e in packed_modules(model, packed).items() if "quant" not in e and "meta" in e}
+
+
+def _sparse24_linear(model, ckpt, name, p):
+    from squeeze.runtime.sparse24 import Sparse24Linear
+
+    old = model.get_submodule(name)
+    values = ckpt.get(p["values"]).to(old.weight.dtype)
+    return Sparse24Linear(values, ckpt.get(p["meta"]), None if old.bias is None else old.bias.data,
+                          p["shape"][1], transposed=p["transposed"])
+
+
+def _replace(model, name, new) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, leaf, new)
+
+
+def _swap_sparse24(model, ckpt, packed) -> None:
+    for name, p in _packed_24(model, packed).items():
+        _replace(model, name, _sparse24_linear(model, ckpt, name, p))
+
+
+def _sparse24_candidates(model, ckpt, packed) -> list:
+    """CPU 2:4 linears: the compressed module (``Sparse24Linear``) against the decoded dense
+    linear the model already holds, on a seeded random decode token; keyed by shape and dtype."""
+    from squeeze.runtime.plan import Candidate
+
+    out = []
+    for name, p in _packed_24(model, packed).items():
         old = model.get_submodule(name)
-        dtype = old.weight.dtype
-        values = ckpt.get(p["values"]).to(dtype)
-        new = Sparse24Linear(values, ckpt.get(p["meta"]), None if old.bias is None else old.bias.data,
-                             p["shape"][1], transposed=p["transposed"])
-        owner, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, leaf, new)
+        w = old.weight
+
+        def bench(_name=name, _p=p, _old=old):
+            new = _sparse24_linear(model, ckpt, _name, _p)
+            x = torch.randn(1, 1, _p["shape"][1], generator=torch.Generator().manual_seed(0)).to(_old.weight.dtype)
+            return (lambda: new(x)), (lambda: _old(x))
+
+        def apply(path, _name=name, _p=p):
+            if path == "sparse":
+                _replace(model, _name, _sparse24_linear(model, ckpt, _name, _p))
+
+        key = ("x".join(map(str, w.shape)), str(w.dtype).removeprefix("torch."),
+               "conv1d" if p["transposed"] else "linear", "tokens=1")
+        out.append(Candidate("sparse24", key, bench, apply))
+    return out

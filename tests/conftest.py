@@ -1,11 +1,17 @@
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# run-time plans (squeeze.runtime.plan) of this session, CLI subprocesses included: not the user's cache
+if "SQUEEZE_CACHE" not in os.environ:
+    os.environ["SQUEEZE_CACHE"] = tempfile.mkdtemp(prefix="squeeze-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SQUEEZE_CACHE"], True)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260k"

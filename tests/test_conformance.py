@@ -143,7 +143,7 @@ def test_conformance(name, example, arch, source, tiny_calib, tmp_path, monkeypa
     info = _check_promise(res.out, recipe, dense_adapter)
 
     want = _outputs(res.model, inputs)
-    loaded = squeeze.load(res.out)
+    loaded = squeeze.load(res.out, runtime="sparse")  # the in-memory model's paths (the plan's: test_runtime_plan)
     torch.testing.assert_close(_outputs(loaded, inputs), want, **EXACT)
     if arch != "llava":  # one token, as in decoding: the run-times' input-sparse paths agree too
         one = {"input_ids": inputs["input_ids"][:1, :1]}

@@ -192,9 +192,12 @@ class BlockContext:
         Linears that share an input get the very same ``x`` object, so statistics can memoise on it."""
         memo: dict = {}
 
+        from squeeze.runtime.act_sparse import masked_input
+
         def hook(module, inputs, out, lin):
-            if memo.get("src") is not inputs[0]:
-                memo["src"], memo["x"] = inputs[0], lin.inputs_2d(inputs[0]).float()
+            x = masked_input(module, inputs[0])  # what it multiplies, after a run-time mask of an earlier pass
+            if memo.get("src") is not x:
+                memo["src"], memo["x"] = x, lin.inputs_2d(x).float()
             fn(lin, memo["x"], out)
 
         handles = [lin.module.register_forward_hook(functools.partial(hook, lin=lin)) for lin in linears]

@@ -8,16 +8,26 @@ and WINA column scale are buffers in ``state_dict`` (the export spills them to t
 ``squeeze.safetensors``; ``squeeze.load`` re-installs the sites and loads them by name). Plain
 ``from_pretrained`` of such an export gives the dense-activation model.
 
-Every consumer of a site gets a forward pre-hook that zeroes its input (shared sites compute the
-mask once per input tensor), and, for small token counts (decode, speculative chunks of up to
-:data:`DECODE_TOKENS`), a forward that hands the masked input to squeeze.kernels' CPU
-input-sparse linear (:mod:`squeeze.kernels.cpu_input_sparse`): it reads only the weight rows of
-active inputs (one bag per token, or the chunk's union gathered once) when its measured plan says
-that beats the dense kernel, and runs the module's own dense forward otherwise. The sparse path
-needs the weight transposed ([in, out]); that copy is built lazily on the first sparse call, so
-memory for those linears doubles only once decoding starts. Sites whose sparsity makes the sparse
-path hopeless for a call's token count go straight to dense without even counting non-zeros, so
-the only per-call cost left is the mask (one fused op for TEAL).
+Every consumer of a site gets its ``forward`` replaced by a :class:`_SiteForward`, which masks
+the input (shared sites compute the mask once per input tensor) and multiplies by one of two paths,
+chosen at load time by a plan measured on this machine for the consumer's shape, dtype, sparsity
+and thread count (:mod:`squeeze.runtime.plan`):
+
+- ``sparse``: for small token counts (decode, speculative chunks of up to :data:`DECODE_TOKENS`)
+  the masked input goes to squeeze.kernels' CPU input-sparse linear
+  (:mod:`squeeze.kernels.cpu_input_sparse`): it reads only the weight rows of active inputs (one
+  bag per token, or the chunk's union gathered once) when the kernel's own break-even says that
+  beats the dense kernel. The sparse path needs the weight transposed ([in, out]); that copy is
+  built lazily on the first sparse call.
+- ``dense``: the same masked input through the module's dense kernel. The export's semantics are
+  kept: the outputs are the thresholded model's (what ``compress`` scored), not the dense source's,
+  so a model gives the same tokens whichever path a machine picks (up to float rounding of the
+  sum order). For a plain TEAL threshold on an ``nn.Linear`` the mask and the GEMM are two calls
+  with no Python between them, so the path costs what the dense model costs plus the mask.
+
+The mask runs inside the consumer's forward, not in a pre-hook (a hook puts every linear call on
+torch's slow dispatch path, ~10% of a decode step at hidden 64): a forward hook on a consumer sees
+its input as given; :func:`masked_input` gives what it multiplies.
 """
 
 from __future__ import annotations
@@ -75,6 +85,7 @@ class ActSparsifier(nn.Module):
         # other sparse sites is calibrated on the activations it will really see.
         self.calibrate_to: float | None = None
         self._last: tuple | None = None  # (weakref to input, its version, output): shared sites
+        self._lean_last: tuple | None = None  # the same for the dense path's decode shortcut
         self._gen = 0
         self._cache: tuple | None = None
 
@@ -93,7 +104,7 @@ class ActSparsifier(nn.Module):
     # Code that writes the buffers in place otherwise must call refresh().
     def refresh(self) -> None:
         self._gen += 1
-        self._last = None
+        self._last = self._lean_last = None
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -127,11 +138,11 @@ class ActSparsifier(nn.Module):
         return None if self.mode == "zero" else 1.0 - self._floats()[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last = self._last
-        if last is not None and last[0]() is x and last[1] == x._version:
+        last, ver = self._last, _version(x)
+        if last is not None and last[0]() is x and last[1] == ver:
             return last[2]
         y = self._mask(x)
-        self._last = (weakref.ref(x), x._version, y)
+        self._last = (weakref.ref(x), ver, y)
         return y
 
     def _mask(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,6 +163,12 @@ class ActSparsifier(nn.Module):
         return y
 
 
+def _version(x: torch.Tensor) -> int:
+    # inference-mode tensors keep no version counter (reading it raises); they cannot be written
+    # outside inference mode, so their identity is enough
+    return -1 if x.is_inference() else x._version
+
+
 # -- sites -------------------------------------------------------------------------------------
 def block_sites(linears: dict, sites=SITES) -> dict[str, tuple]:
     """{site: (host Linear, [consumer Linears])} for the adapter ``Linear``s of one block."""
@@ -165,30 +182,22 @@ def block_sites(linears: dict, sites=SITES) -> dict[str, tuple]:
     return out
 
 
-def _pre_hook(module, args):
-    # .forward, not __call__: nothing hooks a sparsifier, and this runs per linear per token
-    return (module.__dict__["_squeeze_sparsifier"].forward(args[0]),) + args[1:]
-
-
-def install(host, consumers, sparsifier: ActSparsifier) -> None:
-    """Register ``sparsifier`` as ``host.module.act_sparse`` and hook every consumer (adapter
-    ``Linear``s). Idempotent: re-installing replaces the previous sparsifier."""
+def install(host, consumers, sparsifier: ActSparsifier, path: str = "sparse") -> None:
+    """Register ``sparsifier`` as ``host.module.act_sparse`` and give every consumer (adapter
+    ``Linear``s) a masking forward on ``path``. Idempotent: re-installing replaces the previous
+    sparsifier."""
     uninstall(consumers)
     host.module.add_module("act_sparse", sparsifier)
     for lin in consumers:
         m = lin.module
         m.__dict__["_squeeze_sparsifier"] = sparsifier  # not a submodule: one owner in state_dict
         m.__dict__["_squeeze_transposed"] = lin.transposed
-        m.__dict__["_squeeze_hook"] = m.register_forward_pre_hook(_pre_hook)
-        m.forward = _SparseForward(m)
+        m.forward = _SiteForward(m, path)
 
 
 def uninstall(consumers) -> None:
     for lin in consumers:
         m = lin.module
-        h = m.__dict__.pop("_squeeze_hook", None)
-        if h is not None:
-            h.remove()
         m.__dict__.pop("_squeeze_sparsifier", None)
         m.__dict__.pop("_squeeze_wt", None)
         if "forward" in m.__dict__:
@@ -224,28 +233,74 @@ def sparsifiers(model: nn.Module) -> dict[str, ActSparsifier]:
 
 
 # -- decode path -------------------------------------------------------------------------------
-class _SparseForward:
-    """Replaces ``forward`` of a consumer linear (a plain callable, so it is not a submodule).
-    The input is already masked by the pre-hook. Calls of at most :data:`DECODE_TOKENS` tokens on
-    CPU go to squeeze.kernels' input-sparse linear, which reads only the weight rows of active
-    inputs when its measured plan says that beats the dense kernel, and runs this module's own
-    dense forward otherwise."""
+PATHS = ("sparse", "dense")
 
-    def __init__(self, module: nn.Module):
+
+class _SiteForward:
+    """Replaces ``forward`` of a consumer linear (a plain callable, so it is not a submodule): the
+    site's mask, then path ``sparse`` (calls of at most :data:`DECODE_TOKENS` tokens on CPU go to
+    squeeze.kernels' input-sparse linear, which reads only the weight rows of active inputs when
+    its break-even says that beats the dense kernel, and runs this module's own dense forward
+    otherwise) or path ``dense`` (the module's own dense forward on the masked input)."""
+
+    def __init__(self, module: nn.Module, path: str = "sparse"):
+        if path not in PATHS:
+            raise ValueError(f"path {path!r} not in {PATHS}")
         self._module = weakref.ref(module)  # weak: the module holds this object
         self.dense = type(module).forward.__get__(module)
+        self._path = path
         self._plans: dict = {}
+        self._params: dict | None = None  # the module's _parameters (read per call: may be replaced)
+        self._lean = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+        self._sp: ActSparsifier | None = None
+        # dense path, plain nn.Linear, bare TEAL threshold: (sparsifier generation, largest input
+        # numel for which the mask is the bare one, threshold or None for no mask)
+        self._state: tuple | None = None
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        if value not in PATHS:
+            raise ValueError(f"path {value!r} not in {PATHS}")
+        self._path, self._state = value, None
 
     def __deepcopy__(self, memo):
         # copy.deepcopy(model) copies the module first (it is in memo by now): bind to the copy
-        return _SparseForward(memo[id(self._module())])
+        return _SiteForward(memo[id(self._module())], self._path)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # Decode runs this per linear per token, and at hidden 64 every Python step is a visible
+        # share of a few-us GEMV: the dense path's common case is a cached check, the site's mask
+        # (once per input tensor, shared by the site's consumers) and F.linear.
+        sp, st = self._sp, self._state
+        if st is not None and st[0] == sp._gen and x.numel() <= st[1] and sp.calibrate_to is None:
+            last, ver = sp._lean_last, _version(x)  # (x, its version, mask of x): decode sizes, held strongly
+            if last is not None and last[0] is x and last[1] == ver:
+                y = last[2]
+            else:
+                y = x if st[2] is None else torch.hardshrink(x, st[2])
+                sp.__dict__["_lean_last"] = (x, ver, y)  # not Module.__setattr__: ~2 us
+            p = self._params
+            return F.linear(y, p["weight"], p["bias"])
+        return self._call(x)
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
         m = self._module()
-        sp = m.__dict__.get("_squeeze_sparsifier")
+        self._params = m._parameters  # set here: a deep copy builds this object before its module is complete
+        sp = self._sp = m.__dict__.get("_squeeze_sparsifier")
+        if sp is None:
+            return self.dense(x)
+        if self._path == "dense":
+            if self._lean:
+                self._state = _bare_mask(sp, x.shape[-1])
+            return self.dense(sp.forward(x))
+        x = sp.forward(x)
         d = x.shape[-1]
         tokens = x.numel() // max(d, 1)
-        if (sp is None or not sp.sparse_decode or tokens > DECODE_TOKENS or tokens == 0
+        if (not sp.sparse_decode or tokens > DECODE_TOKENS or tokens == 0
                 or torch.is_grad_enabled() or x.device.type != "cpu"):
             return self.dense(x)
         plan = self._plan(sp, tokens, m.weight.dtype)
@@ -272,6 +327,94 @@ class _SparseForward:
                     plan = None
             cache[key] = plan
         return cache[key]
+
+
+def _bare_mask(sp: ActSparsifier, d: int) -> tuple | None:
+    """The dense path's shortcut state for a site whose mask is exactly hardshrink (or nothing)
+    for inputs of up to the returned numel; None for
+    masks that need :meth:`ActSparsifier._mask` (WINA scale, rotation, top-k)."""
+    if sp.rotation.numel() or sp.mode == "topk" or (sp.mode == "threshold" and sp.scale.numel()):
+        return None
+    sparsity, threshold = sp._floats()
+    # decode sizes only (the prompt prefix rule starts above them, and the shared mask is kept)
+    return sp._gen, DECODE_TOKENS * d, None if sp.mode == "zero" or sparsity <= 0.0 else threshold
+
+
+def masked_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a consumer linear multiplies: ``x`` after its site's mask (the mask runs inside the
+    consumer's forward, so a forward hook's ``args[0]`` is the input as given). The site's cached
+    result when the forward just masked this very tensor; ``x`` itself for other modules."""
+    sp = module.__dict__.get("_squeeze_sparsifier")
+    if sp is None:
+        return x
+    last = sp._lean_last
+    if last is not None and last[0] is x and last[1] == _version(x):
+        return last[2]
+    return sp.forward(x)
+
+
+def set_path(module: nn.Module, path: str) -> None:
+    """Switch a consumer linear installed by :func:`install` to ``path``."""
+    fwd = module.__dict__.get("forward")
+    if not isinstance(fwd, _SiteForward):
+        raise ValueError(f"{type(module).__name__} has no activation-sparse forward")
+    fwd.path = path
+    if path == "dense":  # the sparse path's transposed weight copy (built when the plan timed it)
+        module.__dict__.pop("_squeeze_wt", None)
+
+
+def consumers(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: consumer linear} of every installed site."""
+    return {n: m for n, m in model.named_modules() if isinstance(m.__dict__.get("forward"), _SiteForward)}
+
+
+def plan_candidates(model: nn.Module, skip=()) -> list:
+    """One :class:`~squeeze.runtime.plan.Candidate` per consumer linear (``skip``: ids of modules
+    whose forward never runs at decode, e.g. down_proj inside a chunk-sparse FFN). Key: weight
+    shape, dtype, mask kind, bias and the site's kept fraction (to 0.05; mode zero, whose level
+    only the data knows, is measured at half)."""
+    from squeeze.runtime.plan import Candidate
+
+    out = []
+    for name, m in consumers(model).items():
+        if id(m) in skip:
+            continue
+        sp = m.__dict__["_squeeze_sparsifier"]
+        active = sp.expected_active()
+        level = 0.5 if active is None else round(active * 20) / 20
+        kind = "rotated" if sp.rotation.numel() else "weighted" if sp.scale.numel() else sp.mode
+        w = m.weight
+        key = (f"{w.shape[0]}x{w.shape[1]}", str(w.dtype).removeprefix("torch."), kind,
+               "bias" if getattr(m, "bias", None) is not None else "nobias",
+               f"active={level:.2f}", "tokens=1")
+        out.append(Candidate("act_sparse", key, _bench_for(m, sp, level), lambda p, _m=m: set_path(_m, p)))
+    return out
+
+
+def _bench_for(m: nn.Module, sp: ActSparsifier, active: float):
+    def bench():
+        d = m.weight.shape[0] if m.__dict__["_squeeze_transposed"] else m.weight.shape[1]  # Conv1D: [in, out]
+        x = synthetic_input(sp, d, active, m.weight.dtype)
+        return (lambda: _SiteForward(m, "sparse")(x)), (lambda: _SiteForward(m, "dense")(x))
+    return bench
+
+
+def synthetic_input(sp: ActSparsifier, d: int, active: float, dtype: torch.dtype) -> torch.Tensor:
+    """A [1, 1, d] decode input whose mask keeps about ``active`` of its entries: scores (|x|, or
+    |x| * WINA scale, after the rotation) well below the threshold for the dropped ones, well
+    above for the kept ones; a fixed seed, so both paths and every run see the same input."""
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(d, generator=g) < active
+    t = float(sp.threshold) if sp.mode == "threshold" and float(sp.threshold) > 0 else 1.0
+    mag = torch.where(keep, t * (2.0 + torch.rand(d, generator=g)), t * 0.5 * torch.rand(d, generator=g))
+    if sp.mode == "zero":
+        mag = mag * keep
+    z = mag * torch.where(torch.rand(d, generator=g) < 0.5, -1.0, 1.0)
+    if sp.scale.numel():
+        z = z / sp.scale.float().clamp_min(1e-12)
+    if sp.rotation.numel():
+        z = F.linear(z, sp.rotation.float())  # x = z @ R^T, since the site maps x -> x @ R
+    return z.to(dtype).reshape(1, 1, d)
 
 
 def _transposed_weight(m: nn.Module) -> torch.Tensor:

@@ -13,6 +13,7 @@ such an export runs the original SiLU/GELU MLP on ReLU-trained weights: wrong ou
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from squeeze.kernels.chunk_ffn import chunk_sparse_ffn
@@ -65,15 +66,19 @@ DECODE_TOKENS = 8
 
 
 class _ReluFFNForward:
-    """Replaces ``forward`` of a ReLU-fied MLP with separate gate/up/down linears: decode-size
-    calls (<= DECODE_TOKENS tokens, no grad, CPU) run the kernels' chunk-sparse FFN, everything
-    else the module's own forward (with the ReLU hooks)."""
+    """Replaces ``forward`` of a ReLU-fied MLP with separate gate/up/down linears. Path
+    ``sparse``: decode-size calls (<= DECODE_TOKENS tokens, no grad, CPU) run the kernels'
+    chunk-sparse FFN. Path ``dense``: ``down(relu(gate(x)) * relu(up(x)))`` (ReLU of the gate only
+    for the ``relu`` variant) straight through the weights, the very ops the module's own forward
+    and its ReLU hook run, without the hook machinery. Everything else: the module's own forward.
+    Chosen at load time by a measured plan (:mod:`squeeze.runtime.plan`)."""
 
-    def __init__(self, mlp: nn.Module, variant: str):
+    def __init__(self, mlp: nn.Module, variant: str, path: str = "sparse"):
         import weakref
 
         self.mlp = weakref.proxy(mlp)
         self.variant = variant
+        self.path = path
         self.dense = type(mlp).forward.__get__(mlp)
         self._wdt = None
 
@@ -82,6 +87,8 @@ class _ReluFFNForward:
         tokens = x.numel() // x.shape[-1]
         if tokens > DECODE_TOKENS or tokens == 0 or torch.is_grad_enabled() or x.device.type != "cpu":
             return self.dense(x)
+        if self.path == "dense":
+            return relu_ffn(x, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, self.variant)
         wd = m.down_proj.weight
         key = (wd.data_ptr(), wd._version, wd.dtype)
         if self._wdt is None or self._wdt[0] != key:
@@ -93,6 +100,13 @@ class _ReluFFNForward:
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def relu_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+             variant: str) -> torch.Tensor:
+    """The ReLU-fied gated MLP, dense: down(relu(x Wg^T) * up'(x Wu^T)), up' = relu for dReLU."""
+    up = F.linear(x, w_up)
+    return F.linear(torch.relu(F.linear(x, w_gate)) * (torch.relu(up) if variant == "drelu" else up), w_down)
+
+
 def install_fast_path(mlp: nn.Module, variant: str) -> bool:
     """Use the kernels' sparse FFN at decode for a plain gate/up/down MLP without biases."""
     lins = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
@@ -101,6 +115,45 @@ def install_fast_path(mlp: nn.Module, variant: str) -> bool:
     if "forward" not in mlp.__dict__:
         mlp.forward = _ReluFFNForward(mlp, variant)
     return True
+
+
+def fast_mlps(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m.__dict__.get("forward"), _ReluFFNForward)}
+
+
+def set_path(mlp: nn.Module, path: str) -> None:
+    """Switch a ReLU-fied MLP (and the zero-marking site of its down projection, which its own
+    forward runs for calls the fast path hands back) to ``path``."""
+    from squeeze.runtime.act_sparse import set_path as set_site_path
+
+    if path not in ("sparse", "dense"):
+        raise ValueError(f"path {path!r} not in ('sparse', 'dense')")
+    mlp.__dict__["forward"].path = path
+    down = getattr(mlp, "down_proj", None)
+    if down is not None and "_squeeze_sparsifier" in down.__dict__:
+        set_site_path(down, path)
+
+
+def plan_candidates(model: nn.Module) -> list:
+    """One :class:`~squeeze.runtime.plan.Candidate` per ReLU-fied MLP on the fast path, keyed by
+    (hidden, intermediate, dtype, variant); timed on a seeded random decode token through the
+    layer's own weights (the gate decides which neurons are active, as on real tokens)."""
+    from squeeze.runtime.plan import Candidate
+
+    out = []
+    for m in fast_mlps(model).values():
+        fwd = m.__dict__["forward"]
+        i, h = m.gate_proj.weight.shape
+        dtype = m.gate_proj.weight.dtype
+
+        def bench(_m=m, _f=fwd, _h=h, _dtype=dtype):
+            x = torch.randn(1, 1, _h, generator=torch.Generator().manual_seed(0)).to(_dtype)
+            sparse, dense = _ReluFFNForward(_m, _f.variant, "sparse"), _ReluFFNForward(_m, _f.variant, "dense")
+            return (lambda: sparse(x)), (lambda: dense(x))
+
+        key = (f"{h}x{i}", str(dtype).removeprefix("torch."), fwd.variant, "tokens=1")
+        out.append(Candidate("relu_ffn", key, bench, lambda p, _m=m: set_path(_m, p)))
+    return out
 
 
 def convert_block(block, gate, variant: str) -> None:

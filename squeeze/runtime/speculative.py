@@ -79,6 +79,17 @@ def saved_settings(model: nn.Module) -> dict:
     return dict(rec.get(RECORD_KEY) or {})
 
 
+def speculative_pays(model: nn.Module) -> bool:
+    """Whether decoding should be self-speculative when nobody asked: only when ``tune-exit``
+    recorded settings whose measured speed-up over plain decoding is at least 1.0 (settings
+    without a measured speed-up, written by hand, count as asked for)."""
+    saved = saved_settings(model)
+    if not saved:
+        return False
+    speedup = saved.get("speedup")
+    return speedup is None or float(speedup) >= 1.0
+
+
 def resolve_settings(model: nn.Module, num_layers: int, exit_layer, num_speculations) -> tuple[int, int]:
     saved = saved_settings(model)
     E = exit_layer if exit_layer is not None else saved.get("exit_layer", max(1, num_layers // 2))
