@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from squeeze.versions import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "bench" / "results"
@@ -83,18 +85,8 @@ def _git() -> str:
     return sha + ("+dirty" if dirty else "")
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine(threads: int, load_avg: float) -> dict:
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
             "load_avg": round(load_avg, 2)}
 
 

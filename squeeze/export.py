@@ -4,7 +4,7 @@ Everything is written into a temporary sibling folder and renamed into place at 
 failed run leaves nothing behind and an existing output is only replaced when asked. The input
 checkpoint is only ever read. Tensors are written shard by shard, mirroring the source's
 sharding; compressed blocks come from a spill written during the sweep, everything else is
-copied from the source, so at most one shard is in memory at a time.
+copied from the source, one tensor at a time (:class:`~squeeze.shard_writer.ShardWriter`).
 """
 
 from __future__ import annotations

@@ -35,3 +35,17 @@ def made_with() -> dict:
 def without_versions(record: dict) -> dict:
     """A copy of a squeeze.json record without the versions that wrote it (to be re-stamped)."""
     return {k: v for k, v in record.items() if k not in KEYS}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (what a plan or a benchmark row was measured on)."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Callable
 import torch
 
 from squeeze.errors import SqueezeError
+from squeeze.versions import cpu_model
 
 MODES = ("auto", "sparse", "dense")
 ENV_MODE = "SQUEEZE_RUNTIME"
@@ -84,16 +84,6 @@ def resolve_mode(runtime: str | None) -> str:
 
 
 # -- machine and cache -------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def machine(threads: int | None = None) -> dict:
     """What a plan is valid for: the same CPU, torch build and intra-op thread count."""
     return {"cpu": cpu_model(), "torch": torch.__version__,
