@@ -59,8 +59,12 @@ def staging_dir(out: Path):
         if not out_of_space(e):
             raise
         # the failed writer's frames hold spilled tensors, mapped from files in tmp: drop them, or
-        # whoever keeps this error (a caller, a test) keeps the deleted files' space taken
-        traceback.clear_frames(e.__traceback__)
+        # whoever keeps this error (a caller, a test) keeps the deleted files' space taken; the
+        # errors it was raised while handling too (a file's close failing after its write did)
+        seen = e
+        while seen is not None:
+            traceback.clear_frames(seen.__traceback__)
+            seen = seen.__context__
         shutil.rmtree(tmp, ignore_errors=True)
         raise SqueezeError(f"no space left on device writing {out}: the export and its scratch files need more than "
                            f"the {free / 1e6:.1f} MB that were free there; free more space or choose another --out "

@@ -94,8 +94,6 @@ def _load(path, dtype, device, trust_remote_code, attn_implementation, sparse24,
         model = load_dense(ckpt, config, dtype, attn_implementation, trust_remote_code)
         if sparse24 is True or (sparse24 is None and not on_cpu and mode != "dense"):
             _swap_sparse24(model, ckpt.raw, packed)
-        elif sparse24 is None and on_cpu:
-            candidates += _sparse24_candidates(model, ckpt.raw, packed)
         if quant_kernels is not False and any("quant" in e for e in packed.values()):
             from squeeze.runtime.quant import install as install_quant
 
@@ -120,6 +118,8 @@ def _load(path, dtype, device, trust_remote_code, attn_implementation, sparse24,
                 raise SqueezeError(f"{sidecar}: tensors {missing[:3]} have no place in the loaded model")
             model.load_state_dict(state, strict=False)
     model.squeeze_record = record
+    if packed and sparse24 is None and on_cpu:  # after the run-times are installed: see _sparse24_candidates
+        candidates += _sparse24_candidates(model, ckpt.raw, packed)
     model.squeeze_runtime = _plan(model, candidates, mode, on_cpu)
     return model.to(device).eval()
 
@@ -210,6 +210,11 @@ def _sparse24_candidates(model, ckpt, packed) -> list:
     out = []
     for name, p in _packed_24(model, packed).items():
         old = model.get_submodule(name)
+        if "forward" in old.__dict__ or "act_sparse" in old._modules:
+            # a run-time already owns this linear (an activation-sparse site's masking forward, or
+            # the site's thresholds it hosts): replacing the module would drop them, and with them
+            # what the export computes. It keeps the dense weights.
+            continue
         w = old.weight
 
         def bench(_name=name, _p=p, _old=old):
