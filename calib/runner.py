@@ -23,7 +23,7 @@ from squeeze.calib.packing import Calibration
 from torch import nn
 
 from squeeze import distributed, progress
-from squeeze.memory import FORWARD_BYTES, LARGE_BLOCK_BYTES, MAX_BATCH_TOKENS, unmap_freed_tensors
+from squeeze.memory import FORWARD_BYTES, LARGE_BLOCK_BYTES, MAX_BATCH_TOKENS, largest_block_fp32, unmap_freed_tensors
 from squeeze.adapters import Adapter, Block
 from squeeze.compat import forward_accepts, forward_takes_any_keyword
 from squeeze.errors import SqueezeError
@@ -177,15 +177,12 @@ class BlockRunner:
 
     def _propagate(self, ctx: BlockContext) -> None:
         with self._clock("propagate"):
-            self._replay_all(ctx)
-
-    def _replay_all(self, ctx: BlockContext) -> None:
-        for k, b in enumerate(ctx.batches):
-            b.hidden = ctx.replay(batch=k)
-            if not torch.isfinite(b.hidden).all():
-                raise SqueezeError(
-                    f"non-finite activations after block {ctx.index} during calibration; the model or the "
-                    "compression diverged (check the checkpoint, or prune less)")
+            for k, b in enumerate(ctx.batches):
+                b.hidden = ctx.replay(batch=k)
+                if not torch.isfinite(b.hidden).all():
+                    raise SqueezeError(
+                        f"non-finite activations after block {ctx.index} during calibration; the model or the "
+                        "compression diverged (check the checkpoint, or prune less)")
 
     # -- the dense pre-sweep -----------------------------------------------------------------
     @torch.no_grad()
@@ -214,7 +211,7 @@ class BlockRunner:
     # -- the sweep -------------------------------------------------------------------------
     @torch.no_grad()
     def run(self) -> RunResult:
-        if max(sum(p.numel() for p in b.parameters()) * 4 for b in self.adapter.blocks) >= LARGE_BLOCK_BYTES:
+        if largest_block_fp32(self.adapter) >= LARGE_BLOCK_BYTES:
             unmap_freed_tensors()
         info = SweepInfo(self.adapter, len(self.adapter), self.calib is not None)
         for p in self.passes:

@@ -319,7 +319,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         for scratch in (tmp / ".spill", tmp / ".compact"):
             shutil.rmtree(scratch, ignore_errors=True)
         commit(tmp, out)
-        phases["write"] = time.perf_counter() - t_write
+        write_s = time.perf_counter() - t_write
     if state is not None:
         state.remove()
     report["files"] = sizes
@@ -334,7 +334,6 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
                                                    if weights.to_ckpt.get(f"{n}.weight") not in spill.packed)}
     report["seconds"] = round(time.perf_counter() - t_start, 3)
     # where the time went: the sweep's phases summed over the blocks, and the steps around it
-    write_s = phases.pop("write", 0.0)
     report["seconds_by_phase"] = {k: round(v, 3) for k, v in {**phases, **result.seconds, "write": write_s}.items()}
     nxt = next_step(plan.name if plan else None, family)
     if nxt:

@@ -197,7 +197,8 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | TensorSource |
     with progress.phase("writing export", total=len(ckpt.key_to_shard), unit="tensor") as shown:
         for shard in ckpt.shards:
             plan: list[tuple[str, object]] = []  # (name in the export, a call that reads its tensor)
-            for k in [k for k, s in ckpt.key_to_shard.items() if s == shard]:
+            shard_keys = [k for k, s in ckpt.key_to_shard.items() if s == shard]
+            for k in shard_keys:
                 new = keys.get(k, k)
                 if new is None:
                     continue
@@ -221,7 +222,7 @@ def write_checkpoint(ckpt: Checkpoint, dest: Path, spill: Spill | TensorSource |
                     weight_map[name] = shard
                     total += t.numel() * t.element_size()
                     del t
-            shown.advance(len([k for k, s in ckpt.key_to_shard.items() if s == shard]))
+            shown.advance(len(shard_keys))
             sizes[shard] = (dest / shard).stat().st_size
     record.pop("format", None)
     if out_packed:

@@ -51,6 +51,15 @@ def weight_bytes(folder) -> int:
         return 0
 
 
+def fp32_bytes(module) -> int:
+    """What ``module``'s parameters take in float32 (shapes only: works on the meta skeleton)."""
+    return sum(p.numel() for p in module.parameters()) * 4
+
+
+def largest_block_fp32(adapter) -> int:
+    return max(fp32_bytes(b) for b in adapter.blocks)
+
+
 def memory_bound(adapter, weights, calib, base_bytes: int, passes=()) -> dict:
     """What a streamed sweep (:class:`squeeze.calib.runner.BlockRunner`, ``keep=False``) should
     peak at, in MB, from the shapes alone (``adapter`` over the skeleton, its
@@ -66,16 +75,13 @@ def memory_bound(adapter, weights, calib, base_bytes: int, passes=()) -> dict:
     earlier blocks are not held, so the bound does not grow with the vocabulary or the depth."""
     model = adapter.model
 
-    def fp32(module) -> int:
-        return sum(p.numel() for p in module.parameters()) * 4
-
     def stored(prefix: str) -> int:
         return sum(weights.ckpt.nbytes(k) for n, k in weights.to_ckpt.items() if n.startswith(prefix))
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    outside = sum(fp32(model.get_submodule(n)) for n in adapter.non_block_modules()
+    outside = sum(fp32_bytes(model.get_submodule(n)) for n in adapter.non_block_modules()
                   if model.get_submodule(n) is not head)
-    block = max(fp32(b) for b in adapter.blocks)
+    block = largest_block_fp32(adapter)
     block_stored = max(stored(f"{adapter.blocks_path}.{i}.") for i in range(len(adapter)))
     width = max(p.shape[-1] for p in model.get_input_embeddings().parameters()) if hasattr(
         model, "get_input_embeddings") else 0

@@ -41,10 +41,13 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     """A safetensors file written atomically (a reader sees the old file or the whole new one).
     Streamed tensor by tensor from the tensors' own memory: safetensors' ``save_file`` first
     builds the whole file in memory, a second copy of the calibration activations."""
-    from squeeze.shard_writer import save_tensors as write
+    from squeeze.shard_writer import ShardWriter
 
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    write(tensors, tmp, metadata)
+    with ShardWriter(tmp, sorted(tensors), metadata) as w:
+        for name in sorted(tensors):
+            w.add(name, tensors[name])
     _durable_replace(tmp, path)
 
 

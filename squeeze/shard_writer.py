@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
-ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+from squeeze.checkpoint import SAFETENSORS_DTYPES
+
+# the names checkpoint.py reads, and the fp8 ones (stored by quantized exports, never read as floats)
+ST_DTYPES = {**{dtype: name for name, dtype in SAFETENSORS_DTYPES.items()},
+             torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 # room reserved per header entry besides its name: the keys, the longest dtype name, 4 dims of up
 # to 10 digits and 2 offsets of up to 15; a header that outgrows it is moved (__exit__)
@@ -88,9 +90,3 @@ class ShardWriter:
                 dst.write(chunk)
         os.replace(moved, self.path)
 
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """``tensors`` (already in memory) written without safetensors' whole-file serialization copy."""
-    with ShardWriter(path, sorted(tensors), metadata) as w:
-        for name in sorted(tensors):
-            w.add(name, tensors[name])

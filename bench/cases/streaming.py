@@ -36,7 +36,7 @@ def make_llama(out: Path, layers: int, seed: int = 0) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from squeeze.shard_writer import save_tensors
+    from squeeze.resume import save_tensors
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
