@@ -34,6 +34,8 @@ Weight-only quantized linear, CPU (quant_cpu): torch's int8 / int4 ops on the qu
     prepare_int8_cpu(codes, scale) -> Int8CPUWeight | None  (symmetric per-channel int8 only)
     prepare_int4_cpu(u, scale, zero, group_size) -> Int4CPUWeight | None  (sym / asym, groups of 32k)
     int8_linear_cpu(x, prepared, bias=None), int4_linear_cpu(x, prepared, bias=None)  (x [..., K])
+    prepare_int8_rows_cpu(prepared) -> Int8RowsWeight | None, int8_rows_supported(); int8_rows_linear_cpu(x, rows, bias=None, nz=None)
+        (activation-sparse x [T, K]: reads only the codes of non-zero inputs; QUANT_CPU_INT8_BAG_ROWS)
     QUANT_CPU_FAST_DTYPES  (activation dtypes where the ops beat dense F.linear: bfloat16)
 
 Custom ops (torch.compile-traceable, with fake implementations): torch.ops.squeeze.linear_24,
@@ -55,13 +57,18 @@ from .ffn_reference import (
     sparse_ffn_reference,
 )
 from .quant_cpu import FAST_DTYPES as QUANT_CPU_FAST_DTYPES
+from .quant_cpu import INT8_BAG_ROWS as QUANT_CPU_INT8_BAG_ROWS
 from .quant_cpu import (
     Int4CPUWeight,
     Int8CPUWeight,
+    Int8RowsWeight,
     int4_linear_cpu,
     int8_linear_cpu,
+    int8_rows_linear_cpu,
+    int8_rows_supported,
     prepare_int4_cpu,
     prepare_int8_cpu,
+    prepare_int8_rows_cpu,
 )
 from .quant_format import (
     check_quant24_args,
@@ -84,7 +91,9 @@ __all__ = [
     "InputSparsePlan",
     "Int4CPUWeight",
     "Int8CPUWeight",
+    "Int8RowsWeight",
     "QUANT_CPU_FAST_DTYPES",
+    "QUANT_CPU_INT8_BAG_ROWS",
     "SparseFFNWorkspace",
     "act_mul",
     "active_neurons",
@@ -101,6 +110,8 @@ __all__ = [
     "input_sparse_linear_cpu",
     "int4_linear_cpu",
     "int8_linear_cpu",
+    "int8_rows_linear_cpu",
+    "int8_rows_supported",
     "interpreting",
     "is_24_sparse",
     "linear_24",
@@ -108,6 +119,7 @@ __all__ = [
     "pack_24",
     "prepare_int4_cpu",
     "prepare_int8_cpu",
+    "prepare_int8_rows_cpu",
     "pack_int4",
     "quant_bytes",
     "quant_linear",

@@ -150,10 +150,12 @@ def _infer_blocks_path(model: nn.Module) -> str:
     for name, m in model.named_modules():
         if isinstance(m, nn.ModuleList) and len(m) > 0:
             kinds = {type(c).__name__ for c in m}
-            has_linear = any(is_linear(x) for x in m[0].modules())
-            if len(kinds) == 1 and has_linear:
+            is_block = len(kinds) == 1 and next(iter(kinds)) in block_types
+            # a loaded model's blocks may hold only kernel modules (quantized, 2:4) by now: the
+            # model's own block type still names them
+            if len(kinds) == 1 and (is_block or any(is_linear(x) for x in m[0].modules())):
                 numel = sum(p.numel() for p in m.parameters())
-                found.append((kinds.pop() in block_types, numel, name))
+                found.append((is_block, numel, name))
     if not found:
         raise SqueezeError(
             f"cannot find transformer blocks in {type(model).__name__} (model_type "

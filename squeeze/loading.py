@@ -92,12 +92,6 @@ def _load(path, dtype, device, trust_remote_code, attn_implementation, sparse24,
     if packed:
         dtype = dtype if isinstance(dtype, torch.dtype) else ckpt.source_dtype()  # the export's
         model = load_dense(ckpt, config, dtype, attn_implementation, trust_remote_code)
-        if sparse24 is True or (sparse24 is None and not on_cpu and mode != "dense"):
-            _swap_sparse24(model, ckpt.raw, packed)
-        if quant_kernels is not False and any("quant" in e for e in packed.values()):
-            from squeeze.runtime.quant import install as install_quant
-
-            install_quant(model, ckpt.raw, packed, str(device))
     elif isinstance(ckpt, CompressedTensorsView):  # decoded here: loading it needs no compressed-tensors
         del config.quantization_config  # the model is a dense one now (and saves as one)
         dtype = dtype if isinstance(dtype, torch.dtype) else ckpt.source_dtype()
@@ -118,8 +112,15 @@ def _load(path, dtype, device, trust_remote_code, attn_implementation, sparse24,
                 raise SqueezeError(f"{sidecar}: tensors {missing[:3]} have no place in the loaded model")
             model.load_state_dict(state, strict=False)
     model.squeeze_record = record
-    if packed and sparse24 is None and on_cpu:  # after the run-times are installed: see _sparse24_candidates
-        candidates += _sparse24_candidates(model, ckpt.raw, packed)
+    if packed:  # weight kernels after the run-times: a swap carries their state (runtime.swap)
+        if sparse24 is True or (sparse24 is None and not on_cpu and mode != "dense"):
+            _swap_sparse24(model, ckpt.raw, packed)
+        if quant_kernels is not False and any("quant" in e for e in packed.values()):
+            from squeeze.runtime.quant import install as install_quant
+
+            install_quant(model, ckpt.raw, packed, str(device))
+        if sparse24 is None and on_cpu:
+            candidates += _sparse24_candidates(model, ckpt.raw, packed)
     model.squeeze_runtime = _plan(model, candidates, mode, on_cpu)
     return model.to(device).eval()
 
@@ -192,28 +193,25 @@ def _sparse24_linear(model, ckpt, name, p):
                           p["shape"][1], transposed=p["transposed"])
 
 
-def _replace(model, name, new) -> None:
-    owner, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(owner) if owner else model, leaf, new)
-
-
 def _swap_sparse24(model, ckpt, packed) -> None:
+    from squeeze.runtime.swap import replace_linear
+
     for name, p in _packed_24(model, packed).items():
-        _replace(model, name, _sparse24_linear(model, ckpt, name, p))
+        replace_linear(model, name, _sparse24_linear(model, ckpt, name, p))
 
 
 def _sparse24_candidates(model, ckpt, packed) -> list:
     """CPU 2:4 linears: the compressed module (``Sparse24Linear``) against the decoded dense
     linear the model already holds, on a seeded random decode token; keyed by shape and dtype."""
     from squeeze.runtime.plan import Candidate
+    from squeeze.runtime.swap import replace_linear
 
     out = []
     for name, p in _packed_24(model, packed).items():
         old = model.get_submodule(name)
         if "forward" in old.__dict__ or "act_sparse" in old._modules:
-            # a run-time already owns this linear (an activation-sparse site's masking forward, or
-            # the site's thresholds it hosts): replacing the module would drop them, and with them
-            # what the export computes. It keeps the dense weights.
+            # an activation-sparse site's consumer: its own plan chooses between the input-sparse
+            # path over these dense rows and the dense kernel; the two are not planned jointly
             continue
         w = old.weight
 
@@ -224,7 +222,7 @@ def _sparse24_candidates(model, ckpt, packed) -> list:
 
         def apply(path, _name=name, _p=p):
             if path == "sparse":
-                _replace(model, _name, _sparse24_linear(model, ckpt, _name, _p))
+                replace_linear(model, _name, _sparse24_linear(model, ckpt, _name, _p))
 
         key = ("x".join(map(str, w.shape)), str(w.dtype).removeprefix("torch."),
                "conv1d" if p["transposed"] else "linear", "tokens=1")

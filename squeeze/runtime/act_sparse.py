@@ -206,6 +206,21 @@ def uninstall(consumers) -> None:
             del m._modules["act_sparse"]
 
 
+def carry_site(old: nn.Module, new: nn.Module) -> None:
+    """Move ``old``'s site onto ``new``, a kernel module that replaces it (quantized or 2:4
+    weights): the sparsifier it hosts (same ``state_dict`` names) and its masking forward, whose
+    dense path is then ``new``'s own kernel on the masked input. No-op without a site."""
+    fwd = old.__dict__.get("forward")
+    if not isinstance(fwd, _SiteForward):
+        return
+    hosted = old._modules.get("act_sparse")
+    if hosted is not None:
+        new.add_module("act_sparse", hosted)
+    new.__dict__["_squeeze_sparsifier"] = old.__dict__["_squeeze_sparsifier"]
+    new.__dict__["_squeeze_transposed"] = old.__dict__["_squeeze_transposed"] and not isinstance(new, nn.Linear)
+    new.forward = _SiteForward(new, fwd.path)
+
+
 def install_recorded(model: nn.Module, entry: dict, record: dict) -> None:
     """Run-time spec of ``teal`` / ``wina`` records: empty sparsifiers on every site the pass
     touched; their buffers (threshold, sparsity, WINA scale and rotation) then load from the
@@ -252,6 +267,7 @@ class _SiteForward:
         self._plans: dict = {}
         self._params: dict | None = None  # the module's _parameters (read per call: may be replaced)
         self._lean = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+        self._rows = rows_kind(module)
         self._sp: ActSparsifier | None = None
         # dense path, plain nn.Linear, bare TEAL threshold: (sparsifier generation, largest input
         # numel for which the mask is the bare one, threshold or None for no mask)
@@ -300,13 +316,32 @@ class _SiteForward:
         x = sp.forward(x)
         d = x.shape[-1]
         tokens = x.numel() // max(d, 1)
-        if (not sp.sparse_decode or tokens > DECODE_TOKENS or tokens == 0
+        if (self._rows is None or not sp.sparse_decode or tokens > DECODE_TOKENS or tokens == 0
                 or torch.is_grad_enabled() or x.device.type != "cpu"):
             return self.dense(x)
+        if self._rows == "int8":
+            return self._int8_rows(m, sp, x, tokens, d)
         plan = self._plan(sp, tokens, m.weight.dtype)
         if plan is None:
             return self.dense(x)
         y = input_sparse_linear_cpu(x.reshape(tokens, d), _transposed_weight(m), m.bias, dense=self.dense, plan=plan)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _int8_rows(self, m: nn.Module, sp: ActSparsifier, x: torch.Tensor, tokens: int, d: int) -> torch.Tensor:
+        """Quantized int8 weights: the codes of the non-zero inputs only, while a call's non-zeros
+        stay under the bag's break-even (:data:`~squeeze.kernels.QUANT_CPU_INT8_BAG_ROWS` of its
+        tokens' inputs; a site whose calibrated sparsity cannot get there goes straight to the
+        int8 kernel); else the module's own kernel."""
+        from squeeze.kernels import QUANT_CPU_INT8_BAG_ROWS, int8_rows_linear_cpu
+
+        active = sp.expected_active()
+        if active is not None and active > 1.25 * QUANT_CPU_INT8_BAG_ROWS:
+            return self.dense(x)
+        x2 = x.reshape(tokens, d)
+        nz = x2 != 0
+        if float(nz.sum()) > QUANT_CPU_INT8_BAG_ROWS * tokens * d:
+            return self.dense(x)
+        y = int8_rows_linear_cpu(x2, _int8_rows_weight(m), m.bias, nz)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _plan(self, sp: ActSparsifier, tokens: int, dtype: torch.dtype):
@@ -361,6 +396,7 @@ def set_path(module: nn.Module, path: str) -> None:
     fwd.path = path
     if path == "dense":  # the sparse path's transposed weight copy (built when the plan timed it)
         module.__dict__.pop("_squeeze_wt", None)
+        module.__dict__.pop("_squeeze_rows", None)
 
 
 def consumers(model: nn.Module) -> dict[str, nn.Module]:
@@ -379,22 +415,25 @@ def plan_candidates(model: nn.Module, skip=()) -> list:
     for name, m in consumers(model).items():
         if id(m) in skip:
             continue
+        rows = rows_kind(m)
+        if rows is None:  # no input-sparse kernel for these weights: nothing to choose
+            continue
         sp = m.__dict__["_squeeze_sparsifier"]
         active = sp.expected_active()
         level = 0.5 if active is None else round(active * 20) / 20
         kind = "rotated" if sp.rotation.numel() else "weighted" if sp.scale.numel() else sp.mode
-        w = m.weight
-        key = (f"{w.shape[0]}x{w.shape[1]}", str(w.dtype).removeprefix("torch."), kind,
+        (n, k), dtype = _shape_dtype(m)
+        key = (f"{n}x{k}", str(dtype).removeprefix("torch."), kind,
                "bias" if getattr(m, "bias", None) is not None else "nobias",
-               f"active={level:.2f}", "tokens=1")
+               f"active={level:.2f}", "tokens=1") + (("int8",) if rows == "int8" else ())
         out.append(Candidate("act_sparse", key, _bench_for(m, sp, level), lambda p, _m=m: set_path(_m, p)))
     return out
 
 
 def _bench_for(m: nn.Module, sp: ActSparsifier, active: float):
     def bench():
-        d = m.weight.shape[0] if m.__dict__["_squeeze_transposed"] else m.weight.shape[1]  # Conv1D: [in, out]
-        x = synthetic_input(sp, d, active, m.weight.dtype)
+        (_, d), dtype = _shape_dtype(m)
+        x = synthetic_input(sp, d, active, dtype)
         return (lambda: _SiteForward(m, "sparse")(x)), (lambda: _SiteForward(m, "dense")(x))
     return bench
 
@@ -429,3 +468,36 @@ def _transposed_weight(m: nn.Module) -> torch.Tensor:
         m.__dict__["_squeeze_wt"] = cached
     return cached[1]
 
+
+
+def rows_kind(module: nn.Module) -> str | None:
+    """How the sparse path reads the weight rows of active inputs: "dense" (an nn.Linear or
+    Conv1D weight), "int8" (a CPU int8 quantized linear: its codes by input row), or None (a
+    kernel module with no input-sparse kernel, e.g. int4 or 2:4: masked inputs through its own
+    kernel)."""
+    from squeeze.kernels import Int8CPUWeight, int8_rows_supported
+    from squeeze.runtime.quant import QuantLinear
+
+    if isinstance(module, QuantLinear):
+        return "int8" if isinstance(module.prepared, Int8CPUWeight) and int8_rows_supported() else None
+    return "dense" if isinstance(getattr(module, "weight", None), torch.Tensor) else None
+
+
+def _shape_dtype(m: nn.Module) -> tuple[tuple[int, int], torch.dtype]:
+    """((out, in), activation dtype) of a consumer: its weight's (GPT-2 Conv1D stores [in, out]),
+    or a quantized linear's."""
+    w = getattr(m, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return (m.out_features, m.in_features), m.dtype
+    n, k = w.shape[::-1] if m.__dict__.get("_squeeze_transposed") else w.shape
+    return (n, k), w.dtype
+
+
+def _int8_rows_weight(m: nn.Module):
+    """The int8 codes by input row (built on the first sparse call; 1 byte per weight)."""
+    rows = m.__dict__.get("_squeeze_rows")
+    if rows is None:
+        from squeeze.kernels import prepare_int8_rows_cpu
+
+        rows = m.__dict__["_squeeze_rows"] = prepare_int8_rows_cpu(m.prepared)
+    return rows

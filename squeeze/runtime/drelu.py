@@ -85,7 +85,8 @@ class _ReluFFNForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.mlp
         tokens = x.numel() // x.shape[-1]
-        if tokens > DECODE_TOKENS or tokens == 0 or torch.is_grad_enabled() or x.device.type != "cpu":
+        if (tokens > DECODE_TOKENS or tokens == 0 or torch.is_grad_enabled() or x.device.type != "cpu"
+                or not _plain(m)):  # linears swapped for kernel modules at load: their own forwards
             return self.dense(x)
         if self.path == "dense":
             return relu_ffn(x, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, self.variant)
@@ -107,10 +108,15 @@ def relu_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: 
     return F.linear(torch.relu(F.linear(x, w_gate)) * (torch.relu(up) if variant == "drelu" else up), w_down)
 
 
+def _plain(mlp: nn.Module) -> bool:
+    """Separate gate/up/down ``nn.Linear`` without biases: what the fast path reads weights from."""
+    lins = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    return all(type(lin) is nn.Linear and lin.bias is None for lin in lins)
+
+
 def install_fast_path(mlp: nn.Module, variant: str) -> bool:
     """Use the kernels' sparse FFN at decode for a plain gate/up/down MLP without biases."""
-    lins = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-    if not all(isinstance(lin, nn.Linear) and lin.bias is None for lin in lins):
+    if not _plain(mlp):
         return False
     if "forward" not in mlp.__dict__:
         mlp.forward = _ReluFFNForward(mlp, variant)
@@ -118,7 +124,8 @@ def install_fast_path(mlp: nn.Module, variant: str) -> bool:
 
 
 def fast_mlps(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m.__dict__.get("forward"), _ReluFFNForward)}
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m.__dict__.get("forward"), _ReluFFNForward) and _plain(m)}
 
 
 def set_path(mlp: nn.Module, path: str) -> None:

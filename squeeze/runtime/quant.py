@@ -8,6 +8,10 @@ weight-only kernel instead of a dequantized dense weight.
   stored as symmetric int8 codes the 2:4 + int8 kernel (:func:`squeeze.kernels.quant_linear_24`,
   which reads the values, the 2-bit positions and the scales as stored).
 
+A run-time installed on the linear before (a TEAL / WINA site: the mask, and on CPU int8 an
+input-sparse path over the codes of active inputs; dReLU's ReLU hook) moves onto the quantized
+module (:func:`squeeze.runtime.swap.replace_linear`).
+
 Everything else keeps the exact dense weight the loader decoded. A kernel computes the same
 product in another order (and the CPU ops round scales to bf16), so its outputs match the dense
 path within the tolerance of the activation dtype, not bit for bit; ``squeeze.load(...,
@@ -23,10 +27,12 @@ from torch import nn
 class QuantLinear(nn.Module):
     """A linear whose weight is quantized codes run by ``fn(x, prepared, bias)``."""
 
-    def __init__(self, fn, prepared, bias: torch.Tensor | None, in_features: int, out_features: int, label: str):
+    def __init__(self, fn, prepared, bias: torch.Tensor | None, in_features: int, out_features: int, label: str,
+                 dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.fn, self.prepared, self.label = fn, prepared, label
         self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype  # of the activations it takes (the dense weight's it replaced)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,6 +83,7 @@ def install(model: nn.Module, ckpt, packed: dict, device: str, backend: str = "a
     kernels on any device (on CPU under TRITON_INTERPRET=1, for tests)."""
     from squeeze.formats import packed_modules, spec_of
     from squeeze.kernels import QUANT_CPU_FAST_DTYPES
+    from squeeze.runtime.swap import replace_linear
 
     triton = torch.device(device).type == "cuda" or backend == "triton"
     swapped = 0
@@ -95,8 +102,7 @@ def install(model: nn.Module, ckpt, packed: dict, device: str, backend: str = "a
         fn, prepared = (_cuda_fn if triton else _cpu_fn)(spec, entry, get, k, backend)
         if fn is None or (not triton and prepared is None):
             continue
-        owner, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, leaf,
-                QuantLinear(fn, prepared, module.bias, k, n, spec.name + (" 2:4" if "meta" in entry else "")))
+        replace_linear(model, name, QuantLinear(fn, prepared, module.bias, k, n,
+                                                spec.name + (" 2:4" if "meta" in entry else ""), module.weight.dtype))
         swapped += 1
     return swapped

@@ -11,8 +11,11 @@ from squeeze.algorithms.quant import QuantSpec, rtn
 from squeeze.kernels import (
     int4_linear_cpu,
     int8_linear_cpu,
+    int8_rows_linear_cpu,
+    int8_rows_supported,
     prepare_int4_cpu,
     prepare_int8_cpu,
+    prepare_int8_rows_cpu,
 )
 
 UNIT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}  # unit roundoff
@@ -66,6 +69,27 @@ def test_int8_matches_the_dequantized_weight(n, k, dtype, lead):
     bias = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(dtype)
     _check(int8_linear_cpu(x, prepared), x, W_hat, P)
     _check(int8_linear_cpu(x, prepared, bias), x, W_hat, P, bias)
+
+
+@pytest.mark.skipif(not int8_rows_supported(), reason="torch without the quantized embedding bag (no FBGEMM)")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens, active", [(1, 0.3), (1, 1.0), (3, 0.5), (2, 0.0)])
+def test_int8_rows_reads_the_codes_of_nonzero_inputs(dtype, tokens, active):
+    """The activation-sparse int8 path (quantized embedding bag over the codes by input row): the
+    dequantized product within the same bound as the int8 op (it rounds less: fp32 scales); an
+    input that is zero everywhere gives the bias."""
+    n, k = 40, 172
+    W_hat, codes, s, _, P = _weight(QuantSpec(8), n, k, seed=4)
+    rows = prepare_int8_rows_cpu(prepare_int8_cpu(codes, s))
+    assert rows.rows.shape == (k, n + 8) and rows.in_features == k and rows.out_features == n
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(tokens, k, generator=g) * (torch.rand(tokens, k, generator=g) < active)
+    x = x.to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    _check(int8_rows_linear_cpu(x, rows), x, W_hat, P)
+    _check(int8_rows_linear_cpu(x, rows, bias), x, W_hat, P, bias)
+    if active == 0.0:
+        assert torch.equal(int8_rows_linear_cpu(x, rows, bias), bias.expand(tokens, n))
 
 
 INT4 = [QuantSpec(4, group_size=32), QuantSpec(4, group_size=64), QuantSpec(4, group_size=128),

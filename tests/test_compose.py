@@ -1,0 +1,132 @@
+"""Run-times compose (issue 14 item 3): one loaded model carries quantized or 2:4 weights,
+activation sparsity and self-speculative decoding at once.
+
+squeeze.load installs the recorded run-times on the dense model first, then swaps weights for
+kernel modules (squeeze.runtime.swap): each swapped linear keeps its TEAL / WINA site (mask and
+hosted thresholds) and dReLU's ReLU hook. Whole-model logits of a thresholded bf16 model are not
+compared across kernels: a product rounded differently moves an activation across a threshold,
+and the flips grow layer by layer (stories260k TEAL 50%: bf16 dense vs fp32 logits already differ
+by 35). So each consumer is checked exactly against its own kernel on its masked input, and the
+sparse int8 path against the int8 kernel within bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import squeeze
+from squeeze.runtime import act_sparse
+from squeeze.runtime.quant import QuantLinear
+from squeeze.runtime.sparse24 import Sparse24Linear
+
+pytestmark = pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int8pack_mm"), reason="torch without int8 CPU op")
+
+
+def _export(tiny_dir, tiny_calib, tmp_path_factory, name, **kw):
+    out = tmp_path_factory.mktemp("compose") / name
+    squeeze.compress(tiny_dir("llama"), out, calib=str(tiny_calib), nsamples=8, seqlen=32, **kw)
+    return out
+
+
+@pytest.fixture(scope="module")
+def teal_int8(tiny_dir, tiny_calib, tmp_path_factory):
+    return _export(tiny_dir, tiny_calib, tmp_path_factory, "teal-int8", method="teal", act_sparsity=0.6,
+                   quantize="int8")
+
+
+@pytest.fixture(scope="module")
+def w24_teal(tiny_dir, tiny_calib, tmp_path_factory):
+    return _export(tiny_dir, tiny_calib, tmp_path_factory, "w24-teal",
+                   recipe=[{"pass": "wanda", "pattern": "2:4"}, {"pass": "teal", "act_sparsity": 0.5}])
+
+
+def _thresholds(model) -> dict:
+    return {n: (float(sp.threshold), float(sp.sparsity)) for n, sp in act_sparse.sparsifiers(model).items()}
+
+
+def _check_consumers_exact(model, kernel_type):
+    """Every site consumer is a kernel module of ``kernel_type`` whose output is exactly its own
+    kernel on the site's masked input, and the mask really zeroes entries."""
+    consumers = act_sparse.consumers(model)
+    assert consumers and all(isinstance(m, kernel_type) for m in consumers.values())
+    for name, m in consumers.items():
+        fwd = m.__dict__["forward"]
+        x = act_sparse.synthetic_input(m.__dict__["_squeeze_sparsifier"], m.in_features, 0.5, torch.bfloat16)
+        with torch.no_grad():
+            got = m(x)
+            xm = act_sparse.masked_input(m, x)
+            want = type(m).forward(m, xm)
+        assert (xm == 0).float().mean() > 0.1, name  # the threshold bites
+        if fwd.path == "dense" or act_sparse.rows_kind(m) is None:
+            assert torch.equal(got, want), name
+
+
+def test_int8_and_teal_load_together(teal_int8):
+    """An int8 + TEAL export loads in bf16 with every quantized linear still masked by its site
+    (it raised "cannot find transformer blocks" before the loader installed run-times first), with
+    the thresholds the exact-dequantized load has."""
+    model = squeeze.load(teal_int8, dtype="bfloat16", runtime="dense")
+    exact = squeeze.load(teal_int8, dtype="bfloat16", quant_kernels=False)
+    assert set(act_sparse.consumers(model)) == set(act_sparse.consumers(exact))
+    assert _thresholds(model) == _thresholds(exact)
+    assert set(model.state_dict()) >= {k for k in exact.state_dict() if ".act_sparse." in k}
+    _check_consumers_exact(model, QuantLinear)
+
+
+def test_int8_sparse_path_reads_active_codes_only(teal_int8):
+    """runtime="sparse": one decode token's consumer runs the bag over the codes of its non-zero
+    inputs; it agrees with the int8 kernel (bf16 scales) within bf16 rounding of scale and output."""
+    model = squeeze.load(teal_int8, dtype="bfloat16", runtime="sparse")
+    name, lin = next((n, m) for n, m in act_sparse.consumers(model).items() if n.endswith("down_proj"))
+    assert act_sparse.rows_kind(lin) == "int8" and "_squeeze_rows" not in lin.__dict__
+    sp = lin.__dict__["_squeeze_sparsifier"]
+    x = act_sparse.synthetic_input(sp, lin.in_features, 0.3, torch.bfloat16)
+    with torch.no_grad():
+        sparse = lin(x).float()
+        assert "_squeeze_rows" in lin.__dict__  # built on the first sparse call
+        act_sparse.set_path(lin, "dense")
+        assert "_squeeze_rows" not in lin.__dict__
+        dense = lin(x).float()
+        xm = act_sparse.masked_input(lin, x).float()
+        w = squeeze.load(teal_int8, dtype="float32", quant_kernels=False).get_submodule(name).weight
+        mag = xm.abs() @ w.abs().t()
+    bound = 2 ** -8 * mag + 2 ** -8 * dense.abs() + 1e-6
+    assert ((sparse - dense).abs() <= bound).all()
+
+
+def test_self_speculative_greedy_is_its_own_greedy_on_a_composed_model(teal_int8):
+    """int8 weights + TEAL + self-speculative decoding in one model: drafts from layer 1, verified
+    by the rest, give exactly the model's own greedy tokens."""
+    model = squeeze.load(teal_int8, dtype="bfloat16", runtime="sparse")
+    prompt = [5, 17, 33, 2, 90]
+    plain = squeeze.generate(model, prompt, 24)
+    spec, stats = squeeze.generate(model, prompt, 24, self_speculative=True, exit_layer=1, num_speculations=3,
+                                   return_stats=True)
+    assert torch.equal(spec, plain)
+    assert stats["mode"] == "self_speculative"
+
+
+def test_24_and_teal_on_the_24_kernel(w24_teal):
+    """2:4 weights on their compressed kernel (forced, as on CUDA) keep the TEAL sites: they ran
+    unmasked, or failed to load, when the swap came before the sites."""
+    model = squeeze.load(w24_teal, dtype="bfloat16", sparse24=True)
+    exact = squeeze.load(w24_teal, dtype="bfloat16", sparse24=False)
+    assert set(act_sparse.consumers(model)) == set(act_sparse.consumers(exact))
+    assert _thresholds(model) == _thresholds(exact)
+    _check_consumers_exact(model, Sparse24Linear)
+
+
+def test_drelu_hook_moves_with_the_quantized_up_projection(tiny_dir, tiny_calib, tmp_path_factory):
+    """dReLU + int8: the ReLU on up_proj's output is a forward hook; the quantized module carries
+    it, and the MLP (its fast path off: kernel modules) computes down(relu(gate) * relu(up))."""
+    out = _export(tiny_dir, tiny_calib, tmp_path_factory, "drelu-int8",
+                  method="drelu", quantize="int8")
+    model = squeeze.load(out, dtype="bfloat16")
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp.up_proj, QuantLinear) and "_squeeze_relu_hook" in mlp.up_proj.__dict__
+    x = torch.randn(1, 1, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        want = mlp.down_proj(torch.relu(mlp.gate_proj(x)) * torch.relu(type(mlp.up_proj).forward(mlp.up_proj, x)))
+        assert torch.equal(mlp(x), want)
+        assert (mlp.up_proj(x) >= 0).all()
