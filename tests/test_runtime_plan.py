@@ -56,10 +56,10 @@ def test_cache_round_trips_keyed_by_shape_and_threads(tmp_path):
     clock, applied, benched = FakeClock(), {}, []
     one = machine(threads=1)
     plan(_candidates(clock, 2.0, 1.0, applied, benched=benched), "auto", PlanCache(tmp_path, one), clock=clock)
-    assert benched == [("64x64", "float32")]
+    assert benched == [("64x64", "float32")] * 2  # both modules of the key: the timing cycles over them
     # same machine, threads and key: from the file, not measured again
     [d] = plan(_candidates(clock, 1.0, 9.0, applied, benched=benched), "auto", PlanCache(tmp_path, one), clock=clock)
-    assert (d.path, d.how, len(benched)) == ("dense", "cached", 1)
+    assert (d.path, d.how, len(benched)) == ("dense", "cached", 2)
     # another shape is another key; another thread count another file
     [d] = plan(_candidates(clock, 1.0, 2.0, applied, key=("128x64", "float32"), benched=benched), "auto",
                PlanCache(tmp_path, one), clock=clock)
@@ -70,6 +70,30 @@ def test_cache_round_trips_keyed_by_shape_and_threads(tmp_path):
     assert (d.path, d.how) == ("sparse", "measured")
     saved = json.loads(PlanCache(tmp_path, one).path.read_text())
     assert saved["machine"] == one and len(saved["plans"]) == 2
+
+
+def test_timing_cycles_over_the_modules_of_a_key(tmp_path):
+    """Decode reads each weight once per token: the timed calls go to every module of the key in
+    turn (up to ROTATE), not to one module whose weights stay in cache."""
+    from squeeze.runtime.plan import ROTATE
+
+    clock, calls = FakeClock(), []
+
+    def candidate(i):
+        def bench():
+            def run(path):
+                def fn():
+                    calls.append((i, path))
+                    clock.now += 1.0
+                return fn
+            return run("sparse"), run("dense")
+        return Candidate("act_sparse", ("64x64", "float32"), bench, lambda p: None)
+
+    plan([candidate(i) for i in range(ROTATE + 3)], "auto", PlanCache(tmp_path), clock=clock)
+    timed = calls[2 * ROTATE:]  # after one warm-up call of each path of each module
+    assert {i for i, p in calls[:2 * ROTATE]} == set(range(ROTATE))
+    assert len({i for i, p in timed if p == "sparse"}) > 1 and len({i for i, p in timed if p == "dense"}) > 1
+    assert max(i for i, _ in calls) == ROTATE - 1
 
 
 @pytest.mark.parametrize("garbage", ["{not json", '{"machine": 1, "plans": []}', '{"plans": {"k": {"sparse_s": -1}}}'])

@@ -328,18 +328,18 @@ class _SiteForward:
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _int8_rows(self, m: nn.Module, sp: ActSparsifier, x: torch.Tensor, tokens: int, d: int) -> torch.Tensor:
-        """Quantized int8 weights: the codes of the non-zero inputs only, while a call's non-zeros
-        stay under the bag's break-even (:data:`~squeeze.kernels.QUANT_CPU_INT8_BAG_ROWS` of its
-        tokens' inputs; a site whose calibrated sparsity cannot get there goes straight to the
-        int8 kernel); else the module's own kernel."""
+        """Quantized int8 weights: the codes of the non-zero inputs only, when the site keeps at
+        most :data:`~squeeze.kernels.QUANT_CPU_INT8_BAG_ROWS` of them per token (its calibrated
+        sparsity says so; a naturally sparse site, whose level only the data knows, is counted per
+        call); else the module's own int8 kernel."""
         from squeeze.kernels import QUANT_CPU_INT8_BAG_ROWS, int8_rows_linear_cpu
 
-        active = sp.expected_active()
-        if active is not None and active > 1.25 * QUANT_CPU_INT8_BAG_ROWS:
-            return self.dense(x)
         x2 = x.reshape(tokens, d)
-        nz = x2 != 0
-        if float(nz.sum()) > QUANT_CPU_INT8_BAG_ROWS * tokens * d:
+        active, nz = sp.expected_active(), None
+        if active is None:
+            nz = x2 != 0
+            active = float(nz.sum()) / (tokens * d)
+        if active > QUANT_CPU_INT8_BAG_ROWS:
             return self.dense(x)
         y = int8_rows_linear_cpu(x2, _int8_rows_weight(m), m.bias, nz)
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -6,7 +6,8 @@ ordinary dense kernel). Which one is faster depends on the shape, dtype, sparsit
 count and machine: on a 1B model the input-sparse GEMV wins at 50%; at hidden 64 (stories260k) its
 per-call overhead costs more than the whole dense GEMV. So ``squeeze.load`` asks every run-time
 for its :class:`Candidate` modules, times both paths once per distinct key on a synthetic
-batch-1 decode input (median of alternating samples, a few ms to ~100 ms per key), and installs
+batch-1 decode input (median of alternating samples, cycling over the key's modules as decode
+does; a few ms to ~100 ms per key), and installs
 the faster one; the sparse path must win by :data:`MARGIN` (timing noise must not make a model
 slower than dense).
 
@@ -20,6 +21,7 @@ and switch.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import statistics
@@ -40,6 +42,8 @@ MARGIN = 1.05  # sparse only when measured >= 5% faster than dense
 REPEATS = 5  # samples per path (their median)
 SAMPLE_S = 2e-3  # one sample repeats the call until it lasts about this long (a small GEMV is ~us)
 MAX_CALLS = 256
+ROTATE = 32  # modules of one key a measurement cycles through
+METHOD = 2  # how timings are taken (2: cycling over a key's modules); older cached timings are not reused
 
 
 @dataclass
@@ -87,7 +91,8 @@ def resolve_mode(runtime: str | None) -> str:
 def machine(threads: int | None = None) -> dict:
     """What a plan is valid for: the same CPU, torch build and intra-op thread count."""
     return {"cpu": cpu_model(), "torch": torch.__version__,
-            "threads": int(threads if threads is not None else torch.get_num_threads())}
+            "threads": int(threads if threads is not None else torch.get_num_threads()),
+            "method": METHOD}
 
 
 def cache_dir() -> Path:
@@ -177,6 +182,20 @@ def _sample(fn, n: int, clock) -> float:
     return clock() - t0
 
 
+def _rotations(group: list[Candidate]) -> tuple[Callable, Callable]:
+    """(sparse, dense) callables that each call the next module of the key in turn (up to
+    :data:`ROTATE` of them, every one warmed up first). Decode reads each weight once per token, so
+    one module timed over and over would run from a cache that decode never sees (this machine's
+    L3 holds whole small models); cycling over the key's modules, as decode does, keeps the
+    timing on the memory traffic the model really has."""
+    pairs = [c.bench() for c in group[:ROTATE]]
+    with torch.no_grad():
+        for sparse_fn, dense_fn in pairs:  # lazy weight copies, first-call dispatch
+            sparse_fn(), dense_fn()
+    sparse, dense = itertools.cycle([p[0] for p in pairs]), itertools.cycle([p[1] for p in pairs])
+    return (lambda: next(sparse)()), (lambda: next(dense)())
+
+
 def choose(sparse_s: float, dense_s: float, margin: float = MARGIN) -> str:
     return "sparse" if sparse_s * margin <= dense_s else "dense"
 
@@ -202,8 +221,7 @@ def plan(candidates: list[Candidate], mode: str = "auto", cache: PlanCache | Non
         for k, g in groups.items():
             hit = cache.get(k)
             if hit is None:
-                sparse_fn, dense_fn = g[0].bench()
-                s, d = time_paths(sparse_fn, dense_fn, clock=clock)
+                s, d = time_paths(*_rotations(g), clock=clock)
                 cache.put(k, s, d)
                 how = "measured"
             else:
