@@ -21,7 +21,8 @@ from pathlib import Path
 
 from bench import harness
 
-SUITES = ("prune", "quality", "quant", "recover", "recipes", "kernels", "act_sparsity", "depth", "vision_tokens", "streaming", "cost")
+SUITES = ("prune", "quality", "quant", "recover", "recipes", "kernels", "act_sparsity", "depth", "vision_tokens",
+          "streaming", "cost", "e2e")
 
 
 def suite_modules():

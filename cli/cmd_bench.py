@@ -37,7 +37,10 @@ def bench(models, reference, rounds, new_tokens, prompt_len, threads, device, dt
     For --reference and each of MODELS: decode tokens/s at batch 1 and 8 (causal LMs), prefill
     latency, peak RSS, bytes on disk, and quality against the reference on held-out data (ppl and
     KL for LMs, embedding cosine for encoders), as medians of alternating rounds with their
-    spread and ratios to the reference.
+    spread and ratios to the reference. For causal LMs, beside the batch-1 speed: the bytes one
+    decode step reads (MB/token), the speed-up those bytes allow over the reference (bound x:
+    measured read bandwidth / bytes per token, each over the reference's) and the share of its
+    bound a model reaches (of bound).
     """
     from squeeze.benchmark import bench_models
 
@@ -67,13 +70,15 @@ def print_bench(r: dict) -> None:
         console.print(line, markup=False)
 
     causal = r["kind"] == "causal"
+    bound = r.get("bandwidth") is not None  # causal LMs: the decode bound beside the batch-1 speed
     s = r["settings"]
     speed = ([("decode_tps_b1", "decode tok/s b1"), ("decode_tps_b8", f"decode tok/s b{s['batch']}")] if causal
              else [("prefill_ms_b8", f"forward ms b{s['batch']}")])
     t = Table(title=f"squeeze bench (reference {r['cases'][0]['name']})")
     # names stay whole however narrow the terminal; the figures fold instead
     whole = {"case": max(len(c["name"]) for c in r["cases"]), "method": max(len(c["method"]) for c in r["cases"])}
-    for col in ["case", "method", *(label for _, label in speed), f"prefill ms ({s['prompt_len']} tok)",
+    for col in ["case", "method", speed[0][1], *(["bound x", "of bound", "MB/token"] if bound else []),
+                *(label for _, label in speed[1:]), f"prefill ms ({s['prompt_len']} tok)",
                 "peak RSS MB", "disk MB", *(["ppl", "KL(ref||model)", "greedy match"] if causal
                                             else ["cosine mean", "cosine min"])]:
         t.add_column(col, justify="left" if col in whole else "right", overflow="fold", min_width=whole.get(col))
@@ -81,9 +86,11 @@ def print_bench(r: dict) -> None:
         q = c["quality"] if c["quality"].get("measured") else {}
         quality = ([_num(q.get("ppl")), _num(q.get("kl"), ".4f"), _num(c.get("greedy_match"), ".2f")] if causal
                    else [_num(q.get("cosine_mean"), ".4f"), _num(q.get("cosine_min"), ".4f")])
-        cells = [c["name"], c["method"], *(_cell(c, m) for m, _ in speed), _cell(c, "prefill_ms"),
-                 _cell(c, "peak_rss_mb", ".0f"), f"{c['bytes_on_disk'] / 1e6:.3g} {c['ratio']['bytes_on_disk']:.2f}x",
-                 *quality]
+        bounds = ([f"{c['bound_speedup']:.2f}x", f"{100 * c['of_bound']:.0f}%",
+                   f"{c['bytes_per_token']['total'] / 1e6:.4g}"] if bound else [])
+        cells = [c["name"], c["method"], _cell(c, speed[0][0]), *bounds, *(_cell(c, m) for m, _ in speed[1:]),
+                 _cell(c, "prefill_ms"), _cell(c, "peak_rss_mb", ".0f"),
+                 f"{c['bytes_on_disk'] / 1e6:.3g} {c['ratio']['bytes_on_disk']:.2f}x", *quality]
         t.add_row(*map(escape, cells))
     console.print(t)
     rounds = f"median of {s['rounds']} alternating rounds [min-max]" if s["rounds"] > 1 else "one round"
@@ -91,6 +98,13 @@ def print_bench(r: dict) -> None:
         "faster; ms and MB: below 1 is faster / smaller)")
     what = f"{s['new_tokens']} new tokens after " if causal else ""
     say(f"prompts: {what}{s['prompts']}")
+    if bound:
+        bw, ref = r["bandwidth"], r["cases"][0]
+        say(f"bound: memory read bandwidth {bw['bytes_per_s'] / 1e9:.3g} GB/s ({bw['how']}, threads {bw['threads']}) "
+            "/ MB/token, the bytes one batch-1 decode step reads (weights as the loaded run-times hold them, "
+            "activation-sparse linears their kept rows, one embedding row, the LM head, the KV cache at "
+            f"{ref['bytes_per_token']['context']} tokens); bound x = bound / the reference's bound, of bound = "
+            f"measured / bound; the reference's bound {ref['bound_tps']:.4g} tok/s")
     ref_q = r["cases"][0]["quality"]
     if ref_q.get("measured"):
         say(f"quality: {ref_q['rows']} rows of {ref_q['data']} ({ref_q['tokens']} tokens) against the reference"

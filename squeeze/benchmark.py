@@ -9,7 +9,9 @@ to the reference's (model / reference for every figure: above 1 is faster for to
 for milliseconds). Quality is scored once per model, in its first round's process after the
 speed figures, on held-out data with :func:`squeeze.evaluation.quality` (what compress reports):
 ppl and KL(reference || model) for causal LMs, embedding cosine for encoders. The reference is
-scored against itself too, which gives the KL (0) and cosine (1) a perfect copy gets.
+scored against itself too, which gives the KL (0) and cosine (1) a perfect copy gets. For causal
+LMs each case also carries its decode bound, the memory's read bandwidth ÷ the bytes one batch-1
+decode step reads (:mod:`squeeze.roofline`), so a speed-up stands beside the one its bytes allow.
 """
 
 from __future__ import annotations
@@ -58,20 +60,32 @@ def bench_models(models, reference, *, rounds: int = DEFAULT_ROUNDS, new_tokens:
     :data:`DEFAULT_NEW_TOKENS`) tokens are decoded after ``prompt_len``-token prompts;
     ``eval_data`` / ``eval_rows`` are compress's ``--eval-data`` / ``--eval-rows``. Bad input
     (a missing folder, a reference of another architecture or vocabulary, decode settings for an
-    encoder, ...) is a :class:`SqueezeError` before anything runs."""
+    encoder, ...) is a :class:`SqueezeError` before anything runs.
+
+    Causal LMs also get the decode bound (:mod:`squeeze.roofline`): ``bandwidth`` (the memory's
+    read bandwidth, measured once before the rounds in a process of its own with the cases'
+    threads) and per case ``bytes_per_token``, ``bound_tps``, ``bound_speedup`` and ``of_bound``
+    (see :func:`_bound`)."""
     t0, load_before = time.perf_counter(), os.getloadavg()[0]
     plan = _plan(list(models), reference, rounds, new_tokens, prompt_len, threads, device, dtype, eval_data,
                  eval_rows, json_path, png_path)
     runs: dict[str, list[dict]] = {c["name"]: [] for c in plan["cases"]}
+    bandwidth = None
     with tempfile.TemporaryDirectory(prefix="squeeze-bench-") as work, \
             progress.phase("bench", total=rounds * len(plan["cases"]), unit="run") as shown:
+        if plan["kind"] == "causal":  # once, before the rounds, with the threads the cases use
+            from squeeze.roofline import BANDWIDTH_REPEATS, bandwidth_bytes
+
+            spec = {"bandwidth": {"bytes": bandwidth_bytes(device), "repeats": BANDWIDTH_REPEATS},
+                    "device": device, "threads": threads}
+            bandwidth = _run(spec, "bandwidth", Path(work) / "bandwidth", threads)
         for r in range(rounds):
             for i, case in enumerate(plan["cases"]):
                 spec = {**plan["spec"], "path": case["path"],
                         "quality": plan["quality"] if r == 0 and plan["quality"] else None}
                 runs[case["name"]].append(_run(spec, case["name"], Path(work) / f"{r}-{i}", threads))
                 shown.advance(1, case=case["name"], round=f"{r + 1}/{rounds}")
-    report = _summary(plan, runs)
+    report = _summary(plan, runs, bandwidth)
     report["machine"]["load_avg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # before, after
     report["seconds"] = round(time.perf_counter() - t0, 1)
     if json_path:
@@ -227,7 +241,7 @@ def method_of(path) -> str:
     return " + ".join(parts) or "dense"
 
 
-def _summary(plan: dict, runs: dict[str, list[dict]]) -> dict:
+def _summary(plan: dict, runs: dict[str, list[dict]], bandwidth: dict | None = None) -> dict:
     from squeeze.versions import versions
 
     kind = plan["kind"]
@@ -260,9 +274,28 @@ def _summary(plan: dict, runs: dict[str, list[dict]]) -> dict:
         if ref_tokens is not None:
             mine = runs[row["name"]][0]["new_ids"]
             row["greedy_match"] = sum(a == b for a, b in zip(mine, ref_tokens)) / max(len(ref_tokens), 1)
-    return {"kind": kind, "reference": ref["path"], "settings": plan["settings"],
-            "headline": {"metric": headline, "what": HEADLINE[kind][1]},
-            "machine": _machine(), "versions": versions(), "cases": cases}
+    if bandwidth is not None:
+        _bound(cases, runs, bandwidth["bytes_per_s"])
+    out = {"kind": kind, "reference": ref["path"], "settings": plan["settings"],
+           "headline": {"metric": headline, "what": HEADLINE[kind][1]},
+           "machine": _machine(), "versions": versions(), "cases": cases}
+    if bandwidth is not None:
+        out["bandwidth"] = bandwidth
+    return out
+
+
+def _bound(cases: list[dict], runs: dict[str, list[dict]], bytes_per_s: float) -> None:
+    """Each causal case's decode bound (:mod:`squeeze.roofline`): ``bytes_per_token`` (what one
+    batch-1 decode step reads, from its first round: the loaded model is the same every round),
+    ``bound_tps`` = bandwidth ÷ those bytes, ``bound_speedup`` = its ratio to the reference's bound
+    (the speed-up the bytes alone allow), ``of_bound`` = measured median batch-1 tokens/s ÷
+    ``bound_tps``."""
+    for row in cases:
+        row["bytes_per_token"] = runs[row["name"]][0]["bytes_per_token"]
+        row["bound_tps"] = bytes_per_s / row["bytes_per_token"]["total"]
+        row["of_bound"] = row["median"]["decode_tps_b1"] / row["bound_tps"]
+    for row in cases:
+        row["bound_speedup"] = row["bound_tps"] / cases[0]["bound_tps"]
 
 
 def _machine() -> dict:

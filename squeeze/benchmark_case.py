@@ -13,7 +13,9 @@ the time after it) and ``decode_tps_b8`` (:func:`~squeeze.runtime.speculative.ge
 greedy, 8 prompts at once). Encoders: ``prefill_ms`` and ``prefill_ms_b8``, the forward over 1
 and 8 prompts. Both: ``peak_rss_mb`` of this process once the speed figures are in (the quality
 score afterwards loads a second model), ``load_s``, ``runtime`` (the run-time plan ``squeeze.load``
-made: sparse or dense path per kind). A SqueezeError is written as ``{"error": ...}``
+made: sparse or dense path per kind); causal LMs also ``bytes_per_token``, what one batch-1 decode
+step reads (:func:`squeeze.roofline.decode_bytes`). A spec with ``bandwidth`` measures the memory's
+read bandwidth instead (:func:`bandwidth`). A SqueezeError is written as ``{"error": ...}``
 and the process exits with code 2, so the parent can stop with the same one line.
 """
 
@@ -49,6 +51,11 @@ def measure(spec: dict) -> dict:
     with torch.no_grad():
         out.update(_causal(model, prompts, spec) if spec["kind"] == "causal" else _encoder(model, prompts, device))
     out["peak_rss_mb"] = peak_rss_mb()
+    if spec["kind"] == "causal":  # counted after the timings: nothing it touches colours them
+        from squeeze.roofline import decode_bytes
+
+        # the KV cache at the measured decode's mean context: the prompt plus half the new tokens
+        out["bytes_per_token"] = decode_bytes(model, prompts.shape[1] + spec["new_tokens"] // 2)
     if device == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if spec.get("quality"):
@@ -57,6 +64,19 @@ def measure(spec: dict) -> dict:
         q = spec["quality"]
         out["quality"] = quality(spec["path"], q["reference"], q["data"], q.get("rows"))
     return out
+
+
+def bandwidth(spec: dict) -> dict:
+    """The memory's read bandwidth (:func:`squeeze.roofline.read_bandwidth`) with the cases'
+    thread count, in a process of its own like every case (its GiB-sized tensor stays out of
+    their peak RSS)."""
+    import torch
+
+    from squeeze.roofline import read_bandwidth
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    return read_bandwidth(spec["bandwidth"]["bytes"], spec["bandwidth"]["repeats"], spec["device"])
 
 
 def _wait(device: str) -> None:
@@ -121,7 +141,7 @@ def main(spec_path: str, result_path: str) -> int:
     from squeeze.report import write_json
 
     try:
-        result = measure(spec)
+        result = bandwidth(spec) if spec.get("bandwidth") else measure(spec)
     except SqueezeError as e:
         write_json(result_path, {"error": str(e)})
         return e.exit_code

@@ -15,7 +15,17 @@ from pathlib import Path
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MB (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident memory so far, in MB: the kernel's high-water mark of its
+    address space (``VmHWM``, KiB). Not ``ru_maxrss``: Linux carries that across ``exec``, so a
+    child forked by a large parent (``squeeze bench``'s measuring processes) starts at the
+    parent's size. ``ru_maxrss`` (KiB on Linux) where /proc has no VmHWM."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

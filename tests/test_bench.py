@@ -88,3 +88,31 @@ def test_case_names_are_unique_and_the_quick_suite_is_small():
     assert len({c.id for c in cases}) == len(cases)
     quick = select(cases, "quick", None)
     assert 0 < len(quick) < 20 and {c.suite for c in quick} == {c.suite for c in cases}
+
+
+def test_the_e2e_table_sets_each_speedup_beside_its_bound_and_target():
+    """bench/cases/e2e.py's README table from hand-made rows: one row per (threads, export), the
+    met column from the measured ratio against the issue's target, failed exports with their error."""
+    from bench.cases import e2e
+
+    def rec(export, threads, **m):
+        return {"suite": "e2e", "case": "llama-1b", "mode": "full", "run": "r1", "row": f"{export} t{threads}",
+                "params": {"export": export, "threads": threads}, "metrics": {"threads": threads, **m}}
+
+    fig = dict(decode_tps_b1=30.0, decode_tps_b1_min=29.0, decode_tps_b1_max=31.0, bound_tps=60.0, of_bound=0.5,
+               bytes_per_token=1.1e9)  # 1100 MB: no exponent
+    records = [rec("dense", 1, method="dense", speedup=1.0, bound_speedup=1.0, target=None, met=None, **fig,
+                   parameters=1.1e9, bandwidth_gbps=12.3, bandwidth_how="x.sum()", load_avg=[0.5, 0.7]),
+               rec("int8", 1, method="quantize int8", speedup=1.9, bound_speedup=1.88, target=1.8, met=True, **fig),
+               rec("teal90", 1, method="teal 0.9", speedup=4.0, bound_speedup=6.4, target=5.0, met=False, **fig),
+               rec("teal70-int4", 1, error="load failed: SqueezeError: nope", target=3.0, met=False)]
+    lines = e2e.table(records).splitlines()
+    assert len(lines) == 2 + 4
+    assert lines[3] == "| 1 | int8 | quantize int8 | 30 [29–31] | 1.90x | 1.88x | 60 | 50% | 1100 | ≥ 1.8x | yes |"
+    assert lines[4].endswith("| 4.00x | 6.40x | 60 | 50% | 1100 | ≥ 5x | no |")
+    assert lines[5] == "| 1 | teal70-int4 | - | - | - | - | - | - | - | ≥ 3x | no (load failed: SqueezeError: nope) |"
+    assert e2e.table_machine(records).splitlines()[2] == "| 1 | 1100M | 12.3 | x.sum() | 0.5 / 0.7 |"
+    # every export the issue sets a target for is in the full case, the quick case runs a subset
+    full, = (c for c in e2e.CASES if c.name == "llama-1b")
+    assert set(full.params["exports"]) == set(e2e.EXPORTS) and full.params["threads"] == [1, 2]
+    assert set(full.quick["exports"]) < set(e2e.EXPORTS)

@@ -30,19 +30,22 @@ CGROUP = Path("/sys/fs/cgroup/memory")
 SHARD_BYTES = 500_000_000
 
 
-def make_llama(out: Path, layers: int, seed: int = 0) -> int:
+def make_llama(out: Path, layers: int, seed: int = 0, *, hidden: int = 2048, intermediate: int = 5632,
+               heads: int = 16, kv_heads: int = 4, vocab: int = 32000) -> int:
     """A random bf16 Llama checkpoint of ``layers`` layers in ``out`` (sharded, with an index);
-    its weight bytes. One shard is in memory at a time."""
+    its weight bytes. One shard is in memory at a time. The default shape is this suite's (TinyLlama's
+    widths with 16 heads); ``bench/cases/e2e.py`` passes TinyLlama's 32."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from squeeze.resume import save_tensors
 
     out.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-                      num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
                       tie_word_embeddings=False)
     cfg.dtype = "bfloat16"
+    cfg.architectures = ["LlamaForCausalLM"]  # as from_pretrained checkpoints say: `squeeze bench` reads it
     with torch.device("meta"):
         shapes = {k: p.shape for k, p in LlamaForCausalLM(cfg).state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
