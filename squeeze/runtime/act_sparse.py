@@ -217,7 +217,7 @@ def carry_site(old: nn.Module, new: nn.Module) -> None:
     if hosted is not None:
         new.add_module("act_sparse", hosted)
     new.__dict__["_squeeze_sparsifier"] = old.__dict__["_squeeze_sparsifier"]
-    new.__dict__["_squeeze_transposed"] = old.__dict__["_squeeze_transposed"] and not isinstance(new, nn.Linear)
+    new.__dict__["_squeeze_transposed"] = False  # kernel modules take [..., in] and hold no dense weight
     new.forward = _SiteForward(new, fwd.path)
 
 
@@ -467,7 +467,6 @@ def _transposed_weight(m: nn.Module) -> torch.Tensor:
         cached = (key, w.detach().t().contiguous())
         m.__dict__["_squeeze_wt"] = cached
     return cached[1]
-
 
 
 def rows_kind(module: nn.Module) -> str | None:
