@@ -34,8 +34,9 @@ Weight-only quantized linear, CPU (quant_cpu): torch's int8 / int4 ops on the qu
     prepare_int8_cpu(codes, scale) -> Int8CPUWeight | None  (symmetric per-channel int8 only)
     prepare_int4_cpu(u, scale, zero, group_size) -> Int4CPUWeight | None  (sym / asym, groups of 32k)
     int8_linear_cpu(x, prepared, bias=None), int4_linear_cpu(x, prepared, bias=None)  (x [..., K])
-    prepare_int8_rows_cpu(prepared) -> Int8RowsWeight | None, int8_rows_supported(); int8_rows_linear_cpu(x, rows, bias=None, nz=None)
-        (activation-sparse x [T, K]: reads only the codes of non-zero inputs; QUANT_CPU_INT8_BAG_ROWS)
+    prepare_int8_rows_cpu(prepared) -> Int8RowsWeight | None, prepare_int4_rows_cpu(u, prepared) -> Int4RowsWeight | None,
+    int8_rows_supported(); int8_rows_linear_cpu / int4_rows_linear_cpu(x, rows, bias=None, nz=None)
+        (activation-sparse x [T, K]: reads only the codes of non-zero inputs; QUANT_CPU_ROWS_ACTIVE)
     QUANT_CPU_FAST_DTYPES  (activation dtypes where the ops beat dense F.linear: bfloat16)
 
 Custom ops (torch.compile-traceable, with fake implementations): torch.ops.squeeze.linear_24,
@@ -57,16 +58,19 @@ from .ffn_reference import (
     sparse_ffn_reference,
 )
 from .quant_cpu import FAST_DTYPES as QUANT_CPU_FAST_DTYPES
-from .quant_cpu import INT8_BAG_ROWS as QUANT_CPU_INT8_BAG_ROWS
+from .quant_cpu import ROWS_ACTIVE as QUANT_CPU_ROWS_ACTIVE
 from .quant_cpu import (
     Int4CPUWeight,
+    Int4RowsWeight,
     Int8CPUWeight,
     Int8RowsWeight,
     int4_linear_cpu,
+    int4_rows_linear_cpu,
     int8_linear_cpu,
     int8_rows_linear_cpu,
     int8_rows_supported,
     prepare_int4_cpu,
+    prepare_int4_rows_cpu,
     prepare_int8_cpu,
     prepare_int8_rows_cpu,
 )
@@ -90,10 +94,11 @@ __all__ = [
     "FFNPlan",
     "InputSparsePlan",
     "Int4CPUWeight",
+    "Int4RowsWeight",
     "Int8CPUWeight",
     "Int8RowsWeight",
     "QUANT_CPU_FAST_DTYPES",
-    "QUANT_CPU_INT8_BAG_ROWS",
+    "QUANT_CPU_ROWS_ACTIVE",
     "SparseFFNWorkspace",
     "act_mul",
     "active_neurons",
@@ -109,6 +114,7 @@ __all__ = [
     "from_cutlass",
     "input_sparse_linear_cpu",
     "int4_linear_cpu",
+    "int4_rows_linear_cpu",
     "int8_linear_cpu",
     "int8_rows_linear_cpu",
     "int8_rows_supported",
@@ -118,6 +124,7 @@ __all__ = [
     "linear_24_reference",
     "pack_24",
     "prepare_int4_cpu",
+    "prepare_int4_rows_cpu",
     "prepare_int8_cpu",
     "prepare_int8_rows_cpu",
     "pack_int4",

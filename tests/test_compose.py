@@ -74,25 +74,35 @@ def test_int8_and_teal_load_together(teal_int8):
     _check_consumers_exact(model, QuantLinear)
 
 
-def test_int8_sparse_path_reads_active_codes_only(teal_int8):
-    """runtime="sparse": one decode token's consumer runs the bag over the codes of its non-zero
-    inputs; it agrees with the int8 kernel (bf16 scales) within bf16 rounding of scale and output."""
-    model = squeeze.load(teal_int8, dtype="bfloat16", runtime="sparse")
+@pytest.fixture(scope="module")
+def teal_int4(tiny_dir, tiny_calib, tmp_path_factory):
+    return _export(tiny_dir, tiny_calib, tmp_path_factory, "teal-int4", method="teal", act_sparsity=0.6,
+                   quantize="int4", group_size=32)
+
+
+@pytest.mark.parametrize("which", ["teal_int8", "teal_int4"])
+def test_quantized_sparse_path_reads_active_codes_only(which, request):
+    """runtime="sparse": one decode token's consumer runs the bags over the codes of its non-zero
+    inputs; they agree with the weight-only kernel (bf16 scales) within bf16 rounding of scale and
+    output. The dense path drops the rows copy."""
+    path = request.getfixturevalue(which)
+    model = squeeze.load(path, dtype="bfloat16", runtime="sparse")
     name, lin = next((n, m) for n, m in act_sparse.consumers(model).items() if n.endswith("down_proj"))
-    assert act_sparse.rows_kind(lin) == "int8" and "_squeeze_rows" not in lin.__dict__
+    assert act_sparse.rows_kind(lin) == "quant" and lin.rows is not None
     sp = lin.__dict__["_squeeze_sparsifier"]
     x = act_sparse.synthetic_input(sp, lin.in_features, 0.3, torch.bfloat16)
     with torch.no_grad():
         sparse = lin(x).float()
-        assert "_squeeze_rows" in lin.__dict__  # built on the first sparse call
         act_sparse.set_path(lin, "dense")
-        assert "_squeeze_rows" not in lin.__dict__
+        assert lin.rows is None and act_sparse.rows_kind(lin) is None
         dense = lin(x).float()
         xm = act_sparse.masked_input(lin, x).float()
-        w = squeeze.load(teal_int8, dtype="float32", quant_kernels=False).get_submodule(name).weight
+        w = squeeze.load(path, dtype="float32", quant_kernels=False).get_submodule(name).weight
         mag = xm.abs() @ w.abs().t()
-    bound = 2 ** -8 * mag + 2 ** -8 * dense.abs() + 1e-6
+    assert (xm == 0).float().mean() > 0.5
+    bound = 2 ** -7 * mag + 2 ** -8 * dense.abs() + 1e-6  # scales (and int4 zero terms) rounded to bf16
     assert ((sparse - dense).abs() <= bound).all()
+    assert not torch.equal(sparse, dense)  # another kernel really ran
 
 
 def test_self_speculative_greedy_is_its_own_greedy_on_a_composed_model(teal_int8):

@@ -319,29 +319,31 @@ class _SiteForward:
         if (self._rows is None or not sp.sparse_decode or tokens > DECODE_TOKENS or tokens == 0
                 or torch.is_grad_enabled() or x.device.type != "cpu"):
             return self.dense(x)
-        if self._rows == "int8":
-            return self._int8_rows(m, sp, x, tokens, d)
+        if self._rows == "quant":
+            return self._quant_rows(m, sp, x, tokens, d)
         plan = self._plan(sp, tokens, m.weight.dtype)
         if plan is None:
             return self.dense(x)
         y = input_sparse_linear_cpu(x.reshape(tokens, d), _transposed_weight(m), m.bias, dense=self.dense, plan=plan)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def _int8_rows(self, m: nn.Module, sp: ActSparsifier, x: torch.Tensor, tokens: int, d: int) -> torch.Tensor:
-        """Quantized int8 weights: the codes of the non-zero inputs only, when the site keeps at
-        most :data:`~squeeze.kernels.QUANT_CPU_INT8_BAG_ROWS` of them per token (its calibrated
-        sparsity says so; a naturally sparse site, whose level only the data knows, is counted per
-        call); else the module's own int8 kernel."""
-        from squeeze.kernels import QUANT_CPU_INT8_BAG_ROWS, int8_rows_linear_cpu
+    def _quant_rows(self, m: nn.Module, sp: ActSparsifier, x: torch.Tensor, tokens: int, d: int) -> torch.Tensor:
+        """Quantized weights: the codes of the non-zero inputs only, when the site keeps at most
+        :data:`~squeeze.kernels.QUANT_CPU_ROWS_ACTIVE` of them per token (its calibrated sparsity
+        says so; a naturally sparse site, whose level only the data knows, is counted per call);
+        else the module's own weight-only kernel."""
+        from squeeze.kernels import QUANT_CPU_ROWS_ACTIVE
 
+        if m.rows is None:  # dropped when the plan chose the dense path
+            return self.dense(x)
         x2 = x.reshape(tokens, d)
         active, nz = sp.expected_active(), None
         if active is None:
             nz = x2 != 0
             active = float(nz.sum()) / (tokens * d)
-        if active > QUANT_CPU_INT8_BAG_ROWS:
+        if active > QUANT_CPU_ROWS_ACTIVE:
             return self.dense(x)
-        y = int8_rows_linear_cpu(x2, _int8_rows_weight(m), m.bias, nz)
+        y = m.forward_rows(x2, nz)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _plan(self, sp: ActSparsifier, tokens: int, dtype: torch.dtype):
@@ -396,7 +398,8 @@ def set_path(module: nn.Module, path: str) -> None:
     fwd.path = path
     if path == "dense":  # the sparse path's transposed weight copy (built when the plan timed it)
         module.__dict__.pop("_squeeze_wt", None)
-        module.__dict__.pop("_squeeze_rows", None)
+        if getattr(module, "rows", None) is not None:  # a quantized linear's codes by input row
+            module.rows = None
 
 
 def consumers(model: nn.Module) -> dict[str, nn.Module]:
@@ -425,7 +428,7 @@ def plan_candidates(model: nn.Module, skip=()) -> list:
         (n, k), dtype = _shape_dtype(m)
         key = (f"{n}x{k}", str(dtype).removeprefix("torch."), kind,
                "bias" if getattr(m, "bias", None) is not None else "nobias",
-               f"active={level:.2f}", "tokens=1") + (("int8",) if rows == "int8" else ())
+               f"active={level:.2f}", "tokens=1") + ((f"quant={m.label}",) if rows == "quant" else ())
         out.append(Candidate("act_sparse", key, _bench_for(m, sp, level), lambda p, _m=m: set_path(_m, p)))
     return out
 
@@ -471,14 +474,13 @@ def _transposed_weight(m: nn.Module) -> torch.Tensor:
 
 def rows_kind(module: nn.Module) -> str | None:
     """How the sparse path reads the weight rows of active inputs: "dense" (an nn.Linear or
-    Conv1D weight), "int8" (a CPU int8 quantized linear: its codes by input row), or None (a
-    kernel module with no input-sparse kernel, e.g. int4 or 2:4: masked inputs through its own
-    kernel)."""
-    from squeeze.kernels import Int8CPUWeight, int8_rows_supported
+    Conv1D weight), "quant" (a CPU quantized linear with its codes by input row), or None (a
+    kernel module with no input-sparse path, e.g. 2:4 or a CUDA kernel: masked inputs through
+    its own kernel)."""
     from squeeze.runtime.quant import QuantLinear
 
     if isinstance(module, QuantLinear):
-        return "int8" if isinstance(module.prepared, Int8CPUWeight) and int8_rows_supported() else None
+        return "quant" if module.rows is not None else None
     return "dense" if isinstance(getattr(module, "weight", None), torch.Tensor) else None
 
 
@@ -490,13 +492,3 @@ def _shape_dtype(m: nn.Module) -> tuple[tuple[int, int], torch.dtype]:
         return (m.out_features, m.in_features), m.dtype
     n, k = w.shape[::-1] if m.__dict__.get("_squeeze_transposed") else w.shape
     return (n, k), w.dtype
-
-
-def _int8_rows_weight(m: nn.Module):
-    """The int8 codes by input row (built on the first sparse call; 1 byte per weight)."""
-    rows = m.__dict__.get("_squeeze_rows")
-    if rows is None:
-        from squeeze.kernels import prepare_int8_rows_cpu
-
-        rows = m.__dict__["_squeeze_rows"] = prepare_int8_rows_cpu(m.prepared)
-    return rows

@@ -8,9 +8,11 @@ weight-only kernel instead of a dequantized dense weight.
   stored as symmetric int8 codes the 2:4 + int8 kernel (:func:`squeeze.kernels.quant_linear_24`,
   which reads the values, the 2-bit positions and the scales as stored).
 
-A run-time installed on the linear before (a TEAL / WINA site: the mask, and on CPU int8 an
-input-sparse path over the codes of active inputs; dReLU's ReLU hook) moves onto the quantized
-module (:func:`squeeze.runtime.swap.replace_linear`).
+A run-time installed on the linear before (a TEAL / WINA site's mask; dReLU's ReLU hook) moves
+onto the quantized module (:func:`squeeze.runtime.swap.replace_linear`). On CPU a site's consumer
+also gets an input-sparse path over its codes by input row (int8 and int4:
+``squeeze.kernels.int8_rows_linear_cpu`` / ``int4_rows_linear_cpu``), which the load-time plan
+keeps where it beats the weight-only op.
 
 Everything else keeps the exact dense weight the loader decoded. A kernel computes the same
 product in another order (and the CPU ops round scales to bf16), so its outputs match the dense
@@ -25,12 +27,14 @@ from torch import nn
 
 
 class QuantLinear(nn.Module):
-    """A linear whose weight is quantized codes run by ``fn(x, prepared, bias)``."""
+    """A linear whose weight is quantized codes run by ``fn(x, prepared, bias)``. ``rows``: the
+    input-sparse path of an activation-sparse consumer on CPU, ``(rows_fn, rows_prepared)`` over
+    the codes by input row (:func:`forward_rows`), or None."""
 
     def __init__(self, fn, prepared, bias: torch.Tensor | None, in_features: int, out_features: int, label: str,
-                 dtype: torch.dtype = torch.bfloat16):
+                 dtype: torch.dtype = torch.bfloat16, rows: tuple | None = None):
         super().__init__()
-        self.fn, self.prepared, self.label = fn, prepared, label
+        self.fn, self.prepared, self.label, self.rows = fn, prepared, label, rows
         self.in_features, self.out_features = in_features, out_features
         self.dtype = dtype  # of the activations it takes (the dense weight's it replaced)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -38,23 +42,28 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x, self.prepared, self.bias)
 
+    def forward_rows(self, x: torch.Tensor, nz: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, K] with zeros in it, through the codes of its non-zero inputs only."""
+        fn, prepared = self.rows
+        return fn(x, prepared, self.bias, nz)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.label}"
 
 
-def _cuda_fn(spec, entry, get, k, backend):
+def _cuda_fn(spec, entry, get, k, backend, sited: bool = False):
     from squeeze.kernels import quant_linear, quant_linear_24
 
     scale = get(entry["scale"])
     if "meta" in entry:  # 2:4 values as codes: only symmetric int8 has a kernel
         if spec.format != "int" or spec.bits != 8 or not spec.symmetric:
-            return None, None
+            return None, None, None
         values, meta = get(entry["values"]), get(entry["meta"])
 
         def run_24(x, _prepared, bias):
             return quant_linear_24(x, values, meta, scale, group_size=spec.group_width(k), bias=bias, backend=backend)
 
-        return run_24, None
+        return run_24, None, None
     codes = get(entry["qweight"])
     zero = get(entry["zero"]) if "zero" in entry else None
 
@@ -62,19 +71,29 @@ def _cuda_fn(spec, entry, get, k, backend):
         return quant_linear(x, codes, scale, zero, bits=spec.bits, symmetric=spec.symmetric,
                             group_size=spec.group_width(k), bias=bias, backend=backend)
 
-    return run, None
+    return run, None, None
 
 
-def _cpu_fn(spec, entry, get, k, backend):
-    from squeeze.kernels import int4_linear_cpu, int8_linear_cpu, prepare_int4_cpu, prepare_int8_cpu, unpack_int4
+def _cpu_fn(spec, entry, get, k, backend, sited: bool = False):
+    """(fn, prepared, rows) of a CPU weight-only op; ``rows`` (the input-sparse path over the
+    codes by input row) only for a linear an activation-sparse site feeds (``sited``)."""
+    from squeeze import kernels as K
 
     if spec.format != "int" or "qweight" not in entry:  # codes inside a sparse layout stay decoded
-        return None, None
+        return None, None, None
     codes, scale = get(entry["qweight"]), get(entry["scale"])
+    rows = None
     if spec.bits == 8:
-        return int8_linear_cpu, prepare_int8_cpu(codes, scale)
+        prepared = K.prepare_int8_cpu(codes, scale)
+        if sited and prepared is not None and K.int8_rows_supported():
+            rows = (K.int8_rows_linear_cpu, K.prepare_int8_rows_cpu(prepared))
+        return K.int8_linear_cpu, prepared, rows
     zero = get(entry["zero"]) if "zero" in entry else None
-    return int4_linear_cpu, prepare_int4_cpu(unpack_int4(codes, k), scale, zero, spec.group_size)
+    u = K.unpack_int4(codes, k)
+    prepared = K.prepare_int4_cpu(u, scale, zero, spec.group_size)
+    if sited and prepared is not None and K.int8_rows_supported():
+        rows = (K.int4_rows_linear_cpu, K.prepare_int4_rows_cpu(u, prepared))
+    return K.int4_linear_cpu, prepared, rows
 
 
 def install(model: nn.Module, ckpt, packed: dict, device: str, backend: str = "auto") -> int:
@@ -99,10 +118,12 @@ def install(model: nn.Module, ckpt, packed: dict, device: str, backend: str = "a
         def get(key):
             return ckpt.get(key).to(device)
 
-        fn, prepared = (_cuda_fn if triton else _cpu_fn)(spec, entry, get, k, backend)
+        sited = "_squeeze_sparsifier" in module.__dict__  # installed before: runtime.swap carries it over
+        fn, prepared, rows = (_cuda_fn if triton else _cpu_fn)(spec, entry, get, k, backend, sited)
         if fn is None or (not triton and prepared is None):
             continue
         replace_linear(model, name, QuantLinear(fn, prepared, module.bias, k, n,
-                                                spec.name + (" 2:4" if "meta" in entry else ""), module.weight.dtype))
+                                                spec.name + (" 2:4" if "meta" in entry else ""), module.weight.dtype,
+                                                rows))
         swapped += 1
     return swapped

@@ -10,10 +10,12 @@ import torch
 from squeeze.algorithms.quant import QuantSpec, rtn
 from squeeze.kernels import (
     int4_linear_cpu,
+    int4_rows_linear_cpu,
     int8_linear_cpu,
     int8_rows_linear_cpu,
     int8_rows_supported,
     prepare_int4_cpu,
+    prepare_int4_rows_cpu,
     prepare_int8_cpu,
     prepare_int8_rows_cpu,
 )
@@ -90,6 +92,26 @@ def test_int8_rows_reads_the_codes_of_nonzero_inputs(dtype, tokens, active):
     _check(int8_rows_linear_cpu(x, rows, bias), x, W_hat, P, bias)
     if active == 0.0:
         assert torch.equal(int8_rows_linear_cpu(x, rows, bias), bias.expand(tokens, n))
+
+
+@pytest.mark.skipif(not int8_rows_supported(), reason="torch without the quantized embedding bags (no FBGEMM)")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", [QuantSpec(4, group_size=32), QuantSpec(4, symmetric=False, group_size=64),
+                                  QuantSpec(4)], ids=lambda s: s.name)
+@pytest.mark.parametrize("n, tokens, active", [(40, 1, 0.3), (39, 3, 0.5), (40, 2, 0.0)])  # odd N pads a column
+def test_int4_rows_reads_the_codes_of_nonzero_inputs(spec, dtype, n, tokens, active):
+    """int4 by input row: one bag per (token, group of K), weighed by the group's scales (and zero
+    terms times the group's input sum): the dequantized product within the int4 op's bound."""
+    k = 256
+    W_hat, codes, s, z, P = _weight(spec, n, k, seed=6, positive=not spec.symmetric)
+    prepared = prepare_int4_cpu(codes, s, z, spec.group_size)
+    rows = prepare_int4_rows_cpu(codes, prepared)
+    assert rows.in_features == k and rows.out_features == n and (rows.zero_term is None) == spec.symmetric
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(tokens, k, generator=g) * (torch.rand(tokens, k, generator=g) < active)).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    _check(int4_rows_linear_cpu(x, rows), x, W_hat, P)
+    _check(int4_rows_linear_cpu(x, rows, bias), x, W_hat, P, bias)
 
 
 INT4 = [QuantSpec(4, group_size=32), QuantSpec(4, group_size=64), QuantSpec(4, group_size=128),
