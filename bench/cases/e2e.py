@@ -19,6 +19,7 @@ exports are still measured.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -45,6 +46,9 @@ EXPORTS = {
 }
 TINYLLAMA = {"layers": 22, "hidden": 2048, "intermediate": 5632, "heads": 32, "kv_heads": 4, "vocab": 32000}
 CALIB_ROWS, CALIB_LEN = 8, 64
+# a folder that keeps the source and the exports between runs (only the bench is measured again;
+# delete an export's folder to make it anew); unset: a temporary folder, removed afterwards
+KEEP_ENV = "BENCH_E2E_DIR"
 
 
 def _calib(path: Path, vocab: int) -> Path:
@@ -89,6 +93,13 @@ def _load_errors(paths: list[Path]) -> dict[str, str]:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def _weight_bytes(src: Path) -> int:
+    from squeeze.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(src)
+    return sum(ckpt.nbytes(k) for k in ckpt.key_to_shard)
+
+
 def _last_line(text: str) -> str:
     lines = [x for x in text.strip().splitlines() if x.strip()]
     return lines[-1][:300] if lines else ""
@@ -98,13 +109,19 @@ def e2e(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, 
         threads: list[int], rounds: int, new_tokens: int, prompt_len: int, keep_json: bool = False) -> list[dict]:
     import squeeze
 
-    with tempfile.TemporaryDirectory(prefix="bench-e2e-", dir=os.environ.get("BENCH_TMP")) as tmp:
+    keep = os.environ.get(KEEP_ENV)
+    with (contextlib.nullcontext(keep) if keep
+          else tempfile.TemporaryDirectory(prefix="bench-e2e-", dir=os.environ.get("BENCH_TMP"))) as tmp:
         src = Path(tmp) / "dense-bf16"
-        weight_bytes = make_llama(src, layers, hidden=hidden, intermediate=intermediate, heads=heads,
-                                  kv_heads=kv_heads, vocab=vocab)
+        if not (src / "config.json").is_file():
+            make_llama(src, layers, hidden=hidden, intermediate=intermediate, heads=heads, kv_heads=kv_heads,
+                       vocab=vocab)
+        weight_bytes = _weight_bytes(src)
         calib = _calib(Path(tmp) / "calib.jsonl", vocab)
         errors = {}
         for name in exports:
+            if keep and (Path(tmp) / name / "config.json").is_file():
+                continue  # kept from an earlier run (exports are written atomically: complete or absent)
             err = _compress(src, Path(tmp) / name, EXPORTS[name][0], calib)
             if err:
                 errors[name] = err
