@@ -141,6 +141,7 @@ def test_bench_bad_input_is_one_line(case, tiny_pruned, tiny_dir, tmp_path, caps
               "context": "exceed", "no-matplotlib": "pip install 'squeeze[bench]'", "rounds": "--rounds must be"}[case]
     if case == "no-matplotlib":
         monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    capsys.readouterr()  # a fixture built just now (tiny_dir) printed its progress: not the command's
     code, err = _run_main(["bench", *args, "--json", str(js)], capsys)
     assert code == 2, err
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
