@@ -63,14 +63,18 @@ def _check(y, x, W_hat, P, bias=None):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n, k", [(40, 172), (48, 256), (3, 7)])  # K % 16 != 0 is padded
-@pytest.mark.parametrize("lead", [(), (1,), (2, 3), (0,)])
+@pytest.mark.parametrize("lead", [(), (1,), (2, 3), (0,), (2, 20)])  # 40 tokens: the decoded-weight GEMM
 def test_int8_matches_the_dequantized_weight(n, k, dtype, lead):
     W_hat, codes, s, _, P = _weight(QuantSpec(8), n, k)
     prepared = prepare_int8_cpu(codes, s)
     x = torch.randn(*lead, k, generator=torch.Generator().manual_seed(1)).to(dtype)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(dtype)
+    from squeeze.kernels.quant_cpu import _WORKSPACE
+
+    _WORKSPACE.clear()
     _check(int8_linear_cpu(x, prepared), x, W_hat, P)
     _check(int8_linear_cpu(x, prepared, bias), x, W_hat, P, bias)
+    assert ((n, k, dtype) in _WORKSPACE) == (x.numel() >= 32 * k)  # prefill-sized calls ran the GEMM
 
 
 @pytest.mark.skipif(not int8_rows_supported(), reason="torch without the quantized embedding bag (no FBGEMM)")
