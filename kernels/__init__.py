@@ -35,7 +35,7 @@ Weight-only quantized linear, CPU (quant_cpu): torch's int8 / int4 ops on the qu
     prepare_int4_cpu(u, scale, zero, group_size) -> Int4CPUWeight | None  (sym / asym, groups of 32k)
     int8_linear_cpu(x, prepared, bias=None), int4_linear_cpu(x, prepared, bias=None)  (x [..., K])
     prepare_int8_rows_cpu(prepared) -> Int8RowsWeight | None, prepare_int4_rows_cpu(u, prepared) -> Int4RowsWeight | None,
-    int8_rows_supported(); int8_rows_linear_cpu / int4_rows_linear_cpu(x, rows, bias=None, nz=None)
+    quant_rows_supported(); int8_rows_linear_cpu / int4_rows_linear_cpu(x, rows, bias=None, nz=None)
         (activation-sparse x [T, K]: reads only the codes of non-zero inputs; QUANT_CPU_ROWS_ACTIVE)
     QUANT_CPU_FAST_DTYPES  (activation dtypes where the ops beat dense F.linear: bfloat16)
 
@@ -68,7 +68,7 @@ from .quant_cpu import (
     int4_rows_linear_cpu,
     int8_linear_cpu,
     int8_rows_linear_cpu,
-    int8_rows_supported,
+    quant_rows_supported,
     prepare_int4_cpu,
     prepare_int4_rows_cpu,
     prepare_int8_cpu,
@@ -117,7 +117,7 @@ __all__ = [
     "int4_rows_linear_cpu",
     "int8_linear_cpu",
     "int8_rows_linear_cpu",
-    "int8_rows_supported",
+    "quant_rows_supported",
     "interpreting",
     "is_24_sparse",
     "linear_24",

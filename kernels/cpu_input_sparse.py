@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["InputSparsePlan", "gathered_rows_mm", "input_sparse_linear_cpu", "linear_rows_bag", "linear_rows_gather",
+__all__ = ["InputSparsePlan", "bag_offsets", "gathered_rows_mm", "input_sparse_linear_cpu", "linear_rows_bag", "linear_rows_gather",
            "plan_for"]
 
 
@@ -64,16 +64,23 @@ def plan_for(dtype: torch.dtype, tokens: int) -> InputSparsePlan | None:
     return None
 
 
+def bag_offsets(bags: torch.Tensor, count: int) -> torch.Tensor:
+    """Where each of ``count`` bags starts in a list of entries sorted by bag id ``bags`` (an
+    embedding bag's ``offsets``; empty bags allowed)."""
+    counts = torch.bincount(bags, minlength=count)
+    offsets = torch.zeros_like(counts)
+    offsets[1:] = counts.cumsum(0)[:-1]
+    return offsets
+
+
 def linear_rows_bag(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None,
                     nz: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w_t (+ bias)`` for x [T, in], one embedding bag per token over its non-zero inputs."""
     if nz is None:
         nz = x != 0
     tok, col = nz.nonzero(as_tuple=True)  # row-major: grouped by token
-    counts = torch.bincount(tok, minlength=x.shape[0])
-    offsets = torch.zeros_like(counts)
-    offsets[1:] = counts.cumsum(0)[:-1]
-    y = F.embedding_bag(col, w_t, offsets, mode="sum", per_sample_weights=x[tok, col].to(w_t.dtype))
+    y = F.embedding_bag(col, w_t, bag_offsets(tok, x.shape[0]), mode="sum",
+                        per_sample_weights=x[tok, col].to(w_t.dtype))
     if bias is not None:
         y = y + bias
     return y.to(x.dtype)

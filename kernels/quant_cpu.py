@@ -57,8 +57,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .cpu_input_sparse import bag_offsets
+
 __all__ = ["FAST_DTYPES", "ROWS_ACTIVE", "Int4CPUWeight", "Int4RowsWeight", "Int8CPUWeight", "Int8RowsWeight", "int4_linear_cpu",
-           "int4_rows_linear_cpu", "int8_linear_cpu", "int8_rows_linear_cpu", "int8_rows_supported", "prepare_int4_cpu",
+           "int4_rows_linear_cpu", "int8_linear_cpu", "int8_rows_linear_cpu", "quant_rows_supported", "prepare_int4_cpu",
            "prepare_int4_rows_cpu", "prepare_int8_cpu", "prepare_int8_rows_cpu"]
 
 FAST_DTYPES = frozenset({torch.bfloat16})  # activation dtypes where the ops beat dense F.linear on x86
@@ -294,15 +296,15 @@ class Int8RowsWeight:
         return self.scale.shape[0]
 
 
-def int8_rows_supported() -> bool:
+def quant_rows_supported() -> bool:
     """Whether this torch has the quantized embedding bags (builds without FBGEMM do not)."""
     return hasattr(torch.ops.quantized, _BAG_OP) and hasattr(torch.ops.quantized, _BAG4_OP)
 
 
 def prepare_int8_rows_cpu(prepared: Int8CPUWeight) -> Int8RowsWeight | None:
     """The rows layout of an :class:`Int8CPUWeight` (1 byte per weight more, built once per
-    linear); None without torch's quantized embedding bag (a build without FBGEMM)."""
-    if not int8_rows_supported():
+    linear); None without torch's quantized embedding bags."""
+    if not quant_rows_supported():
         return None
     k, n = prepared.in_features, prepared.out_features
     rows = torch.empty(k, n + 8, dtype=torch.uint8)
@@ -323,10 +325,7 @@ def int8_rows_linear_cpu(x: torch.Tensor, prepared: Int8RowsWeight, bias: torch.
         offsets, weights = col.new_zeros(1), x[0].index_select(0, col).float()
     else:
         tok, col = nz.nonzero(as_tuple=True)  # row-major: grouped by token
-        counts = torch.bincount(tok, minlength=x.shape[0])
-        offsets = torch.zeros_like(counts)
-        offsets[1:] = counts.cumsum(0)[:-1]
-        weights = x[tok, col].float()
+        offsets, weights = bag_offsets(tok, x.shape[0]), x[tok, col].float()
     sums = getattr(torch.ops.quantized, _BAG_OP)(prepared.rows, col, offsets, False, 0, False, weights, None, False)
     y = sums * prepared.scale
     if bias is not None:
@@ -338,8 +337,8 @@ def int8_rows_linear_cpu(x: torch.Tensor, prepared: Int8RowsWeight, bias: torch.
 class Int4RowsWeight:
     """What :func:`int4_rows_linear_cpu` needs: the nibbles by input row, uint8 [K, ceil(N/2) +
     4] (u of outputs 2j, 2j+1 in the low, high nibble; then fp16 1.0 and -8.0: the bag decodes u -
-    8), the op group size and the scales and zero terms of an :class:`Int4CPUWeight`, transposed
-    to [2, Kp/gk, N] (w = (u - 8) s + zero term), and whether every zero term is 0 (symmetric)."""
+    8), the op group size, and the scales and zero terms of an :class:`Int4CPUWeight`, each fp32
+    [Kp/gk, N] (w = (u - 8) s + zero term); zero_term None when every one is 0 (symmetric)."""
 
     rows: torch.Tensor
     kernel_group: int
@@ -357,8 +356,8 @@ class Int4RowsWeight:
 
 def prepare_int4_rows_cpu(u: torch.Tensor, prepared: Int4CPUWeight) -> Int4RowsWeight | None:
     """The rows layout of int4 nibbles u uint8 [N, K] (0..15) that ``prepared`` was packed from
-    (0.5 byte per weight more); None without torch's quantized 4-bit embedding bag."""
-    if not hasattr(torch.ops.quantized, _BAG4_OP):
+    (0.5 byte per weight more); None without torch's quantized embedding bags."""
+    if not quant_rows_supported():
         return None
     n, k = prepared.out_features, prepared.in_features
     ut = torch.full((k, n + n % 2), 8, dtype=torch.uint8)  # an odd N pads a code 8 (weight 0)
@@ -383,11 +382,9 @@ def int4_rows_linear_cpu(x: torch.Tensor, prepared: Int4RowsWeight, bias: torch.
     groups = prepared.scale.shape[0]
     tok, col = nz.nonzero(as_tuple=True)  # row-major: by token, then by column (so by group)
     bag = tok * groups + torch.div(col, gk, rounding_mode="floor")
-    counts = torch.bincount(bag, minlength=t * groups)
-    offsets = torch.zeros_like(counts)
-    offsets[1:] = counts.cumsum(0)[:-1]
     weights = x[tok, col].float()
-    sums = getattr(torch.ops.quantized, _BAG4_OP)(prepared.rows, col, offsets, False, 0, False, weights, None, False)
+    sums = getattr(torch.ops.quantized, _BAG4_OP)(prepared.rows, col, bag_offsets(bag, t * groups), False, 0, False,
+                                                   weights, None, False)
     n = prepared.out_features
     y = (sums.view(t, groups, -1)[..., :n] * prepared.scale).sum(1)  # an odd N's pad column cut
     if prepared.zero_term is not None:

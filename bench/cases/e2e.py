@@ -52,12 +52,9 @@ KEEP_ENV = "BENCH_E2E_DIR"
 
 
 def _calib(path: Path, vocab: int) -> Path:
-    import torch
+    from tests.tiny import token_rows, write_jsonl
 
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (CALIB_ROWS, CALIB_LEN), generator=g).tolist()  # past pad / bos / eos
-    path.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in ids))
-    return path
+    return write_jsonl(token_rows(CALIB_ROWS, CALIB_LEN, vocab=vocab), path)  # ids from 3: past pad / bos / eos
 
 
 def _compress(src: Path, out: Path, flags: list[str], calib: Path) -> str | None:

@@ -82,18 +82,17 @@ def _cpu_fn(spec, entry, get, k, backend, sited: bool = False):
     if spec.format != "int" or "qweight" not in entry:  # codes inside a sparse layout stay decoded
         return None, None, None
     codes, scale = get(entry["qweight"]), get(entry["scale"])
-    rows = None
     if spec.bits == 8:
-        prepared = K.prepare_int8_cpu(codes, scale)
-        if sited and prepared is not None and K.int8_rows_supported():
-            rows = (K.int8_rows_linear_cpu, K.prepare_int8_rows_cpu(prepared))
-        return K.int8_linear_cpu, prepared, rows
-    zero = get(entry["zero"]) if "zero" in entry else None
-    u = K.unpack_int4(codes, k)
-    prepared = K.prepare_int4_cpu(u, scale, zero, spec.group_size)
-    if sited and prepared is not None and K.int8_rows_supported():
-        rows = (K.int4_rows_linear_cpu, K.prepare_int4_rows_cpu(u, prepared))
-    return K.int4_linear_cpu, prepared, rows
+        fn, prepared = K.int8_linear_cpu, K.prepare_int8_cpu(codes, scale)
+        rows_fn = K.int8_rows_linear_cpu
+        rows = K.prepare_int8_rows_cpu(prepared) if sited and prepared is not None else None
+    else:
+        zero = get(entry["zero"]) if "zero" in entry else None
+        u = K.unpack_int4(codes, k)
+        fn, prepared = K.int4_linear_cpu, K.prepare_int4_cpu(u, scale, zero, spec.group_size)
+        rows_fn = K.int4_rows_linear_cpu
+        rows = K.prepare_int4_rows_cpu(u, prepared) if sited and prepared is not None else None
+    return fn, prepared, None if rows is None else (rows_fn, rows)  # None also: torch without the bags
 
 
 def install(model: nn.Module, ckpt, packed: dict, device: str, backend: str = "auto") -> int:

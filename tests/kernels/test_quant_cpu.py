@@ -13,7 +13,7 @@ from squeeze.kernels import (
     int4_rows_linear_cpu,
     int8_linear_cpu,
     int8_rows_linear_cpu,
-    int8_rows_supported,
+    quant_rows_supported,
     prepare_int4_cpu,
     prepare_int4_rows_cpu,
     prepare_int8_cpu,
@@ -77,7 +77,7 @@ def test_int8_matches_the_dequantized_weight(n, k, dtype, lead):
     assert ((n, k, dtype) in _WORKSPACE) == (x.numel() >= 32 * k)  # prefill-sized calls ran the GEMM
 
 
-@pytest.mark.skipif(not int8_rows_supported(), reason="torch without the quantized embedding bag (no FBGEMM)")
+@pytest.mark.skipif(not quant_rows_supported(), reason="torch without the quantized embedding bag (no FBGEMM)")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens, active", [(1, 0.3), (1, 1.0), (3, 0.5), (2, 0.0)])
 def test_int8_rows_reads_the_codes_of_nonzero_inputs(dtype, tokens, active):
@@ -98,7 +98,7 @@ def test_int8_rows_reads_the_codes_of_nonzero_inputs(dtype, tokens, active):
         assert torch.equal(int8_rows_linear_cpu(x, rows, bias), bias.expand(tokens, n))
 
 
-@pytest.mark.skipif(not int8_rows_supported(), reason="torch without the quantized embedding bags (no FBGEMM)")
+@pytest.mark.skipif(not quant_rows_supported(), reason="torch without the quantized embedding bags (no FBGEMM)")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("spec", [QuantSpec(4, group_size=32), QuantSpec(4, symmetric=False, group_size=64),
                                   QuantSpec(4)], ids=lambda s: s.name)
