@@ -27,15 +27,16 @@ Activation-sparse FFN (chunk_ffn, cpu_ffn, ffn_reference)
     chunk_sparse_ffn_reference, sparse_ffn_reference, dense_ffn_reference, active_neurons, act_mul
 
 Activation-sparse linear, CPU (cpu_input_sparse): TEAL/WINA-style zero inputs skip weight rows
-    input_sparse_linear_cpu(x, w_t, bias=None, *, dense=None, plan=None)  (bag / gather / dense)
-    linear_rows_bag(x, w_t, bias, nz), linear_rows_gather(x, w_t, idx, bias), plan_for(dtype, tokens)
+    input_sparse_linear_cpu(x, w_t, bias=None, *, dense=None, plan=None, entries=None)  (bag / gather / dense)
+    linear_rows_bag(x, w_t, bias, entries), linear_rows_gather(x, w_t, idx, bias), plan_for(dtype, tokens)
+    nonzero_entries(x) -> (token, column, value): what the bags read (shareable by one input's consumers)
 
 Weight-only quantized linear, CPU (quant_cpu): torch's int8 / int4 ops on the quantized-weight layout
     prepare_int8_cpu(codes, scale) -> Int8CPUWeight | None  (symmetric per-channel int8 only)
     prepare_int4_cpu(u, scale, zero, group_size) -> Int4CPUWeight | None  (sym / asym, groups of 32k)
     int8_linear_cpu(x, prepared, bias=None), int4_linear_cpu(x, prepared, bias=None)  (x [..., K])
-    prepare_int8_rows_cpu(prepared) -> Int8RowsWeight | None, prepare_int4_rows_cpu(u, prepared) -> Int4RowsWeight | None,
-    quant_rows_supported(); int8_rows_linear_cpu / int4_rows_linear_cpu(x, rows, bias=None, nz=None)
+    prepare_int8_rows_cpu(prepared, blocks=None) -> Int8RowsWeight | None, prepare_int4_rows_cpu(u, prepared) -> Int4RowsWeight | None,
+    quant_rows_supported(); int8_rows_linear_cpu / int4_rows_linear_cpu(x, rows, bias=None, entries=None)
         (activation-sparse x [T, K]: reads only the codes of non-zero inputs; QUANT_CPU_ROWS_ACTIVE)
     QUANT_CPU_FAST_DTYPES  (activation dtypes where the ops beat dense F.linear: bfloat16)
 
@@ -48,7 +49,7 @@ Triton is imported only when a Triton path runs; everything else works without i
 from ._triton_utils import interpreting, triton_available
 from .chunk_ffn import chunk_sparse_ffn, sparse_ffn_from_indices
 from .cpu_ffn import FFNPlan, SparseFFNWorkspace, default_plan
-from .cpu_input_sparse import InputSparsePlan, input_sparse_linear_cpu
+from .cpu_input_sparse import InputSparsePlan, input_sparse_linear_cpu, nonzero_entries
 from .ffn_reference import (
     ACTIVATIONS,
     act_mul,
@@ -113,6 +114,7 @@ __all__ = [
     "dequantize_reference",
     "from_cutlass",
     "input_sparse_linear_cpu",
+    "nonzero_entries",
     "int4_linear_cpu",
     "int4_rows_linear_cpu",
     "int8_linear_cpu",

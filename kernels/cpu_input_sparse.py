@@ -7,7 +7,8 @@ reads against the dense kernel (measured, not guessed):
 
   "bag"     one ``F.embedding_bag(mode="sum", per_sample_weights=x)`` bag per token over that
             token's own non-zero inputs: reads (non-zeros / in) weights' worth of rows. Best for
-            one token, and for a few tokens while their active sets are small.
+            one token, and for a few tokens while their active sets are small. A bag runs on one
+            thread, so with fewer tokens than threads each bag is split into column blocks.
   "gather"  the union of the chunk's active inputs, gathered ``block_rows`` rows at a time into
             a small buffer that stays in cache, each block multiplied by a GEMM (fp32 running
             sum): reads each union row once for every token of the chunk. Best for chunks
@@ -26,8 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["InputSparsePlan", "bag_offsets", "gathered_rows_mm", "input_sparse_linear_cpu", "linear_rows_bag", "linear_rows_gather",
-           "plan_for"]
+__all__ = ["InputSparsePlan", "bag_blocks", "bag_offsets", "blocked_bags", "gathered_rows_mm", "input_sparse_linear_cpu",
+           "linear_rows_bag", "linear_rows_gather", "nonzero_entries", "plan_for", "unblock"]
 
 
 @dataclass(frozen=True)
@@ -73,14 +74,57 @@ def bag_offsets(bags: torch.Tensor, count: int) -> torch.Tensor:
     return offsets
 
 
+def nonzero_entries(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(token, column, value) of the non-zero entries of x [T, in], grouped by token: what every
+    bag kernel reads, so the consumers of one input (q/k/v, gate/up) can share it. Token is None
+    for one token (a decode step needs no per-token bookkeeping: ~15 us a call saved)."""
+    if x.shape[0] == 1:
+        col = x[0].nonzero().squeeze(1)
+        return None, col, x[0].index_select(0, col)
+    tok, col = (x != 0).nonzero(as_tuple=True)  # row-major: grouped by token
+    return tok, col, x[tok, col]
+
+
+def bag_blocks(tokens: int, n: int, min_width: int = 256) -> int:
+    """How many column blocks to split each token's bag into so that a call has a bag per thread:
+    torch's embedding bags give each bag one thread, so one token's single bag reads at one
+    thread's bandwidth (a 2048 x 5632 bf16 weight at 30% active: 0.52 ms as one bag, 0.36 ms as
+    two on 2 threads). ``threads // tokens`` blocks, fewer when that does not divide ``n`` into
+    blocks of at least ``min_width`` outputs."""
+    b = torch.get_num_threads() // max(tokens, 1)
+    while b > 1 and (n % b or n // b < min_width):
+        b -= 1
+    return max(b, 1)
+
+
+def blocked_bags(entries: tuple, tokens: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(indices, offsets, weights) of ``tokens`` bags over ``entries`` (:func:`nonzero_entries`),
+    each split into ``blocks`` column blocks, for rows stored [in * blocks, out / blocks] (block
+    j of input row r at row r * blocks + j). Bag j * tokens + i is token i's block j."""
+    tok, col, val = entries
+    offsets = col.new_zeros(1) if tok is None else bag_offsets(tok, tokens)
+    if blocks == 1:
+        return col, offsets, val
+    j = torch.arange(blocks).unsqueeze(1)
+    return (col * blocks + j).flatten(), (offsets + j * col.numel()).flatten(), val.repeat(blocks)
+
+
+def unblock(y: torch.Tensor, tokens: int, blocks: int) -> torch.Tensor:
+    """[blocks * tokens, width] bag sums (:func:`blocked_bags`) as [tokens, blocks * width]."""
+    return y if blocks == 1 else y.view(blocks, tokens, -1).transpose(0, 1).reshape(tokens, -1)
+
+
 def linear_rows_bag(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None,
-                    nz: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ w_t (+ bias)`` for x [T, in], one embedding bag per token over its non-zero inputs."""
-    if nz is None:
-        nz = x != 0
-    tok, col = nz.nonzero(as_tuple=True)  # row-major: grouped by token
-    y = F.embedding_bag(col, w_t, bag_offsets(tok, x.shape[0]), mode="sum",
-                        per_sample_weights=x[tok, col].to(w_t.dtype))
+                    entries: tuple | None = None) -> torch.Tensor:
+    """``x @ w_t (+ bias)`` for x [T, in], one embedding bag per token over its non-zero inputs
+    (``entries``: :func:`nonzero_entries` of x, if known), split into :func:`bag_blocks` column
+    blocks: w_t [in, out] read as [in * B, out / B] has block j of input row r at row r * B + j,
+    so the split needs no copy of the weight."""
+    t, (k, n) = x.shape[0], w_t.shape
+    tok, col, val = entries if entries is not None else nonzero_entries(x)
+    b = bag_blocks(t, n)
+    idx, offsets, weights = blocked_bags((tok, col, val.to(w_t.dtype)), t, b)
+    y = unblock(F.embedding_bag(idx, w_t.view(k * b, n // b), offsets, mode="sum", per_sample_weights=weights), t, b)
     if bias is not None:
         y = y + bias
     return y.to(x.dtype)
@@ -118,18 +162,19 @@ def gathered_rows_mm(xs: torch.Tensor, w_t: torch.Tensor, idx: torch.Tensor, buf
 
 
 def input_sparse_linear_cpu(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None, *,
-                            dense=None, plan: InputSparsePlan | None = None) -> torch.Tensor:
+                            dense=None, plan: InputSparsePlan | None = None, entries: tuple | None = None) -> torch.Tensor:
     """``x @ w_t (+ bias)`` for x [T, in] (T <= 8) with zeros in it, by whichever of bag, gather
-    or dense the plan says is fastest for this call's non-zeros. ``dense(x)`` is the caller's
-    dense linear (default: ``x @ w_t``); it runs when the plan says sparse would not pay."""
+    or dense the plan says is fastest for this call's non-zeros (``entries``:
+    :func:`nonzero_entries` of x, if known). ``dense(x)`` is the caller's dense linear (default:
+    ``x @ w_t``); it runs when the plan says sparse would not pay."""
     t, d = x.shape
     plan = plan or plan_for(w_t.dtype, t)
     if plan is not None:
-        nz = x != 0
-        if float(nz.sum()) <= plan.bag_rows * d:
-            return linear_rows_bag(x, w_t, bias, nz)
+        entries = entries if entries is not None else nonzero_entries(x)
+        if entries[1].numel() <= plan.bag_rows * d:
+            return linear_rows_bag(x, w_t, bias, entries)
         if t > 1 and plan.gather_union > 0:
-            idx = nz.any(0).nonzero().flatten()
+            idx = (x != 0).any(0).nonzero().flatten()
             if idx.numel() <= plan.gather_union * d:
                 return linear_rows_gather(x, w_t, idx, bias)
     if dense is not None:

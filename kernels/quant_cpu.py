@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .cpu_input_sparse import bag_offsets
+from .cpu_input_sparse import bag_blocks, bag_offsets, blocked_bags, nonzero_entries, unblock
 
 __all__ = ["FAST_DTYPES", "ROWS_ACTIVE", "Int4CPUWeight", "Int4RowsWeight", "Int8CPUWeight", "Int8RowsWeight", "int4_linear_cpu",
            "int4_rows_linear_cpu", "int8_linear_cpu", "int8_rows_linear_cpu", "quant_rows_supported", "prepare_int4_cpu",
@@ -281,15 +281,18 @@ _BAG4_OP = "embedding_bag_4bit_rowwise_offsets"
 
 @dataclass(eq=False)
 class Int8RowsWeight:
-    """What :func:`int8_rows_linear_cpu` needs: the codes by input row, uint8 [K, N + 8] (code +
-    128, then fp32 1.0 and -128.0 as the row's scale and bias), and the per-output scale fp32 [N]."""
+    """What :func:`int8_rows_linear_cpu` needs: the codes by input row in ``blocks`` column blocks
+    (:func:`~squeeze.kernels.cpu_input_sparse.blocked_bags`), uint8 [K * blocks, N / blocks + 8]
+    (code + 128, then fp32 1.0 and -128.0 as the row's scale and bias), and the per-output scale
+    fp32 [N]."""
 
     rows: torch.Tensor
     scale: torch.Tensor
+    blocks: int = 1
 
     @property
     def in_features(self) -> int:
-        return self.rows.shape[0]
+        return self.rows.shape[0] // self.blocks
 
     @property
     def out_features(self) -> int:
@@ -301,33 +304,35 @@ def quant_rows_supported() -> bool:
     return hasattr(torch.ops.quantized, _BAG_OP) and hasattr(torch.ops.quantized, _BAG4_OP)
 
 
-def prepare_int8_rows_cpu(prepared: Int8CPUWeight) -> Int8RowsWeight | None:
+def prepare_int8_rows_cpu(prepared: Int8CPUWeight, blocks: int | None = None) -> Int8RowsWeight | None:
     """The rows layout of an :class:`Int8CPUWeight` (1 byte per weight more, built once per
-    linear); None without torch's quantized embedding bags."""
+    linear), split into ``blocks`` column blocks (default: one per thread torch has now, see
+    :func:`~squeeze.kernels.cpu_input_sparse.bag_blocks`); None without torch's quantized
+    embedding bags."""
     if not quant_rows_supported():
         return None
     k, n = prepared.in_features, prepared.out_features
-    rows = torch.empty(k, n + 8, dtype=torch.uint8)
-    rows[:, :n] = (prepared.codes[:, :k].t().to(torch.int16) + 128).to(torch.uint8)
-    rows[:, n:] = torch.tensor([1.0, -128.0]).view(torch.uint8)
-    return Int8RowsWeight(rows, prepared.scale)
+    b = bag_blocks(1, n) if blocks is None else blocks
+    if n % b:
+        raise ValueError(f"{n} outputs do not split into {b} blocks")
+    rows = torch.empty(k * b, n // b + 8, dtype=torch.uint8)
+    codes = (prepared.codes[:, :k].t().to(torch.int16) + 128).to(torch.uint8)  # [K, N]
+    rows[:, :-8] = codes.reshape(k * b, n // b)  # row r * b + j: input r's block j
+    rows[:, -8:] = torch.tensor([1.0, -128.0]).view(torch.uint8)
+    return Int8RowsWeight(rows, prepared.scale, b)
 
 
 def int8_rows_linear_cpu(x: torch.Tensor, prepared: Int8RowsWeight, bias: torch.Tensor | None = None,
-                         nz: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ dequantize(codes, scale).T (+ bias)`` for x [T, K] with zeros in it, one bag per token
-    over its non-zero inputs; sums in fp32 (exact products of codes and fp32 inputs), one fp32
-    scale per output, rounded to x's dtype once."""
-    if nz is None:
-        nz = x != 0
-    if x.shape[0] == 1:  # decode: one bag, no per-token bookkeeping (~10 us a call saved)
-        col = nz[0].nonzero().squeeze(1)
-        offsets, weights = col.new_zeros(1), x[0].index_select(0, col).float()
-    else:
-        tok, col = nz.nonzero(as_tuple=True)  # row-major: grouped by token
-        offsets, weights = bag_offsets(tok, x.shape[0]), x[tok, col].float()
-    sums = getattr(torch.ops.quantized, _BAG_OP)(prepared.rows, col, offsets, False, 0, False, weights, None, False)
-    y = sums * prepared.scale
+                         entries: tuple | None = None) -> torch.Tensor:
+    """``x @ dequantize(codes, scale).T (+ bias)`` for x [T, K] with zeros in it, one bag per
+    (token, column block) over the token's non-zero inputs (``entries``:
+    :func:`~squeeze.kernels.cpu_input_sparse.nonzero_entries` of x, if known); sums in fp32
+    (exact products of codes and fp32 inputs), one fp32 scale per output, rounded to x's dtype
+    once."""
+    t, (tok, col, val) = x.shape[0], entries if entries is not None else nonzero_entries(x)
+    idx, offsets, weights = blocked_bags((tok, col, val.float()), t, prepared.blocks)
+    sums = getattr(torch.ops.quantized, _BAG_OP)(prepared.rows, idx, offsets, False, 0, False, weights, None, False)
+    y = unblock(sums, t, prepared.blocks) * prepared.scale
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -372,17 +377,19 @@ def prepare_int4_rows_cpu(u: torch.Tensor, prepared: Int4CPUWeight) -> Int4RowsW
 
 
 def int4_rows_linear_cpu(x: torch.Tensor, prepared: Int4RowsWeight, bias: torch.Tensor | None = None,
-                         nz: torch.Tensor | None = None) -> torch.Tensor:
+                         entries: tuple | None = None) -> torch.Tensor:
     """``x @ dequantize(u, scale, zero).T (+ bias)`` for x [T, K] with zeros in it: one bag per
-    (token, group of K) over its non-zero inputs, each group's fp32 sums times its scales, plus
-    its zero terms times the group's input sum (asymmetric); rounded to x's dtype once."""
-    if nz is None:
-        nz = x != 0
+    (token, group of K) over its non-zero inputs (``entries``:
+    :func:`~squeeze.kernels.cpu_input_sparse.nonzero_entries` of x, if known; the groups already
+    give the threads several bags), each group's fp32 sums times its scales, plus its zero terms
+    times the group's input sum (asymmetric); rounded to x's dtype once."""
     t, gk = x.shape[0], prepared.kernel_group
     groups = prepared.scale.shape[0]
-    tok, col = nz.nonzero(as_tuple=True)  # row-major: by token, then by column (so by group)
-    bag = tok * groups + torch.div(col, gk, rounding_mode="floor")
-    weights = x[tok, col].float()
+    tok, col, val = entries if entries is not None else nonzero_entries(x)
+    bag = torch.div(col, gk, rounding_mode="floor")  # entries run by token, then column: so by group
+    if tok is not None:
+        bag = bag + tok * groups
+    weights = val.float()
     sums = getattr(torch.ops.quantized, _BAG4_OP)(prepared.rows, col, bag_offsets(bag, t * groups), False, 0, False,
                                                    weights, None, False)
     n = prepared.out_features

@@ -145,9 +145,14 @@ def test_decode_path_equals_dense_path(tiny_dir, tiny_calib, tmp_path, monkeypat
     for name in ("linear_rows_bag", "linear_rows_gather"):
         orig = getattr(kern, name)
         monkeypatch.setattr(kern, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    searched = []
+    monkeypatch.setattr(act_sparse, "nonzero_entries", lambda y: searched.append(1) or kern.nonzero_entries(y))
     with torch.no_grad():
         sparse = _logits(model, ids)
         assert set(calls) == {f"linear_rows_{method}"}, calls
+        if method == "bag":  # one search of the non-zeros per site input, shared by q/k/v and gate/up
+            sites = len(act_sparse.sparsifiers(model))
+            assert len(searched) == sites < len(calls) == len(act_sparse.consumers(model)), (searched, calls)
         calls.clear()
         for sp in act_sparse.sparsifiers(model).values():
             sp.sparse_decode = False

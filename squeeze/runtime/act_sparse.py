@@ -51,7 +51,7 @@ from squeeze.algorithms.actsparse import (
     scores,
     threshold_from_scores,
 )
-from squeeze.kernels.cpu_input_sparse import input_sparse_linear_cpu, plan_for
+from squeeze.kernels.cpu_input_sparse import input_sparse_linear_cpu, nonzero_entries, plan_for
 
 DECODE_TOKENS = 8
 MODES = ("threshold", "topk", "zero")
@@ -86,6 +86,7 @@ class ActSparsifier(nn.Module):
         self.calibrate_to: float | None = None
         self._last: tuple | None = None  # (weakref to input, its version, output): shared sites
         self._lean_last: tuple | None = None  # the same for the dense path's decode shortcut
+        self._entries: tuple | None = None  # (masked decode input, its version, its non-zero entries)
         self._gen = 0
         self._cache: tuple | None = None
 
@@ -104,7 +105,7 @@ class ActSparsifier(nn.Module):
     # Code that writes the buffers in place otherwise must call refresh().
     def refresh(self) -> None:
         self._gen += 1
-        self._last = self._lean_last = None
+        self._last = self._lean_last = self._entries = None
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -144,6 +145,15 @@ class ActSparsifier(nn.Module):
         y = self._mask(x)
         self._last = (weakref.ref(x), ver, y)
         return y
+
+    def entries(self, y: torch.Tensor) -> tuple:
+        """:func:`~squeeze.kernels.nonzero_entries` of a masked decode input ``y`` [..., in] (what
+        :meth:`forward` returned), found once for all the site's consumers: q/k/v and gate/up
+        would each search the same input again."""
+        last, ver = self._entries, _version(y)
+        if last is None or last[0] is not y or last[1] != ver:
+            last = self.__dict__["_entries"] = (y, ver, nonzero_entries(y.reshape(-1, y.shape[-1])))  # not Module.__setattr__
+        return last[2]
 
     def _mask(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrate_to is not None:
@@ -324,7 +334,8 @@ class _SiteForward:
         plan = self._plan(sp, tokens, m.weight.dtype)
         if plan is None:
             return self.dense(x)
-        y = input_sparse_linear_cpu(x.reshape(tokens, d), _transposed_weight(m), m.bias, dense=self.dense, plan=plan)
+        y = input_sparse_linear_cpu(x.reshape(tokens, d), _transposed_weight(m), m.bias, dense=self.dense, plan=plan,
+                                    entries=sp.entries(x))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _quant_rows(self, m: nn.Module, sp: ActSparsifier, x: torch.Tensor, tokens: int, d: int) -> torch.Tensor:
@@ -336,14 +347,13 @@ class _SiteForward:
 
         if m.rows is None:  # dropped when the plan chose the dense path
             return self.dense(x)
-        x2 = x.reshape(tokens, d)
-        active, nz = sp.expected_active(), None
+        active, entries = sp.expected_active(), None
         if active is None:
-            nz = x2 != 0
-            active = float(nz.sum()) / (tokens * d)
+            entries = sp.entries(x)
+            active = entries[1].numel() / (tokens * d)
         if active > QUANT_CPU_ROWS_ACTIVE:
             return self.dense(x)
-        y = m.forward_rows(x2, nz)
+        y = m.forward_rows(x.reshape(tokens, d), entries or sp.entries(x))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _plan(self, sp: ActSparsifier, tokens: int, dtype: torch.dtype):

@@ -42,10 +42,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x, self.prepared, self.bias)
 
-    def forward_rows(self, x: torch.Tensor, nz: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, K] with zeros in it, through the codes of its non-zero inputs only."""
+    def forward_rows(self, x: torch.Tensor, entries: tuple | None = None) -> torch.Tensor:
+        """x [T, K] with zeros in it, through the codes of its non-zero inputs only (``entries``:
+        :func:`squeeze.kernels.nonzero_entries` of x, if known)."""
         fn, prepared = self.rows
-        return fn(x, prepared, self.bias, nz)
+        return fn(x, prepared, self.bias, entries)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.label}"

@@ -41,6 +41,36 @@ def test_bag_and_gather_match_dense(dtype, tokens, shared):
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_threads, tokens, blocks", [(4, 1, 4), (4, 2, 2), (4, 3, 1), (3, 1, 2), (1, 1, 1)])
+def test_bag_splits_columns_across_threads(threads, dtype, n_threads, tokens, blocks):
+    """With fewer tokens than threads a token's bag is split into column blocks (torch gives a bag
+    one thread): one per thread when that divides the outputs into blocks of >= 256 (1024 into 3
+    does not: 2 blocks), and the product is the one-block product."""
+    from squeeze.kernels.cpu_input_sparse import bag_blocks, nonzero_entries
+
+    threads(n_threads)
+    g = torch.Generator().manual_seed(1)
+    wt = torch.randn(300, 1024, generator=g).to(dtype)
+    x = (torch.randn(tokens, 300, generator=g) * (torch.rand(tokens, 300, generator=g) < 0.3)).to(dtype)
+    x[-1] = 0  # a token with no active input
+    assert bag_blocks(tokens, 1024) == blocks
+    got = linear_rows_bag(x, wt)
+    threads(1)
+    want = linear_rows_bag(x, wt)  # one block
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(got.float(), x.float() @ wt.float(), rtol=tol * 4, atol=tol * 4)
+    torch.testing.assert_close(linear_rows_bag(x, wt, entries=nonzero_entries(x)), want, rtol=0, atol=0)
+
+
 def test_dispatch_follows_the_plan(monkeypatch):
     import squeeze.kernels.cpu_input_sparse as mod
 

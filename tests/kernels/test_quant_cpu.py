@@ -80,14 +80,15 @@ def test_int8_matches_the_dequantized_weight(n, k, dtype, lead):
 @pytest.mark.skipif(not quant_rows_supported(), reason="torch without the quantized embedding bag (no FBGEMM)")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens, active", [(1, 0.3), (1, 1.0), (3, 0.5), (2, 0.0)])
-def test_int8_rows_reads_the_codes_of_nonzero_inputs(dtype, tokens, active):
-    """The activation-sparse int8 path (quantized embedding bag over the codes by input row): the
-    dequantized product within the same bound as the int8 op (it rounds less: fp32 scales); an
-    input that is zero everywhere gives the bias."""
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_int8_rows_reads_the_codes_of_nonzero_inputs(dtype, tokens, active, blocks):
+    """The activation-sparse int8 path (quantized embedding bag over the codes by input row, in
+    column blocks: a bag per thread): the dequantized product within the same bound as the int8 op
+    (it rounds less: fp32 scales); an input that is zero everywhere gives the bias."""
     n, k = 40, 172
     W_hat, codes, s, _, P = _weight(QuantSpec(8), n, k, seed=4)
-    rows = prepare_int8_rows_cpu(prepare_int8_cpu(codes, s))
-    assert rows.rows.shape == (k, n + 8) and rows.in_features == k and rows.out_features == n
+    rows = prepare_int8_rows_cpu(prepare_int8_cpu(codes, s), blocks)
+    assert rows.rows.shape == (k * blocks, n // blocks + 8) and rows.in_features == k and rows.out_features == n
     g = torch.Generator().manual_seed(5)
     x = torch.randn(tokens, k, generator=g) * (torch.rand(tokens, k, generator=g) < active)
     x = x.to(dtype)
