@@ -102,11 +102,25 @@ def blocked_bags(entries: tuple, tokens: int, blocks: int) -> tuple[torch.Tensor
     each split into ``blocks`` column blocks, for rows stored [in * blocks, out / blocks] (block
     j of input row r at row r * blocks + j). Bag j * tokens + i is token i's block j."""
     tok, col, val = entries
-    offsets = col.new_zeros(1) if tok is None else bag_offsets(tok, tokens)
     if blocks == 1:
-        return col, offsets, val
-    j = torch.arange(blocks).unsqueeze(1)
-    return (col * blocks + j).flatten(), (offsets + j * col.numel()).flatten(), val.repeat(blocks)
+        return col, col.new_zeros(1) if tok is None else bag_offsets(tok, tokens), val
+    j = _block_ids(blocks)  # [blocks, 1]
+    idx = torch.add(j, col, alpha=blocks).flatten()  # one op: a decode step calls this per linear
+    if tok is None:
+        offsets = j.flatten() * col.numel()
+    else:
+        offsets = (bag_offsets(tok, tokens) + j * col.numel()).flatten()
+    return idx, offsets, val.repeat(blocks)
+
+
+_BLOCK_IDS: dict[int, torch.Tensor] = {}
+
+
+def _block_ids(blocks: int) -> torch.Tensor:
+    ids = _BLOCK_IDS.get(blocks)
+    if ids is None:
+        ids = _BLOCK_IDS[blocks] = torch.arange(blocks).unsqueeze(1)
+    return ids
 
 
 def unblock(y: torch.Tensor, tokens: int, blocks: int) -> torch.Tensor:
