@@ -116,3 +116,29 @@ def test_the_e2e_table_sets_each_speedup_beside_its_bound_and_target():
     full, = (c for c in e2e.CASES if c.name == "llama-1b")
     assert set(full.params["exports"]) == set(e2e.EXPORTS) and full.params["threads"] == [1, 2]
     assert set(full.quick["exports"]) < set(e2e.EXPORTS)
+
+
+def test_decode_anatomy_splits_a_step_and_restores_the_model(tiny_dir, tiny_calib, tmp_path):
+    """bench/decode_anatomy.py on a TEAL + int8 export: each of the three step times is measured
+    (their order is not promised on a tiny model, where timing noise is larger than the products),
+    the rows rates too, and every kernel it replaced is the original again afterwards."""
+    import torch
+    import torch.nn.functional as F
+
+    import squeeze
+    import squeeze.kernels.cpu_input_sparse as bags
+    from bench import decode_anatomy
+
+    out = tmp_path / "o"
+    squeeze.compress(tiny_dir("llama"), out, method="teal", act_sparsity=0.7, quantize="int8", calib=str(tiny_calib),
+                     nsamples=4, seqlen=32)
+    linear, bag_f = F.linear, bags.F
+    got = decode_anatomy.anatomy(str(out), steps=2)
+    assert set(got) == {"step", "no_block_products", "no_products"} and all(v > 0 for v in got.values())
+    assert F.linear is linear and bags.F is bag_f
+    rates = decode_anatomy.rows(0.3, 64, 256, nbytes=1 << 20)
+    assert set(rates) == {"bag", "index_select", "dense"} and all(v > 0 for v in rates.values())
+    model = squeeze.load(out, dtype="bfloat16")
+    with torch.no_grad():
+        logits = model(torch.arange(3, 10).unsqueeze(0)).logits
+    assert logits.abs().sum() > 0
