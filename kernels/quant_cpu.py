@@ -271,7 +271,8 @@ def int4_linear_cpu(x: torch.Tensor, prepared: Int4CPUWeight, bias: torch.Tensor
 # nibble u with bias -8, i.e. u - 8) and the output scales multiply the bags' fp32 sums; int4 runs
 # one bag per group of K, whose sums its group's scales (and zero terms) weigh. One token's call
 # reads active x N codes, against K x N for torch's weight-only ops. 1 thread, AVX-512, one
-# token, cycling over 8 weights: int8 W 2048 x 5632 at 30% active 0.58 ms against the int8 op
+# token, cycling over 8 weights (which fit this machine's 480 MB L3: from memory every path is
+# slower, the bags' scattered rows more than the ops' streams, bench/README.md section 8b): int8 W 2048 x 5632 at 30% active 0.58 ms against the int8 op
 # 1.67 ms and dense bf16 2.13 ms (W 5632 x 2048: 0.34 ms at 30%, 0.82 ms at 50%, int8 op 0.81
 # ms); int4 g128 W 5632 x 2048 at 30% 0.35 ms against the int4 op 0.80 ms.
 ROWS_ACTIVE = 0.4  # the bags while a token keeps at most this fraction of K (int8 break-even ~0.5)

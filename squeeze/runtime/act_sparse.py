@@ -347,13 +347,12 @@ class _SiteForward:
 
         if m.rows is None:  # dropped when the plan chose the dense path
             return self.dense(x)
-        active, entries = sp.expected_active(), None
-        if active is None:
-            entries = sp.entries(x)
-            active = entries[1].numel() / (tokens * d)
+        active = sp.expected_active()
+        if active is None:  # the site's one search of its input (sp.entries caches it)
+            active = sp.entries(x)[1].numel() / (tokens * d)
         if active > QUANT_CPU_ROWS_ACTIVE:
             return self.dense(x)
-        y = m.forward_rows(x.reshape(tokens, d), entries or sp.entries(x))
+        y = m.forward_rows(x.reshape(tokens, d), sp.entries(x))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _plan(self, sp: ActSparsifier, tokens: int, dtype: torch.dtype):
