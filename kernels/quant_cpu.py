@@ -57,13 +57,20 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import cpu_native
 from .cpu_input_sparse import bag_blocks, bag_offsets, blocked_bags, nonzero_entries, unblock
 
-__all__ = ["FAST_DTYPES", "ROWS_ACTIVE", "Int4CPUWeight", "Int4RowsWeight", "Int8CPUWeight", "Int8RowsWeight", "int4_linear_cpu",
+__all__ = ["FAST_DTYPES", "MIN_KERNEL_WEIGHTS", "fast_dtypes", "ROWS_ACTIVE", "Int4CPUWeight", "Int4RowsWeight", "Int8CPUWeight", "Int8RowsWeight", "int4_linear_cpu",
            "int4_rows_linear_cpu", "int8_linear_cpu", "int8_rows_linear_cpu", "quant_rows_supported", "prepare_int4_cpu",
            "prepare_int4_rows_cpu", "prepare_int8_cpu", "prepare_int8_rows_cpu"]
 
 FAST_DTYPES = frozenset({torch.bfloat16})  # activation dtypes where the ops beat dense F.linear on x86
+# A weight-only call costs microseconds more than F.linear, which a small weight's fewer bytes do
+# not pay back: our int8 kernel (squeeze.kernels.cpu_native) was 0.57 / 0.95 / 1.26 / 1.49 / 1.99x
+# dense fp32 at 64^2 / 256^2 / 512^2 / 1024^2 / 2048 x 1024 weights (1 thread, one token), and on
+# stories260k (64 / 172 wide) int8 decoded at 0.84x dense bf16 through torch's op, 0.68x through
+# ours (`squeeze bench`). Below this many weights the dense decoded weight runs instead.
+MIN_KERNEL_WEIGHTS = 512 * 512
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the ops accept
 _INT8_K_MULTIPLE = 16  # the bf16 loop steps 8 (AVX2) or 16 (AVX-512) columns, with no tail
 _X_ALIGN = 64  # bytes; the bf16 loop's aligned loads need 16 (AVX2) or 32 (AVX-512)
@@ -72,6 +79,17 @@ _INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 op accepts, largest fi
 
 def _have(op: str) -> bool:
     return hasattr(torch.ops.aten, op)
+
+
+def fast_dtypes(bits: int, n: int, k: int) -> frozenset:
+    """The activation dtypes in which a weight-only [n, k] linear of ``bits`` runs faster than
+    dense ``F.linear`` here: none below :data:`MIN_KERNEL_WEIGHTS` weights; bf16 through torch's
+    ops; for int8 with our own kernel built, also fp32 and fp16."""
+    if n * k < MIN_KERNEL_WEIGHTS:
+        return frozenset()
+    if bits == 8 and cpu_native.library() is not None:
+        return frozenset(_DTYPES)
+    return FAST_DTYPES
 
 
 @dataclass(eq=False)
@@ -237,8 +255,10 @@ def _decoded(prepared: Int8CPUWeight, dtype: torch.dtype) -> torch.Tensor:
 
 def int8_linear_cpu(x: torch.Tensor, prepared: Int8CPUWeight, bias: torch.Tensor | None = None
                     ) -> torch.Tensor:
-    """``x @ dequantize(codes, scale).T (+ bias)`` for x [..., K] (bf16, fp16 or fp32; fast: bf16);
-    calls of :data:`INT8_GEMM_TOKENS` tokens or more through the decoded weight and the dense GEMM."""
+    """``x @ dequantize(codes, scale).T (+ bias)`` for x [..., K] (bf16, fp16 or fp32); calls of
+    :data:`INT8_GEMM_TOKENS` tokens or more through the decoded weight and the dense GEMM, fewer
+    through our own kernel where it is built (:mod:`squeeze.kernels.cpu_native`: fp32 scales, any
+    dtype at one speed), else torch's op (scales rounded to x's dtype; fast in bf16 only)."""
     k, n = prepared.in_features, prepared.out_features
     if x.dim() >= 1 and x.shape[-1] == k and x.numel() >= INT8_GEMM_TOKENS * k and x.dtype in _DTYPES:
         y = F.linear(x.reshape(-1, k), _decoded(prepared, x.dtype))
@@ -246,7 +266,10 @@ def int8_linear_cpu(x: torch.Tensor, prepared: Int8CPUWeight, bias: torch.Tensor
     x2 = _rows(x, k, prepared.codes.shape[1], "int8_linear_cpu")
     if x2.shape[0] == 0:
         return _finish(x2.new_zeros(0, n), x, n, bias)
-    y = torch.ops.aten._weight_int8pack_mm(x2, prepared.codes, prepared.scale_as(x.dtype))  # (M, N)
+    if not torch.compiler.is_compiling() and cpu_native.library() is not None:  # fp32 scales, any dtype
+        y = cpu_native.int8_gemv(x2.float(), prepared.codes, prepared.scale).to(x.dtype)
+    else:
+        y = torch.ops.aten._weight_int8pack_mm(x2, prepared.codes, prepared.scale_as(x.dtype))  # (M, N)
     return _finish(y, x, n, bias)
 
 

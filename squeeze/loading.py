@@ -58,8 +58,10 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     A compressed export is rebuilt from its packed tensors, exactly the dense model the compress
     run kept. On CUDA, or with ``sparse24=True``, its 2:4 linears become
     :class:`~squeeze.runtime.sparse24.Sparse24Linear` modules over the packed data; its quantized
-    linears run weight-only kernels where one pays (:mod:`squeeze.runtime.quant`: CUDA, or bf16 on
-    CPU), unless ``quant_kernels=False`` keeps the exact dense path. A compressed-tensors checkpoint
+    linears run weight-only kernels where one pays (:mod:`squeeze.runtime.quant`: CUDA; on CPU
+    weights of 512 x 512 and more, in bf16, or in any dtype for int8 with squeeze's own kernel
+    built); ``quant_kernels=True`` takes them wherever one runs, ``False`` keeps the exact dense
+    path. A compressed-tensors checkpoint
     (``--format compressed-tensors``, or weight-only int4/int8/fp8 from llm-compressor) is decoded by
     squeeze (:mod:`squeeze.formats_ct`) into that exact dense model, without compressed-tensors.
 
@@ -118,7 +120,7 @@ def _load(path, dtype, device, trust_remote_code, attn_implementation, sparse24,
         if quant_kernels is not False and any("quant" in e for e in packed.values()):
             from squeeze.runtime.quant import install as install_quant
 
-            install_quant(model, ckpt.raw, packed, str(device))
+            install_quant(model, ckpt.raw, packed, str(device), force=quant_kernels is True)
         if sparse24 is None and on_cpu:
             candidates += _sparse24_candidates(model, ckpt.raw, packed)
     model.squeeze_runtime = _plan(model, candidates, mode, on_cpu)

@@ -220,7 +220,7 @@ def test_decode_bytes_count_quantized_codes_and_kept_activation_rows(tiny_bf16_e
     dense = decode_bytes(squeeze.load(src, dtype="bfloat16"))
     assert dense["layers"] == (_linear_params() + TINY_NORMS) * 2
 
-    int8 = squeeze.load(outs["int8"], dtype="bfloat16")
+    int8 = squeeze.load(outs["int8"], dtype="bfloat16", quant_kernels=True)  # tiny weights: forced
     assert sum(isinstance(m, QuantLinear) for m in int8.modules()) == 14  # the kernels run: codes are what is read
     b8 = decode_bytes(int8)
     # 1 byte per weight (K is already a multiple of 16: no padding) + one bf16 scale per output row
@@ -229,7 +229,7 @@ def test_decode_bytes_count_quantized_codes_and_kept_activation_rows(tiny_bf16_e
     assert (b8["lm_head"], b8["embedding"]) == (dense["lm_head"], dense["embedding"])  # left in bf16
     assert 0.5 < (b8["layers"] - TINY_NORMS * 2) / (dense["layers"] - TINY_NORMS * 2) < 0.52
 
-    b4 = decode_bytes(squeeze.load(outs["int4"], dtype="bfloat16"))
+    b4 = decode_bytes(squeeze.load(outs["int4"], dtype="bfloat16", quant_kernels=True))
     # 0.5 B per weight + bf16 scales and zero terms per group: a little over a quarter
     assert 0.25 < (b4["layers"] - TINY_NORMS * 2) / (dense["layers"] - TINY_NORMS * 2) < 0.31
 

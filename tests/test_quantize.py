@@ -57,7 +57,7 @@ def test_cpu_kernels_run_the_codes(kw, tiny_dir, tiny_calib, tmp_path):
     bf16 tolerance of the exact dequantized weight (the kernels round scales to bf16 and sum in
     another order); quant_kernels=False keeps the exact dense path."""
     out = _bf16_export(tiny_dir, tiny_calib, tmp_path, **kw)
-    fast, exact = squeeze.load(out), squeeze.load(out, quant_kernels=False)
+    fast, exact = squeeze.load(out, quant_kernels=True), squeeze.load(out, quant_kernels=False)
     swapped = {n: m for n, m in fast.named_modules() if type(m).__name__ == "QuantLinear"}
     assert swapped and not any(type(m).__name__ == "QuantLinear" for m in exact.modules())
     eps = torch.finfo(torch.bfloat16).eps
@@ -74,18 +74,53 @@ def test_codes_inside_a_sparse_layout_stay_decoded(tiny_dir, tiny_calib, tmp_pat
     so loading decodes them exactly (it used to look for a whole-weight codes tensor and fail)."""
     out = _bf16_export(tiny_dir, tiny_calib, tmp_path, method="wanda", sparsity=0.5, quantize="int8")
     assert squeeze.info(out)["format"] == "compressed-bitmask+int8"
-    fast, exact = squeeze.load(out), squeeze.load(out, quant_kernels=False)
+    fast, exact = squeeze.load(out, quant_kernels=True), squeeze.load(out, quant_kernels=False)
     assert not any(type(m).__name__ == "QuantLinear" for m in fast.modules())
     ids = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(fast(input_ids=ids).logits, exact(input_ids=ids).logits)
 
 
-def test_fp32_keeps_the_exact_path(tiny_dir, tiny_calib, tmp_path):
+def test_small_weights_keep_the_exact_path(tiny_dir, tiny_calib, tmp_path):
     out = squeeze.compress(tiny_dir("llama"), tmp_path / "q", calib=str(tiny_calib), nsamples=4, seqlen=32,
                            quantize="int8", format="compressed").out
-    # fp32 activations: torch's weight-only ops are slower than dense there, so nothing is swapped
-    assert not any(type(m).__name__ == "QuantLinear" for m in squeeze.load(out).modules())
+    # 64 x 128 weights: a kernel call costs more than their bytes save (kernels.quant_cpu.MIN_KERNEL_WEIGHTS)
+    for dtype in ("float32", "bfloat16"):
+        assert not any(type(m).__name__ == "QuantLinear" for m in squeeze.load(out, dtype=dtype).modules())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_fp32_int8_runs_our_kernel_from_512x512_weights(native, tiny_calib, tmp_path, monkeypatch):
+    """fp32 activations: torch's int8 op runs a scalar loop there (slower than dense), ours does
+    not, so with it built the linears of 512 x 512 weights and more (q, o: 512 x 512; the MLP's
+    512 x 1024) run the codes and the smaller k / v (128 x 512) stay decoded; without it none is
+    swapped. The swapped ones agree with the exact dequantized weight within fp32 sums of K terms."""
+    import transformers
+
+    from squeeze.kernels import cpu_native
+
+    if native and cpu_native.library() is None:
+        pytest.skip(f"our native kernels are unavailable here: {cpu_native.unavailable_reason()}")
+    if not native:
+        monkeypatch.setattr(cpu_native, "library", lambda: None)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=1024, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    out = squeeze.compress(tmp_path / "src", tmp_path / "q", calib=str(tiny_calib), nsamples=2, seqlen=16,
+                           quantize="int8", quant_solver="rtn", format="compressed").out
+    fast, exact = squeeze.load(out), squeeze.load(out, quant_kernels=False)
+    swapped = {n.rsplit(".", 1)[-1]: m for n, m in fast.model.layers[0].named_modules() if type(m).__name__ == "QuantLinear"}
+    if not native:
+        assert not swapped
+        return
+    assert sorted(swapped) == ["down_proj", "gate_proj", "o_proj", "q_proj", "up_proj"]
+    for name, q in swapped.items():
+        w = getattr(exact.model.layers[0].self_attn if name[0] in "qo" else exact.model.layers[0].mlp, name).weight
+        x = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(1))
+        want = x.double() @ w.double().T
+        bound = (w.shape[1] + 4) * 2.0**-24 * (x.double().abs() @ w.double().abs().T)
+        assert ((q(x).double() - want).abs() <= bound).all(), name
 
 
 def test_user_errors(tiny_dir, tiny_calib, tmp_path):

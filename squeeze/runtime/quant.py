@@ -1,9 +1,12 @@
 """Quantized linears at run time: the packed codes of a ``compressed`` export run through a
 weight-only kernel instead of a dequantized dense weight.
 
-- CPU: torch's own int8 / int4 kernels (:mod:`squeeze.kernels.quant_cpu`), only for activation
-  dtypes where they beat dense ``F.linear`` on this kind of CPU (bf16; in fp32 they are 5-10x
-  slower) and only for layouts they hold (int8: symmetric per row; int4: groups of 32k).
+- CPU: int8 through our own kernel (:mod:`squeeze.kernels.cpu_native`, compiled on first use; any
+  activation dtype), else torch's int8 / int4 ops (:mod:`squeeze.kernels.quant_cpu`), only for
+  activation dtypes where they beat dense ``F.linear`` on this kind of CPU (bf16; in fp32 torch's
+  are 5-10x slower), only from 512 x 512 weights on (a small weight decodes faster dense), and
+  only for layouts they hold (int8: symmetric per row; int4: groups of 32k).
+  ``squeeze.load(..., quant_kernels=True)`` takes the kernels wherever they run.
 - CUDA: the Triton dequantizing GEMM (:func:`squeeze.kernels.quant_linear`), and for 2:4 values
   stored as symmetric int8 codes the 2:4 + int8 kernel (:func:`squeeze.kernels.quant_linear_24`,
   which reads the values, the 2-bit positions and the scales as stored).
@@ -96,12 +99,14 @@ def _cpu_fn(spec, entry, get, k, backend, sited: bool = False):
     return fn, prepared, None if rows is None else (rows_fn, rows)  # None also: torch without the bags
 
 
-def install(model: nn.Module, ckpt, packed: dict, device: str, backend: str = "auto") -> int:
+def install(model: nn.Module, ckpt, packed: dict, device: str, backend: str = "auto", force: bool = False) -> int:
     """Swap every quantized linear of ``packed`` whose layout a kernel on ``device`` runs for a
-    :class:`QuantLinear`. Returns how many were swapped. ``backend="triton"`` takes the CUDA
-    kernels on any device (on CPU under TRITON_INTERPRET=1, for tests)."""
+    :class:`QuantLinear`; on CPU only where it pays (:func:`squeeze.kernels.quant_cpu_fast_dtypes`:
+    the weight's size and the activation dtype), or wherever a kernel runs with ``force``. Returns
+    how many were swapped. ``backend="triton"`` takes the CUDA kernels on any device (on CPU under
+    TRITON_INTERPRET=1, for tests)."""
     from squeeze.formats import packed_modules, spec_of
-    from squeeze.kernels import QUANT_CPU_FAST_DTYPES
+    from squeeze.kernels import quant_cpu_fast_dtypes
     from squeeze.runtime.swap import replace_linear
 
     triton = torch.device(device).type == "cuda" or backend == "triton"
@@ -111,9 +116,9 @@ def install(model: nn.Module, ckpt, packed: dict, device: str, backend: str = "a
         # codes of a bitmask layout never have a kernel: they stay decoded
         if not isinstance(module, nn.Linear) or "quant" not in entry or "mask" in entry:
             continue
-        if not triton and module.weight.dtype not in QUANT_CPU_FAST_DTYPES:
-            continue
         spec, (n, k) = spec_of(entry), entry["shape"]
+        if not (triton or force) and module.weight.dtype not in quant_cpu_fast_dtypes(spec.bits, n, k):
+            continue
 
         def get(key):
             return ckpt.get(key).to(device)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from squeeze.algorithms.quant import QuantSpec, rtn
+from squeeze.kernels import cpu_native
 from squeeze.kernels import (
     int4_linear_cpu,
     int4_rows_linear_cpu,
@@ -61,10 +62,21 @@ def _check(y, x, W_hat, P, bias=None):
     assert worst <= 0, f"error exceeds the bound by {worst:.3e} (largest error {float(err.max()):.3e})"
 
 
+@pytest.fixture(params=["native", "torch op"])
+def int8_path(request, monkeypatch):
+    """Each int8 test through our kernel (squeeze.kernels.cpu_native) and through torch's op."""
+    if request.param == "native":
+        if cpu_native.library() is None:
+            pytest.skip(f"our native kernels are unavailable here: {cpu_native.unavailable_reason()}")
+    else:
+        monkeypatch.setattr(cpu_native, "library", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n, k", [(40, 172), (48, 256), (3, 7)])  # K % 16 != 0 is padded
 @pytest.mark.parametrize("lead", [(), (1,), (2, 3), (0,), (2, 20)])  # 40 tokens: the decoded-weight GEMM
-def test_int8_matches_the_dequantized_weight(n, k, dtype, lead):
+def test_int8_matches_the_dequantized_weight(n, k, dtype, lead, int8_path):
     W_hat, codes, s, _, P = _weight(QuantSpec(8), n, k)
     prepared = prepare_int8_cpu(codes, s)
     x = torch.randn(*lead, k, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -163,7 +175,7 @@ def test_the_bound_catches_a_wrong_zero_convention():
         _check(int4_linear_cpu(x, wrong), x, W_hat, P)
 
 
-def test_a_misaligned_x_is_copied_before_the_aligned_loads():
+def test_a_misaligned_x_is_copied_before_the_aligned_loads(int8_path):
     W_hat, codes, s, _, P = _weight(QuantSpec(8), 40, 256, seed=10)
     prepared = prepare_int8_cpu(codes, s)
     buf = torch.randn(3 * 256 + 1, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)

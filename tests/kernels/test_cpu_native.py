@@ -1,0 +1,103 @@
+"""squeeze.kernels.cpu_native: our C kernels, compiled on first use. The int8 product against
+float64 within the fp32 bound for K terms, the same bits at any thread count, one build per
+source in the cache, and a clear None (with the reason) where it cannot be built."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from squeeze.kernels import cpu_native
+
+needs_native = pytest.mark.skipif(cpu_native.library() is None,
+                                  reason=f"native kernels unavailable here: {cpu_native.unavailable_reason()}")
+
+
+def _case(m, n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kp = -(-k // 16) * 16
+    codes = torch.zeros(n, kp, dtype=torch.int8)
+    codes[:, :k] = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    x = torch.zeros(m, kp)
+    x[:, :k] = torch.randn(m, k, generator=g)
+    scale = torch.rand(n, generator=g) * 0.01 + 1e-4
+    return x, codes, scale
+
+
+@needs_native
+@pytest.mark.parametrize("m, n, k", [(1, 64, 64), (3, 41, 172), (8, 7, 16), (2, 4, 2048), (1, 1, 16)])
+def test_int8_gemv_matches_float64(m, n, k):
+    """|y - ref| <= (K + 2)·2^-24·|x|·|codes|·scale: fp32 products and sums of K terms, and the
+    scale applied once (N not a multiple of 4 takes the one-row tail)."""
+    x, codes, scale = _case(m, n, k)
+    y = cpu_native.int8_gemv(x, codes, scale)
+    ref = (x.double() @ codes.double().T) * scale.double()
+    bound = (k + 2) * 2.0**-24 * (x.double().abs() @ codes.double().abs().T) * scale.double()
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    assert float(((y.double() - ref).abs() - bound).max()) <= 0
+
+
+@needs_native
+def test_int8_gemv_gives_the_same_bits_at_any_thread_count():
+    x, codes, scale = _case(3, 1000, 512, seed=1)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            assert cpu_native.library().sq_threads() == t  # torch's OpenMP runtime is the kernel's
+            outs.append(cpu_native.int8_gemv(x, codes, scale))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@needs_native
+@pytest.mark.parametrize("bad", ["dtype", "kp", "scale"])
+def test_int8_gemv_refuses_what_it_cannot_read(bad):
+    x, codes, scale = _case(1, 8, 32)
+    if bad == "dtype":
+        x = x.bfloat16()
+    elif bad == "kp":
+        x, codes = x[:, :24].contiguous(), codes[:, :24].contiguous()
+    else:
+        scale = scale[:4]
+    with pytest.raises(ValueError, match="int8_gemv"):
+        cpu_native.int8_gemv(x, codes, scale)
+
+
+def _fresh(env: dict, tmp_path) -> str:
+    """What a new process's library() and unavailable_reason() say, with ``env`` set."""
+    code = ("from squeeze.kernels import cpu_native as m; lib = m.library(); "
+            "print('built' if lib else 'none', m.unavailable_reason())")
+    import os
+
+    full = {**os.environ, "SQUEEZE_CACHE": str(tmp_path), **env}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@needs_native
+def test_one_build_per_source_in_the_cache(tmp_path):
+    assert _fresh({}, tmp_path) == "built None"
+    built = sorted((tmp_path / "native").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"  # no temporary file left beside it
+    stamp = built[0].stat().st_mtime_ns
+    assert _fresh({}, tmp_path) == "built None"
+    assert sorted((tmp_path / "native").iterdir()) == built and built[0].stat().st_mtime_ns == stamp  # reused
+
+
+def test_without_a_compiler_or_when_switched_off_it_says_why(tmp_path):
+    none = _fresh({"CC": str(tmp_path / "no-such-cc")}, tmp_path)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert none == "none no C compiler (cc, or $CC) on PATH"
+    assert _fresh({"SQUEEZE_NATIVE": "0"}, tmp_path) == "none SQUEEZE_NATIVE=0"
+    failing = tmp_path / "failing-cc"
+    failing.write_text("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\necho 'cc: error: broken' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert _fresh({"CC": str(failing)}, tmp_path) == "none could not build or load csrc/qgemv.c: " \
+            f"{failing} failed: cc: error: broken"
+    assert not (tmp_path / "native").exists() or not list((tmp_path / "native").glob("*.so"))
