@@ -1,10 +1,11 @@
 """Our own CPU kernels in C (``csrc/``), compiled on this machine on first use.
 
-torch's weight-only int8 op decodes codes too slowly on AVX2 CPUs to stream them at memory speed
-(one core: ~4.3 GB/s of codes against ~6.7 GB/s of bf16 weights for dense, so int8 was only
-1.3x dense where its bytes promise 2x). ``csrc/qgemv.c`` does the same product with four rows
-per load of x, two FMA chains per row and prefetching (measured by ``python -m
-squeeze.kernels.cpu_native``).
+torch's weight-only int8 op runs fp32 and fp16 activations through a scalar loop on x86 (5-10x
+slower than dense), so int8 exports of fp32 / fp16 models could only decode through the dense
+weight. ``csrc/qgemv.c`` computes the same product in any of them with AVX2 + FMA: four rows per
+load of x, two FMA chains per row, prefetching (``python -c "import squeeze.kernels.cpu_native as
+m; m._bench_report()"``; numbers in kernels/README.md). bf16 keeps torch's op: end to end it
+decoded as fast as this kernel there.
 
 The library is built with the system C compiler (``$CC``, else ``cc``) the first time a process
 asks for it, into ``$SQUEEZE_CACHE/native/`` (default ``~/.cache/squeeze/native/``), keyed by the
@@ -128,19 +129,24 @@ def int8_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torc
 
 def _bench(n: int = 5632, k: int = 2048, copies: int = 6, rounds: int = 30) -> dict[str, float]:
     """Median ms of ``copies`` different weights (so they come from memory, not cache) through
-    dense bf16 F.linear, torch's int8 op and :func:`int8_gemv`, one token, rounds interleaved."""
+    dense F.linear, torch's int8 op and :func:`int8_gemv`, one token in bf16 (and in fp32: dense
+    fp32 against ours), rounds interleaved."""
     import statistics
     import time
 
     x = torch.randn(1, k).bfloat16()
+    x32 = x.float()
     dense = [torch.randn(n, k).bfloat16() for _ in range(copies)]
+    dense32 = [torch.randn(n, k) for _ in range(copies)]
     codes = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(copies)]
     scale = torch.rand(n)
     s16 = scale.bfloat16()
     cases = {
         "dense bf16": lambda: [torch.nn.functional.linear(x, w) for w in dense],
         "torch int8 op": lambda: [torch.ops.aten._weight_int8pack_mm(x, c, s16) for c in codes],
-        "native int8": lambda: [int8_gemv(x.float(), c, scale).bfloat16() for c in codes],
+        "ours int8": lambda: [int8_gemv(x.float(), c, scale).bfloat16() for c in codes],
+        "dense fp32": lambda: [torch.nn.functional.linear(x32, w) for w in dense32],
+        "ours int8 fp32": lambda: [int8_gemv(x32, c, scale) for c in codes],
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
@@ -151,10 +157,11 @@ def _bench(n: int = 5632, k: int = 2048, copies: int = 6, rounds: int = 30) -> d
     return {name: statistics.median(v) * 1e3 for name, v in times.items()}
 
 
-if __name__ == "__main__":
+def _bench_report() -> None:
     if library() is None:
         raise SystemExit(f"native kernels unavailable: {unavailable_reason()}")
     print(f"threads {torch.get_num_threads()} (native sees {library().sq_threads()})")
     ms = _bench()
     for name, t in ms.items():
-        print(f"{name:14s} {t:7.2f} ms  {ms['dense bf16'] / t:4.2f}x dense")
+        ref = ms["dense fp32" if "fp32" in name else "dense bf16"]
+        print(f"{name:15s} {t:7.2f} ms  {ref / t:4.2f}x dense {'fp32' if 'fp32' in name else 'bf16'}")

@@ -1,7 +1,10 @@
-"""CPU weight-only quantized linears through torch's own kernels (no kernel code of ours).
+"""CPU weight-only quantized linears: torch's own kernels, and for int8 decode our own
+(:mod:`squeeze.kernels.cpu_native`) where it is built.
 
 The weights come in the quantized-weight layout (codes [N, K], fp32 scales [N, G], uint8 zero
-points for asymmetric int; see ``squeeze.algorithms.quant``). Two aten ops do the work:
+points for asymmetric int; see ``squeeze.algorithms.quant``). Int8 calls of fewer than
+:data:`INT8_GEMM_TOKENS` tokens with fp32 / fp16 activations run our kernel when this machine
+could build it (fp32 scales); otherwise, and for int4, two aten ops do the work:
 
 ``torch.ops.aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N])``
     ``y = x @ (w * scales[:, None]).T``: per-channel symmetric int8 only (no groups, no zero
@@ -84,7 +87,7 @@ def _have(op: str) -> bool:
 def fast_dtypes(bits: int, n: int, k: int) -> frozenset:
     """The activation dtypes in which a weight-only [n, k] linear of ``bits`` runs faster than
     dense ``F.linear`` here: none below :data:`MIN_KERNEL_WEIGHTS` weights; bf16 through torch's
-    ops; for int8 with our own kernel built, also fp32 and fp16."""
+    ops; for int8 with our own kernel built, also fp32 and fp16 (through it)."""
     if n * k < MIN_KERNEL_WEIGHTS:
         return frozenset()
     if bits == 8 and cpu_native.library() is not None:
@@ -257,8 +260,9 @@ def int8_linear_cpu(x: torch.Tensor, prepared: Int8CPUWeight, bias: torch.Tensor
                     ) -> torch.Tensor:
     """``x @ dequantize(codes, scale).T (+ bias)`` for x [..., K] (bf16, fp16 or fp32); calls of
     :data:`INT8_GEMM_TOKENS` tokens or more through the decoded weight and the dense GEMM, fewer
-    through our own kernel where it is built (:mod:`squeeze.kernels.cpu_native`: fp32 scales, any
-    dtype at one speed), else torch's op (scales rounded to x's dtype; fast in bf16 only)."""
+    through torch's op in bf16 (scales rounded to bf16) and, in fp32 / fp16, through our own
+    kernel where it is built (:mod:`squeeze.kernels.cpu_native`; fp32 scales), else the op (a
+    scalar loop there: slower than dense)."""
     k, n = prepared.in_features, prepared.out_features
     if x.dim() >= 1 and x.shape[-1] == k and x.numel() >= INT8_GEMM_TOKENS * k and x.dtype in _DTYPES:
         y = F.linear(x.reshape(-1, k), _decoded(prepared, x.dtype))
@@ -266,8 +270,8 @@ def int8_linear_cpu(x: torch.Tensor, prepared: Int8CPUWeight, bias: torch.Tensor
     x2 = _rows(x, k, prepared.codes.shape[1], "int8_linear_cpu")
     if x2.shape[0] == 0:
         return _finish(x2.new_zeros(0, n), x, n, bias)
-    if not torch.compiler.is_compiling() and cpu_native.library() is not None:  # fp32 scales, any dtype
-        y = cpu_native.int8_gemv(x2.float(), prepared.codes, prepared.scale).to(x.dtype)
+    if x.dtype not in FAST_DTYPES and not torch.compiler.is_compiling() and cpu_native.library() is not None:
+        y = cpu_native.int8_gemv(x2.float(), prepared.codes, prepared.scale).to(x.dtype)  # fp32 scales
     else:
         y = torch.ops.aten._weight_int8pack_mm(x2, prepared.codes, prepared.scale_as(x.dtype))  # (M, N)
     return _finish(y, x, n, bias)

@@ -59,8 +59,8 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     run kept. On CUDA, or with ``sparse24=True``, its 2:4 linears become
     :class:`~squeeze.runtime.sparse24.Sparse24Linear` modules over the packed data; its quantized
     linears run weight-only kernels where one pays (:mod:`squeeze.runtime.quant`: CUDA; on CPU
-    weights of 512 x 512 and more, in bf16, or in any dtype for int8 with squeeze's own kernel
-    built); ``quant_kernels=True`` takes them wherever one runs, ``False`` keeps the exact dense
+    weights of 512 x 512 and more, in bf16, and for int8 in fp32 / fp16 too with squeeze's own
+    kernel built); ``quant_kernels=True`` takes them wherever one runs, ``False`` keeps the exact dense
     path. A compressed-tensors checkpoint
     (``--format compressed-tensors``, or weight-only int4/int8/fp8 from llm-compressor) is decoded by
     squeeze (:mod:`squeeze.formats_ct`) into that exact dense model, without compressed-tensors.

@@ -6,17 +6,20 @@
  * (padded with zeros), scale fp32 [N], y fp32 [M, N]. Each output row is summed by one thread in a
  * fixed order, so the result does not depend on the thread count.
  *
- * Why not torch's _weight_int8pack_mm: on AVX2 it decodes each code once per token and keeps one
- * accumulator chain per row; here four rows share every load of x, two independent FMA chains run
- * per row, and the codes of the next cache lines are prefetched, which lets one core stream codes
- * at close to its memory bandwidth instead of stalling on the convert-and-add chain
- * (bench: python -m squeeze.kernels.native).
+ * Why not torch's _weight_int8pack_mm: on AVX2 it runs fp32 / fp16 activations through a scalar
+ * loop, 5-10x slower than dense (bf16 keeps the op: end to end it decodes as fast as this kernel
+ * there, kernels/README.md). Here four rows share
+ * every load of x, two independent FMA chains run per row, and the codes a few cache lines ahead
+ * are prefetched. One core is still bound by the convert-and-FMA work (~4 GB/s of codes on the
+ * development machine, in cache and from memory alike), not by bytes
+ * (python -c "import squeeze.kernels.cpu_native as m; m._bench_report()"; kernels/README.md).
  *
  * Threads: OpenMP. The library is linked against libgomp.so.1 by soname; torch's CPU wheels load
  * their own libgomp.so.1 first, so the loader hands this library the same runtime, and its
  * parallel regions run on torch's threads at torch.get_num_threads().
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 
 #define ROWS 4        /* rows per block: x is loaded once per 4 rows */
@@ -88,6 +91,5 @@ int sq_int8_gemv(const int8_t *codes, int64_t n, int64_t ldw, const float *scale
     return 0;
 }
 
-int sq_threads(void);
-#include <omp.h>
+/* The thread count this library's parallel regions get (tests: it is torch's). */
 int sq_threads(void) { return omp_get_max_threads(); }

@@ -1,11 +1,11 @@
 """Quantized linears at run time: the packed codes of a ``compressed`` export run through a
 weight-only kernel instead of a dequantized dense weight.
 
-- CPU: int8 through our own kernel (:mod:`squeeze.kernels.cpu_native`, compiled on first use; any
-  activation dtype), else torch's int8 / int4 ops (:mod:`squeeze.kernels.quant_cpu`), only for
-  activation dtypes where they beat dense ``F.linear`` on this kind of CPU (bf16; in fp32 torch's
-  are 5-10x slower), only from 512 x 512 weights on (a small weight decodes faster dense), and
-  only for layouts they hold (int8: symmetric per row; int4: groups of 32k).
+- CPU: torch's int8 / int4 ops (:mod:`squeeze.kernels.quant_cpu`) for bf16 activations, and for
+  int8 with fp32 / fp16 activations our own kernel (:mod:`squeeze.kernels.cpu_native`, compiled
+  on first use; torch's op runs a scalar loop there, 5-10x slower than dense). Only from 512 x
+  512 weights on (a small weight decodes faster dense), and only for layouts they hold (int8:
+  symmetric per row; int4: groups of 32k).
   ``squeeze.load(..., quant_kernels=True)`` takes the kernels wherever they run.
 - CUDA: the Triton dequantizing GEMM (:func:`squeeze.kernels.quant_linear`), and for 2:4 values
   stored as symmetric int8 codes the 2:4 + int8 kernel (:func:`squeeze.kernels.quant_linear_24`,
