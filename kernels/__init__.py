@@ -39,7 +39,7 @@ Weight-only quantized linear, CPU (quant_cpu): torch's int8 / int4 ops on the qu
     quant_rows_supported(); int8_rows_linear_cpu / int4_rows_linear_cpu(x, rows, bias=None, entries=None)
         (activation-sparse x [T, K]: reads only the codes of non-zero inputs; QUANT_CPU_ROWS_ACTIVE)
     QUANT_CPU_FAST_DTYPES  (activation dtypes where torch's ops beat dense F.linear: bfloat16)
-    quant_cpu_fast_dtypes(bits, n, k)  (none below 512 x 512 weights; with our int8 kernel built, int8 also in fp32 / fp16)
+    quant_cpu_kernel_pays(bits, n, k, dtype)  (never below 512 x 512 weights; bf16; int8 in fp32 / fp16 with our kernel built)
 Our own CPU kernels (cpu_native: C in csrc/, compiled with the system cc on first use, else None)
     library(), unavailable_reason(), int8_gemv(x fp32 [M, Kp], codes int8 [N, Kp], scale fp32 [N])
 
@@ -62,7 +62,7 @@ from .ffn_reference import (
     sparse_ffn_reference,
 )
 from .quant_cpu import FAST_DTYPES as QUANT_CPU_FAST_DTYPES
-from .quant_cpu import fast_dtypes as quant_cpu_fast_dtypes
+from .quant_cpu import kernel_pays as quant_cpu_kernel_pays
 from .quant_cpu import ROWS_ACTIVE as QUANT_CPU_ROWS_ACTIVE
 from .quant_cpu import (
     Int4CPUWeight,
@@ -103,7 +103,7 @@ __all__ = [
     "Int8CPUWeight",
     "Int8RowsWeight",
     "QUANT_CPU_FAST_DTYPES",
-    "quant_cpu_fast_dtypes",
+    "quant_cpu_kernel_pays",
     "QUANT_CPU_ROWS_ACTIVE",
     "SparseFFNWorkspace",
     "act_mul",

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from . import cpu_native
 from .cpu_input_sparse import bag_blocks, bag_offsets, blocked_bags, nonzero_entries, unblock
 
-__all__ = ["FAST_DTYPES", "MIN_KERNEL_WEIGHTS", "fast_dtypes", "ROWS_ACTIVE", "Int4CPUWeight", "Int4RowsWeight", "Int8CPUWeight", "Int8RowsWeight", "int4_linear_cpu",
+__all__ = ["FAST_DTYPES", "MIN_KERNEL_WEIGHTS", "kernel_pays", "ROWS_ACTIVE", "Int4CPUWeight", "Int4RowsWeight", "Int8CPUWeight", "Int8RowsWeight", "int4_linear_cpu",
            "int4_rows_linear_cpu", "int8_linear_cpu", "int8_rows_linear_cpu", "quant_rows_supported", "prepare_int4_cpu",
            "prepare_int4_rows_cpu", "prepare_int8_cpu", "prepare_int8_rows_cpu"]
 
@@ -84,15 +84,16 @@ def _have(op: str) -> bool:
     return hasattr(torch.ops.aten, op)
 
 
-def fast_dtypes(bits: int, n: int, k: int) -> frozenset:
-    """The activation dtypes in which a weight-only [n, k] linear of ``bits`` runs faster than
-    dense ``F.linear`` here: none below :data:`MIN_KERNEL_WEIGHTS` weights; bf16 through torch's
-    ops; for int8 with our own kernel built, also fp32 and fp16 (through it)."""
+def kernel_pays(bits: int, n: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether a weight-only [n, k] linear of ``bits`` with ``dtype`` activations runs faster here
+    than dense ``F.linear``: never below :data:`MIN_KERNEL_WEIGHTS` weights; in bf16 through
+    torch's ops; for int8 in fp32 / fp16 through our own kernel, if it builds (asked only then,
+    so a bf16 model never compiles it)."""
     if n * k < MIN_KERNEL_WEIGHTS:
-        return frozenset()
-    if bits == 8 and cpu_native.library() is not None:
-        return frozenset(_DTYPES)
-    return FAST_DTYPES
+        return False
+    if dtype in FAST_DTYPES:
+        return True
+    return bits == 8 and dtype in _DTYPES and cpu_native.library() is not None
 
 
 @dataclass(eq=False)

@@ -101,12 +101,12 @@ def _cpu_fn(spec, entry, get, k, backend, sited: bool = False):
 
 def install(model: nn.Module, ckpt, packed: dict, device: str, backend: str = "auto", force: bool = False) -> int:
     """Swap every quantized linear of ``packed`` whose layout a kernel on ``device`` runs for a
-    :class:`QuantLinear`; on CPU only where it pays (:func:`squeeze.kernels.quant_cpu_fast_dtypes`:
+    :class:`QuantLinear`; on CPU only where it pays (:func:`squeeze.kernels.quant_cpu_kernel_pays`:
     the weight's size and the activation dtype), or wherever a kernel runs with ``force``. Returns
     how many were swapped. ``backend="triton"`` takes the CUDA kernels on any device (on CPU under
     TRITON_INTERPRET=1, for tests)."""
     from squeeze.formats import packed_modules, spec_of
-    from squeeze.kernels import quant_cpu_fast_dtypes
+    from squeeze.kernels import quant_cpu_kernel_pays
     from squeeze.runtime.swap import replace_linear
 
     triton = torch.device(device).type == "cuda" or backend == "triton"
@@ -117,7 +117,7 @@ def install(model: nn.Module, ckpt, packed: dict, device: str, backend: str = "a
         if not isinstance(module, nn.Linear) or "quant" not in entry or "mask" in entry:
             continue
         spec, (n, k) = spec_of(entry), entry["shape"]
-        if not (triton or force) and module.weight.dtype not in quant_cpu_fast_dtypes(spec.bits, n, k):
+        if not (triton or force or quant_cpu_kernel_pays(spec.bits, n, k, module.weight.dtype)):
             continue
 
         def get(key):

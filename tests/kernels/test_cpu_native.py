@@ -2,6 +2,7 @@
 float64 within the fp32 bound for K terms, the same bits at any thread count, one build per
 source in the cache, and a clear None (with the reason) where it cannot be built."""
 
+import os
 import subprocess
 import sys
 
@@ -71,8 +72,6 @@ def _fresh(env: dict, tmp_path) -> str:
     """What a new process's library() and unavailable_reason() say, with ``env`` set."""
     code = ("from squeeze.kernels import cpu_native as m; lib = m.library(); "
             "print('built' if lib else 'none', m.unavailable_reason())")
-    import os
-
     full = {**os.environ, "SQUEEZE_CACHE": str(tmp_path), **env}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)
     assert done.returncode == 0, done.stderr
