@@ -55,6 +55,12 @@ def _quiet_transformers():
         from squeeze.lean import skip_unusable_triton
 
         skip_unusable_triton()
+    from squeeze import when_transformers_loads
+
+    when_transformers_loads(_quiet)
+
+
+def _quiet():
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

@@ -28,19 +28,34 @@ def __getattr__(name):
     raise AttributeError(f"module 'squeeze' has no attribute {name!r}")
 
 
-def _register_when_transformers_loads() -> None:
-    """Run :func:`squeeze.autoload.register` once transformers is imported (now, if it already is),
-    so that exports marked for squeeze load through transformers' auto classes, without making
-    ``import squeeze`` pay for importing transformers."""
+_WHEN_TRANSFORMERS_LOADS: list = []
+
+
+def when_transformers_loads(fn) -> None:
+    """Call ``fn()`` once transformers is imported (now, if it already is), without importing it:
+    a squeeze command that never needs transformers (a plain-Llama compress sweep) never pays for
+    it. A failing ``fn`` warns and never breaks the user's ``import transformers``."""
     import sys
 
-    if "transformers" in sys.modules:
-        from squeeze.autoload import register
-
-        register()
+    if "transformers" in sys.modules and not _WHEN_TRANSFORMERS_LOADS:
+        fn()
         return
+    _WHEN_TRANSFORMERS_LOADS.append(fn)
+    if len(_WHEN_TRANSFORMERS_LOADS) > 1:
+        return  # the finder below is already waiting
     import importlib.abc
     import importlib.util
+
+    def run_all():
+        while _WHEN_TRANSFORMERS_LOADS:
+            f = _WHEN_TRANSFORMERS_LOADS.pop(0)
+            try:
+                f()
+            except Exception as e:  # noqa: BLE001 (never break the user's `import transformers`)
+                import warnings
+
+                warnings.warn(f"squeeze could not finish setting up transformers ({e}); load squeeze exports "
+                              "with squeeze.load", stacklevel=3)
 
     class _AfterTransformers(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -53,15 +68,7 @@ def _register_when_transformers_loads() -> None:
 
                 def exec_module(module):
                     run(module)
-                    try:
-                        from squeeze.autoload import register
-
-                        register()
-                    except Exception as e:  # noqa: BLE001 (never break the user's `import transformers`)
-                        import warnings
-
-                        warnings.warn(f"squeeze could not register its exports with transformers ({e}); "
-                                      "load them with squeeze.load", stacklevel=2)
+                    run_all()
 
                 spec.loader.exec_module = exec_module
             return spec
@@ -69,7 +76,14 @@ def _register_when_transformers_loads() -> None:
     sys.meta_path.insert(0, _AfterTransformers())
 
 
-_register_when_transformers_loads()
+def _register():
+    """Exports marked for squeeze load through transformers' auto classes."""
+    from squeeze.autoload import register
+
+    register()
+
+
+when_transformers_loads(_register)
 
 __all__ = ["SqueezeError", "__version__", "bench_models", "compress", "evaluate", "generate", "info", "load",
            "recover"]

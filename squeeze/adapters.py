@@ -8,6 +8,7 @@ Blocks and linears are inferred (``_no_split_modules``, scanning for ``nn.Linear
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -36,12 +37,9 @@ BLOCK_PATHS = {"llava": "model.language_model.layers", "llava_next": "model.lang
 
 
 def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        return Conv1D
-    except ImportError:  # pragma: no cover
-        return ()
+    """GPT-2's ``Conv1D`` class, or () while nothing has imported it: no module can be one then, and
+    asking must not import transformers (squeeze.plain_llama's sweeps never do)."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", ())
 
 
 def is_linear(module: nn.Module) -> bool:

@@ -15,15 +15,18 @@ Tested range: ``transformers`` as bounded in ``pyproject.toml`` (both ends run t
 from __future__ import annotations
 
 import inspect
+from importlib.metadata import version
 
 import torch
-import transformers
 from packaging.version import Version
 from torch import nn
 
 from squeeze.errors import SqueezeError
 
-TRANSFORMERS_VERSION = Version(transformers.__version__)
+# The installed release, read from its metadata: importing this module must not import
+# transformers (a compress sweep of a plain Llama never does, squeeze.plain_llama); every function
+# below that needs it imports it itself.
+TRANSFORMERS_VERSION = Version(version("transformers"))
 
 # 5.24 renamed the KV-cache argument of every model / decoder layer / mask builder, and the field
 # of every model output, from `past_key_values` to `cache` (the old names are kept with a
@@ -250,7 +253,7 @@ def checkpoint_renamings(model: nn.Module, keys) -> dict[str, str]:
         from transformers.core_model_loading import WeightRenaming, rename_source_key
     except ImportError as e:
         raise SqueezeError(f"this checkpoint's weight names need transformers' legacy-layout renaming, which "
-                           f"transformers {transformers.__version__} no longer offers ({e}); install a "
+                           f"transformers {TRANSFORMERS_VERSION} no longer offers ({e}); install a "
                            "transformers release within squeeze's supported range") from None
     renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
     if not renamings:

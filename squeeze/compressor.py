@@ -16,7 +16,7 @@ from squeeze.calib.build import build_calibration
 from squeeze.errors import SqueezeError
 from squeeze.export import Spill, check_output_dir, commit, size_report, staging_dir, write_checkpoint
 from squeeze.formats import check_format, kind_of, open_dense
-from squeeze.modeling import WeightMap, as_loaded, build_skeleton, load_config
+from squeeze.modeling import WeightMap, as_loaded, build_skeleton, is_plain, load_config, sweep_skeleton
 from squeeze.passes.base import BlockPass, ModelContext
 from squeeze.evaluation import model_kind
 from squeeze.recipe import Recipe, build_passes, flags_recipe, next_step, resolve_recipe
@@ -140,8 +140,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     export_dtype = parse_dtype(dtype)
 
     t_code = time.perf_counter()
-    config = load_config(ckpt, trust_remote_code)
-    skeleton = build_skeleton(config, trust_remote_code, attn_implementation="sdpa")
+    config, skeleton = sweep_skeleton(ckpt, trust_remote_code)
     phases = {"model code": time.perf_counter() - t_code}  # importing the architecture's modeling code
     family = "decoder" if model_kind(skeleton) == "causal" else "encoder"  # which shipped recipes fit
     plan = None
@@ -182,6 +181,18 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
     methods = build_passes(entries, defaults={"targets": targets, "ignore": ignore, "strict": strict or None})
     passes = [m for m in methods if isinstance(m, BlockPass)]
     stages = [st for m in methods for st in m.stages()]
+    whole_model = any(st.needs_weights for st in stages)  # a model stage works on every block at once
+    if whole_model:
+        keep_in_memory = True
+    if keep_in_memory is None:
+        import psutil
+
+        fp32_bytes = sum(p.numel() for p in skeleton.parameters()) * 4
+        keep_in_memory = fp32_bytes < 0.25 * psutil.virtual_memory().available
+    if is_plain(skeleton) and (stages or keep_in_memory):
+        # the caller gets the model back, or a model stage trains it: transformers' own classes
+        config = load_config(ckpt, trust_remote_code)
+        skeleton = build_skeleton(config, trust_remote_code, attn_implementation="sdpa")
     from squeeze.loading import read_record
 
     source_record = read_record(ckpt.path)
@@ -222,14 +233,6 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
             generate_calibration(dense, calibration, calib_generate, calib_generate_mode,
                                  calib_generate_temperature, calib_generate_top_p, on_generate)
             del dense  # the whole dense model lives for this step only; the sweep streams blocks
-    whole_model = any(st.needs_weights for st in stages)  # a model stage works on every block at once
-    if whole_model:
-        keep_in_memory = True
-    if keep_in_memory is None:
-        import psutil
-
-        fp32_bytes = sum(p.numel() for p in skeleton.parameters()) * 4
-        keep_in_memory = fp32_bytes < 0.25 * psutil.virtual_memory().available
 
     from squeeze.calib.runner import BlockRunner, RunResult
     from squeeze.memory import memory_bound

@@ -70,9 +70,10 @@ def memory_bound(adapter, weights, calib, base_bytes: int, passes=()) -> dict:
     export's copies of them: scores and masks, the cast and packed tensors), its stored bytes
     (mapped while read), the activations entering and leaving it, one forward's intermediates
     (:data:`FORWARD_BYTES`), and the Hessians of second-order ``passes`` (each observed linear's
-    in x in float64 sums are all held after the statistics forward; solving one takes two more
-    matrices of its size: the factor and the inverse). Embeddings, the LM head and file pages of
-    earlier blocks are not held, so the bound does not grow with the vocabulary or the depth."""
+    in x in float64 sums are all held after the statistics forward, and one batch's product is
+    added at a time; solving one takes two more matrices of its size: the factor and the
+    inverse). Embeddings, the LM head and file pages of earlier blocks are not held, so the bound
+    does not grow with the vocabulary or the depth."""
     model = adapter.model
 
     def stored(prefix: str) -> int:
@@ -91,6 +92,10 @@ def memory_bound(adapter, weights, calib, base_bytes: int, passes=()) -> dict:
     square = [n * n * 8 for n in observed.values()]
     # solved in order, each popped when solved: while linear j is solved, j and the later ones are held
     hessians = max((sum(square[j:]) + 2 * square[j] for j in range(len(square))), default=0)
+    if square:  # and one batch's product being added (calib.stats.HESSIAN_TEMP_BYTES)
+        from squeeze.calib.stats import HESSIAN_TEMP_BYTES
+
+        hessians += HESSIAN_TEMP_BYTES
     parts = {"interpreter": base_bytes, "block_fp32": block, "block_stored": block_stored,
              "activations": acts, "forward": FORWARD_BYTES if calib is not None else 0, "hessians": hessians,
              "outside_fp32": outside}

@@ -95,6 +95,25 @@ def build_skeleton(config, trust_remote_code: bool = False, attn_implementation:
     return model.eval().requires_grad_(False)
 
 
+def sweep_skeleton(ckpt: Checkpoint, trust_remote_code: bool = False):
+    """(config, skeleton) for a calibration sweep: :mod:`squeeze.plain_llama` where that computes
+    what transformers would (and so transformers is never imported), else transformers' own
+    classes with SDPA attention."""
+    from squeeze.plain_llama import LlamaForCausalLM, plain_config
+
+    config = None if getattr(ckpt, "marked", False) else plain_config(ckpt.config_dict)
+    if config is not None:
+        config._name_or_path = str(ckpt.path)
+        return config, LlamaForCausalLM.skeleton(config)
+    config = load_config(ckpt, trust_remote_code)
+    return config, build_skeleton(config, trust_remote_code, attn_implementation="sdpa")
+
+
+def is_plain(model: nn.Module) -> bool:
+    """Whether ``model`` is :mod:`squeeze.plain_llama`'s (a sweep's skeleton, never a loaded model)."""
+    return type(model).__module__ == "squeeze.plain_llama"
+
+
 def as_loaded(model: nn.Module) -> nn.Module:
     """Every loaded model in one state, whichever path built it: trainable float parameters in
     allocator-aligned memory. Neither is cosmetic: torch.matmul picks its GEMM path for a strided 3-D input

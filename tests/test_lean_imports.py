@@ -47,3 +47,18 @@ def test_cpu_info_keeps_triton_out(tiny_dir):
     loaded = _loaded_after(code.replace("main()", f"main(['info', {str(tiny_dir('llama'))!r}])"),
                            {"CUDA_VISIBLE_DEVICES": ""})
     assert loaded["triton"]
+
+
+@pytest.mark.slow  # a subprocess pays the full torch import
+def test_a_llama_compress_never_imports_transformers(tiny_dir, tiny_calib, tmp_path):
+    """squeeze.plain_llama runs the sweep: transformers and torch._dynamo stay out of the process
+    (~3 s and ~120 MB on a small model's `squeeze compress`; bench/README.md section 1c)."""
+    out = tmp_path / "out"
+    code = ("import sys\nfrom squeeze.cli.main import main\n"
+            f"sys.argv = ['squeeze', 'compress', {str(tiny_dir('llama'))!r}, '--method', 'sparsegpt', '--pattern', "
+            f"'2:4', '--quantize', 'int8', '--calib', {str(tiny_calib)!r}, '--nsamples', '4', '--seqlen', '32', "
+            f"'--eval-data', 'none', '--out', {str(out)!r}]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n")
+    loaded = _loaded_after(code)
+    assert (out / "squeeze.json").is_file()
+    assert loaded["torch"] and not loaded["transformers"] and not loaded["torch._dynamo"], loaded

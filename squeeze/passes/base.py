@@ -348,8 +348,10 @@ class BlockPass(Method):
         statistic in ``ctx.scratch(self)`` that knows how (``reduce()``: ChannelStats, Hessian), in
         name order so the ranks' collectives line up; a pass with other state overrides it, or
         refuses to run distributed (:func:`squeeze.distributed.refuse`)."""
+        done = set()  # a statistic shared by linears (calib.stats.hessian_for) is reduced once
         for _, value in sorted(ctx.scratch(self).items(), key=lambda kv: str(kv[0])):
-            if callable(getattr(value, "reduce", None)):
+            if callable(getattr(value, "reduce", None)) and id(value) not in done:
+                done.add(id(value))
                 value.reduce()
 
     def decide(self, ctx: BlockContext) -> Any:

@@ -20,7 +20,7 @@ import dataclasses
 
 from squeeze.algorithms.quant import OBSERVERS, QuantSpec, rtn
 from squeeze.algorithms.sparsegpt import obs_quantize
-from squeeze.calib.stats import Hessian
+from squeeze.calib.stats import hessian_for
 from squeeze.errors import SqueezeError
 from squeeze.formats import attach_quant, quant_of
 from squeeze.passes.base import BlockContext, BlockPass, register
@@ -98,7 +98,7 @@ class Quantize(BlockPass):
         return self.targets(block) if self.settings.solver == "obs" else []
 
     def observe(self, ctx: BlockContext, linear, x, y) -> None:
-        ctx.scratch(self).setdefault(linear.name, Hessian(x.shape[-1])).update(x)
+        hessian_for(ctx.scratch(self), linear.name, x).update(x)
 
     def decide(self, ctx: BlockContext) -> dict:
         out = {}

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from squeeze.calib.stats import Hessian
+from squeeze.calib.stats import hessian_for
 from squeeze.errors import SqueezeError
 from squeeze.algorithms.sparsegpt import sparsegpt_prune
 from squeeze.passes.base import register
@@ -48,7 +48,7 @@ class SparseGPT(PruningPass):
             raise SqueezeError(f"sparsegpt: dampening must be > 0 (e.g. 0.01), got {s.dampening}")
 
     def observe_linear(self, ctx, linear, x):
-        ctx.scratch(self).setdefault(linear.name, Hessian(x.shape[-1])).update(x)
+        hessian_for(ctx.scratch(self), linear.name, x).update(x)
 
     def prune(self, ctx, linear) -> torch.Tensor:
         s = self.settings
