@@ -43,7 +43,8 @@ REPEATS = 5  # samples per path (their median)
 SAMPLE_S = 2e-3  # one sample repeats the call until it lasts about this long (a small GEMV is ~us)
 MAX_CALLS = 256
 ROTATE = 32  # modules of one key a measurement cycles through
-METHOD = 4  # how timings are taken (2: cycling over a key's modules; 3: bags split per thread; 4: int8 through our own kernel); older cached timings are not reused
+METHOD = 5  # how timings are taken (2: cycling over a key's modules; 3: bags split per thread; 4: int8 through our
+# own kernel; 5: activation-sparse paths in their decode steady state); older cached timings are not reused
 
 
 @dataclass
