@@ -16,7 +16,7 @@ from squeeze.calib.build import build_calibration
 from squeeze.errors import SqueezeError
 from squeeze.export import Spill, check_output_dir, commit, size_report, staging_dir, write_checkpoint
 from squeeze.formats import check_format, kind_of, open_dense
-from squeeze.modeling import WeightMap, as_loaded, build_skeleton, is_plain, load_config, sweep_skeleton
+from squeeze.modeling import WeightMap, as_loaded, is_plain, sweep_skeleton
 from squeeze.passes.base import BlockPass, ModelContext
 from squeeze.evaluation import model_kind
 from squeeze.recipe import Recipe, build_passes, flags_recipe, next_step, resolve_recipe
@@ -191,8 +191,7 @@ def compress(model: str | Path | None = None, out: str | Path | None = None, *, 
         keep_in_memory = fp32_bytes < 0.25 * psutil.virtual_memory().available
     if is_plain(skeleton) and (stages or keep_in_memory):
         # the caller gets the model back, or a model stage trains it: transformers' own classes
-        config = load_config(ckpt, trust_remote_code)
-        skeleton = build_skeleton(config, trust_remote_code, attn_implementation="sdpa")
+        config, skeleton = sweep_skeleton(ckpt, trust_remote_code, plain=False)
     from squeeze.loading import read_record
 
     source_record = read_record(ckpt.path)

@@ -95,13 +95,13 @@ def build_skeleton(config, trust_remote_code: bool = False, attn_implementation:
     return model.eval().requires_grad_(False)
 
 
-def sweep_skeleton(ckpt: Checkpoint, trust_remote_code: bool = False):
+def sweep_skeleton(ckpt: Checkpoint, trust_remote_code: bool = False, plain: bool = True):
     """(config, skeleton) for a calibration sweep: :mod:`squeeze.plain_llama` where that computes
-    what transformers would (and so transformers is never imported), else transformers' own
-    classes with SDPA attention."""
+    what transformers would (and so transformers is never imported) and ``plain`` allows it, else
+    transformers' own classes with SDPA attention."""
     from squeeze.plain_llama import LlamaForCausalLM, plain_config
 
-    config = None if getattr(ckpt, "marked", False) else plain_config(ckpt.config_dict)
+    config = None if not plain or getattr(ckpt, "marked", False) else plain_config(ckpt.config_dict)
     if config is not None:
         config._name_or_path = str(ckpt.path)
         return config, LlamaForCausalLM.skeleton(config)

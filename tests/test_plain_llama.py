@@ -172,11 +172,11 @@ def test_a_kept_model_is_transformers(tmp_path):
 def test_a_model_stage_builds_transformers_classes(tmp_path, monkeypatch):
     """dReLU's recovery trains the whole model: that sweep runs on transformers' classes (and a
     sweep that keeps no model and has no such stage never builds them)."""
-    import squeeze.compressor as compressor
+    import squeeze.modeling as modeling
 
     built = []
-    real = compressor.build_skeleton
-    monkeypatch.setattr(compressor, "build_skeleton", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    real = modeling.build_skeleton
+    monkeypatch.setattr(modeling, "build_skeleton", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     src = _llama(tmp_path / "src")
     calib = write_jsonl(token_rows(4, 16), tmp_path / "calib.jsonl")
     kw = dict(calib=str(calib), nsamples=4, seqlen=16, eval_data="none", keep_in_memory=False)
