@@ -39,7 +39,9 @@ def _as_model(m, dtype=None):
         return m.eval(), None
     from squeeze.loading import load
 
-    return load(m, dtype=dtype), Path(m)
+    # the export's model: TEAL/WINA masks kept even where this machine's plan would run them
+    # unmasked (quality is the thresholded model's, whatever path is faster here)
+    return load(m, dtype=dtype, runtime="sparse"), Path(m)
 
 
 def eval_rows(data: str, tokenizer_dir: Path | None, max_rows: int | None, seqlen: int,
@@ -295,7 +297,7 @@ def act_sparsity_on(model_dir, rows: list[torch.Tensor]) -> dict:
     {} when it has none."""
     from squeeze.loading import load
 
-    m = load(model_dir).eval()
+    m = load(model_dir, runtime="sparse").eval()  # the masks kept, as _as_model
     counter = ActCounter(m)
     if not counter:
         return {}

@@ -68,8 +68,10 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     ``runtime``: "auto" (default, or ``$SQUEEZE_RUNTIME``) gives every run-time with a sparse and
     a dense path (activation-sparse linears, the dReLU FFN, 2:4 linears on CPU) the one a plan
     measured on this machine for its shapes says is faster (:mod:`squeeze.runtime.plan`; cached);
-    "sparse" / "dense" force one without measuring. The dense path computes what the export
-    means: thresholded activations stay thresholded. ``sparse24`` set explicitly wins for 2:4.
+    "sparse" / "dense" force one without measuring. The dense path computes the same function,
+    except at activation-sparse sites: their thresholds only serve the sparse kernel, so their dense
+    path multiplies the unmasked input (the source's activations; "sparse" keeps every mask, the
+    model ``compress`` scored). ``sparse24`` set explicitly wins for 2:4.
     What was decided is ``model.squeeze_runtime``.
     """
     from squeeze.runtime.plan import resolve_mode

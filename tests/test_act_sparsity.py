@@ -192,7 +192,7 @@ def test_prune_then_sparsify_recipe(tiny_dir, tiny_calib, tmp_path):
     after, before = res.report["pass_reports"]["teal"]["0"], alone.report["pass_reports"]["teal"]["0"]
     assert after["attn_in"]["threshold"] == before["attn_in"]["threshold"]  # the block's input: same
     assert after["mlp_mid"]["threshold"] != before["mlp_mid"]["threshold"]  # downstream of pruned weights
-    loaded = squeeze.load(out)
+    loaded = squeeze.load(out, runtime="sparse")  # the masked model, whatever this machine measures
     ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(_logits(loaded, ids), _logits(res.model, ids), rtol=0, atol=0)
@@ -226,11 +226,12 @@ def test_every_site_hits_target_with_all_sites_sparse(tiny_dir, tiny_calib, tmp_
         assert abs(v[0] - 0.8) < 0.03, (k, v)
 
 
-def test_cli_compress_and_activation_stats(tiny_dir, tiny_calib, tmp_path):
+def test_cli_compress_and_activation_stats(tiny_dir, tiny_calib, tmp_path, monkeypatch):
     import json
 
     from squeeze.cli.main import main
 
+    monkeypatch.setenv("SQUEEZE_RUNTIME", "sparse")  # the masks kept (auto may run the unmasked dense path)
     out, js = tmp_path / "o", tmp_path / "stats.json"
     main(["compress", str(tiny_dir("llama")), "--method", "wina", "--act-sparsity", "0.5", "--allocation", "uniform",
           "--calib", str(tiny_calib), "--nsamples", "4", "--seqlen", "32", "--out", str(out)])
@@ -275,10 +276,13 @@ def test_wina_transform_keeps_dense_outputs(arch, tiny_dir, tiny_calib, tmp_path
         torch.testing.assert_close(_logits(res.model, ids), d, rtol=1e-4, atol=1e-4 * float(d.abs().max()))
         res = squeeze.compress(src, tmp_path / "t5", method="wina", act_sparsity=0.5, transform=True,
                                calib=str(tiny_calib), nsamples=4, seqlen=32)
-        loaded = squeeze.load(tmp_path / "t5")
+        loaded = squeeze.load(tmp_path / "t5", runtime="sparse")
         assert sum(sp.rotation.numel() > 0 for sp in act_sparse.sparsifiers(loaded).values()) == len(rot)
         torch.testing.assert_close(_logits(loaded, ids), _logits(res.model, ids), rtol=0, atol=0)
         assert not torch.allclose(_logits(loaded, ids), d)
+        # the dense path drops the masks but still rotates (the stored weights are rotated)
+        unmasked = _logits(squeeze.load(tmp_path / "t5", runtime="dense"), ids)
+        torch.testing.assert_close(unmasked, d, rtol=1e-4, atol=1e-4 * float(d.abs().max()))
 
 
 def test_wina_transform_refusals(tiny_dir, tiny_calib, tmp_path):

@@ -57,15 +57,17 @@ def _check_consumers_exact(model, kernel_type):
             got = m(x)
             xm = act_sparse.masked_input(m, x)
             want = type(m).forward(m, xm)
-        assert (xm == 0).float().mean() > 0.1, name  # the threshold bites
+            masked = m.__dict__["_squeeze_sparsifier"].forward(x)
+        assert (masked == 0).float().mean() > 0.1, name  # the threshold bites
+        assert torch.equal(xm, x if fwd.path == "dense" else masked), name  # dense: unmasked
         if fwd.path == "dense" or act_sparse.rows_kind(m) is None:
             assert torch.equal(got, want), name
 
 
 def test_int8_and_teal_load_together(teal_int8):
-    """An int8 + TEAL export loads in bf16 with every quantized linear still masked by its site
-    (it raised "cannot find transformer blocks" before the loader installed run-times first), with
-    the thresholds the exact-dequantized load has."""
+    """An int8 + TEAL export loads in bf16 with every quantized linear still a site's consumer (it
+    raised "cannot find transformer blocks" before the loader installed run-times first), with
+    the thresholds the exact-dequantized load has; the dense path runs its kernel unmasked."""
     model = squeeze.load(teal_int8, dtype="bfloat16", runtime="dense", quant_kernels=True)
     exact = squeeze.load(teal_int8, dtype="bfloat16", quant_kernels=False)
     assert set(act_sparse.consumers(model)) == set(act_sparse.consumers(exact))
@@ -84,7 +86,7 @@ def teal_int4(tiny_dir, tiny_calib, tmp_path_factory):
 def test_quantized_sparse_path_reads_active_codes_only(which, request):
     """runtime="sparse": one decode token's consumer runs the bags over the codes of its non-zero
     inputs; they agree with the weight-only kernel within bf16 rounding of scale and
-    output. The dense path drops the rows copy."""
+    output. The dense path drops the rows copy and runs the weight-only kernel unmasked."""
     path = request.getfixturevalue(which)
     model = squeeze.load(path, dtype="bfloat16", runtime="sparse", quant_kernels=True)
     name, lin = next((n, m) for n, m in act_sparse.consumers(model).items() if n.endswith("down_proj"))
@@ -98,8 +100,10 @@ def test_quantized_sparse_path_reads_active_codes_only(which, request):
         sparse = lin(x).float()
         act_sparse.set_path(lin, "dense")
         assert lin.rows is None and act_sparse.rows_kind(lin) is None
-        dense = lin(x).float()
-        xm = act_sparse.masked_input(lin, x).float()
+        assert torch.equal(lin(x), type(lin).forward(lin, x))  # the dense path: its own kernel, unmasked
+        xm = sp.forward(x)
+        dense = type(lin).forward(lin, xm).float()
+        xm = xm.float()
         w = squeeze.load(path, dtype="float32", quant_kernels=False).get_submodule(name).weight
         mag = xm.abs() @ w.abs().t()
     assert (xm == 0).float().mean() > 0.5

@@ -135,6 +135,8 @@ def test_conformance(name, example, arch, source, tiny_calib, tmp_path, monkeypa
     if reason:
         pytest.skip(reason)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # resume files (drelu) stay in tmp
+    # every load keeps the in-memory model's paths (TEAL/WINA masks), transformers' auto class too
+    monkeypatch.setenv("SQUEEZE_RUNTIME", "sparse")
     recipe = recipe_of(name, example)
     kw = dict(recipe=recipe, calib=str(tiny_calib), nsamples=4, seqlen=32, keep_in_memory=True)
     res = squeeze.compress(src, tmp_path / "auto", format="auto", **kw)  # packed where it pays

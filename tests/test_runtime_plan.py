@@ -145,22 +145,27 @@ def _decode_logits(model, ids):
     return out
 
 
-def test_teal_dense_path_keeps_the_export_semantics(teal_export, tiny_dir):
-    """runtime="dense": every consumer runs the dense path, and its outputs are exactly the masked
-    model's (the sparsifier's mask, then the module's own dense forward), not the unmasked source's."""
+def test_teal_dense_path_is_the_unmasked_model_and_sparse_keeps_the_export(teal_export, tiny_dir):
+    """runtime="dense": every consumer runs the dense path, which is the unmasked source's model
+    (the thresholds only serve the sparse kernel); runtime="sparse" is exactly the masked model
+    compress scored (the sparsifier's mask, then the module's own forward), at decode and prefill."""
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
     dense = squeeze.load(teal_export, runtime="dense")
     assert {f.path for f in map(lambda m: m.__dict__["forward"], act_sparse.consumers(dense).values())} == {"dense"}
     assert dense.squeeze_runtime["summary"]["act_sparse"]["dense"] == len(act_sparse.consumers(dense))
+    src = squeeze.load(tiny_dir("llama"))
+    torch.testing.assert_close(_decode_logits(dense, ids), _decode_logits(src, ids), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(input_ids=ids).logits, src(input_ids=ids).logits, rtol=0, atol=0)
+    sparse = squeeze.load(teal_export, runtime="sparse")
     ref = squeeze.load(teal_export, runtime="sparse")
     for sp in act_sparse.sparsifiers(ref).values():
         sp.sparse_decode = False  # the general path: sparsifier.forward, then nn.Linear.forward
-    torch.testing.assert_close(_decode_logits(dense, ids), _decode_logits(ref, ids), rtol=0, atol=0)
-    source = _decode_logits(squeeze.load(tiny_dir("llama")), ids)
-    assert (source - _decode_logits(dense, ids)).abs().max() > 1e-3  # thresholding still changes outputs
+    masked = _decode_logits(ref, ids)
+    assert (masked - _decode_logits(src, ids)).abs().max() > 1e-3  # thresholding changes outputs
+    torch.testing.assert_close(_decode_logits(sparse, ids), masked, rtol=1e-5, atol=1e-5)  # kernel sum order
     with torch.inference_mode():  # tensors without a version counter: the shared mask keys on identity
-        torch.testing.assert_close(dense(input_ids=ids[:, :1]).logits, ref(input_ids=ids[:, :1]).logits,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(sparse(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
 
 
 def test_teal_sparse_and_dense_paths_agree_to_rounding(teal_export):
@@ -176,32 +181,37 @@ def test_teal_sparse_and_dense_paths_agree_to_rounding(teal_export):
         assert "_squeeze_wt" in lin.__dict__
         act_sparse.set_path(lin, "dense")
         assert "_squeeze_wt" not in lin.__dict__  # the dense path holds no second copy of the weight
-        dense = lin(x)
-        xm = act_sparse.masked_input(lin, x)
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # the dense path: unmasked
+        assert act_sparse.masked_input(lin, x) is x
+        xm = sp.forward(x)
+        dense = F.linear(xm, lin.weight, lin.bias)
         bound = lin.in_features * torch.finfo(torch.float32).eps * (xm.abs() @ lin.weight.abs().t())
     assert (xm == 0).float().mean() > 0.3  # the synthetic input hits the site's threshold
     assert ((sparse - dense).abs() <= bound).all()
-    assert torch.equal(dense, F.linear(xm, lin.weight, lin.bias))
 
 
 def test_plan_times_each_path_as_decode_runs_it(teal_export):
-    """The timed callables keep one forward each (the dense path reaches its cached-mask shortcut)
-    and feed a new tensor every call, so each call masks its input as a decode token does (a fresh
-    forward per call timed the dense path's slow first call: stories260k's TEAL export then chose
-    sparse paths that decoded at 0.77x dense)."""
+    """The timed callables keep one forward each and feed a new tensor every call, so the sparse
+    path masks each input as a decode token does (its per-input mask cache never answers), and
+    the dense callable is the unmasked forward."""
     model = squeeze.load(teal_export, runtime="dense")
     cand = next(c for c in act_sparse.plan_candidates(model) if c.key[0].endswith("x128"))  # a down_proj
-    _, dense_fn = cand.bench()
-    forward = next(c.cell_contents for c in dense_fn.__closure__
+    assert cand.dense_means == act_sparse.DENSE_MEANS
+    sparse_fn, dense_fn = cand.bench()
+    forward = next(c.cell_contents for c in sparse_fn.__closure__
                    if isinstance(c.cell_contents, act_sparse._SiteForward))
+    sp = forward._module().__dict__["_squeeze_sparsifier"]
     seen = []
     with torch.no_grad():
-        dense_fn()  # the warm-up call the planner makes (it sets the shortcut up)
+        sparse_fn()  # the warm-up call the planner makes
         for _ in range(4):
-            dense_fn()
-            seen.append(forward._sp._lean_last[0])  # the input the site masked last
-    assert forward._state is not None  # the steady-state shortcut decode runs
+            sparse_fn()
+            seen.append(sp._last[0]())  # the input the site masked last
+        y = dense_fn()
     assert seen[0] is not seen[1] and seen[0] is seen[2] and seen[1] is seen[3]  # a new tensor each call
+    lin = forward._module()
+    x = act_sparse.synthetic_input(sp, lin.in_features, float(cand.key[4].split("=")[1]), lin.weight.dtype)
+    assert torch.equal(y, F.linear(x, lin.weight, lin.bias))
 
 
 def test_auto_decides_from_the_measured_plan(teal_export, monkeypatch):
@@ -240,7 +250,7 @@ def test_info_shows_the_decision(teal_export, monkeypatch, capsys):
     out = capsys.readouterr().out
     n = len(act_sparse.consumers(squeeze.load(teal_export)))
     assert "run-time paths on this machine (1 threads, runtime dense)" in out
-    assert f"act_sparse: dense path on {n} modules (forced)" in out
+    assert f"act_sparse: dense path on {n} modules, activations unmasked (forced)" in out
     assert summary_line("act_sparse", {"sparse": 2, "dense": 0, "how": "measured", "ratio_min": 1.5,
                                        "ratio_max": 2.0}) == \
         "act_sparse: sparse path on 2 modules (sparse path runs at 1.50-2.00x the dense path's speed; measured)"

@@ -8,22 +8,25 @@ and WINA column scale are buffers in ``state_dict`` (the export spills them to t
 ``squeeze.safetensors``; ``squeeze.load`` re-installs the sites and loads them by name). Plain
 ``from_pretrained`` of such an export gives the dense-activation model.
 
-Every consumer of a site gets its ``forward`` replaced by a :class:`_SiteForward`, which masks
-the input (shared sites compute the mask once per input tensor) and multiplies by one of two paths,
-chosen at load time by a plan measured on this machine for the consumer's shape, dtype, sparsity
-and thread count (:mod:`squeeze.runtime.plan`):
+Every consumer of a site gets its ``forward`` replaced by a :class:`_SiteForward`, which runs one
+of two paths, chosen at load time by a plan measured on this machine for the consumer's shape,
+dtype, sparsity and thread count (:mod:`squeeze.runtime.plan`):
 
-- ``sparse``: for small token counts (decode, speculative chunks of up to :data:`DECODE_TOKENS`)
-  the masked input goes to squeeze.kernels' CPU input-sparse linear
-  (:mod:`squeeze.kernels.cpu_input_sparse`): it reads only the weight rows of active inputs (one
-  bag per token, or the chunk's union gathered once) when the kernel's own break-even says that
-  beats the dense kernel. The sparse path needs the weight transposed ([in, out]); that copy is
-  built lazily on the first sparse call.
-- ``dense``: the same masked input through the module's dense kernel. The export's semantics are
-  kept: the outputs are the thresholded model's (what ``compress`` scored), not the dense source's,
-  so a model gives the same tokens whichever path a machine picks (up to float rounding of the
-  sum order). For a plain TEAL threshold on an ``nn.Linear`` the mask and the GEMM are two calls
-  with no Python between them, so the path costs what the dense model costs plus the mask.
+- ``sparse``: the export's model. The input is masked (shared sites compute the mask once per
+  input tensor); for small token counts (decode, speculative chunks of up to
+  :data:`DECODE_TOKENS`) the masked input goes to squeeze.kernels' CPU input-sparse linear
+  (:mod:`squeeze.kernels.cpu_input_sparse`), which reads only the weight rows of active inputs
+  (one bag per token, or the chunk's union gathered once) when the kernel's own break-even says
+  that beats the dense kernel; other calls (prefill, other devices) multiply the masked input
+  through the module's own kernel. The sparse path needs the weight transposed ([in, out]); that
+  copy is built lazily on the first sparse call.
+- ``dense``: the dense model: the module's own forward on the unmasked input (a WINA-rotated site
+  still rotates, since its consumers' weights are stored rotated). The mask exists only so that
+  a kernel can skip the inputs it zeroes; where no kernel that skips them pays, masking through
+  the dense kernel would cost time (at hidden 64, ~6% of a decode step) and quality for nothing.
+  So the thresholds are a speed device, like the kernel: a machine that cannot profit from them
+  runs the source's activations, and says so (``squeeze info``, ``bench``). ``runtime="sparse"``
+  keeps every mask (the model ``compress`` scored, on any machine).
 
 The mask runs inside the consumer's forward, not in a pre-hook (a hook puts every linear call on
 torch's slow dispatch path, ~10% of a decode step at hidden 64): a forward hook on a consumer sees
@@ -87,7 +90,7 @@ class ActSparsifier(nn.Module):
         # other sparse sites is calibrated on the activations it will really see.
         self.calibrate_to: float | None = None
         self._last: tuple | None = None  # (weakref to input, its version, output): shared sites
-        self._lean_last: tuple | None = None  # the same for the dense path's decode shortcut
+        self._rotated_last: tuple | None = None  # the same for rotate() (the dense path's input)
         self._entries: tuple | None = None  # (masked decode input, its version, its non-zero entries)
         self._gen = 0
         self._cache: tuple | None = None
@@ -107,7 +110,7 @@ class ActSparsifier(nn.Module):
     # Code that writes the buffers in place otherwise must call refresh().
     def refresh(self) -> None:
         self._gen += 1
-        self._last = self._lean_last = self._entries = None
+        self._last = self._rotated_last = self._entries = None
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -147,6 +150,17 @@ class ActSparsifier(nn.Module):
         y = self._mask(x)
         self._last = (weakref.ref(x), ver, y)
         return y
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the dense path multiplies it: unmasked, rotated at a WINA-rotated site (once per
+        input tensor for the site's consumers), else x itself."""
+        rot = self._consts(x.dtype)[3]
+        if rot is None:
+            return x
+        last, ver = self._rotated_last, _version(x)
+        if last is None or last[0]() is not x or last[1] != ver:
+            last = self.__dict__["_rotated_last"] = (weakref.ref(x), ver, F.linear(x, rot))
+        return last[2]
 
     def entries(self, y: torch.Tensor) -> tuple:
         """:func:`~squeeze.kernels.nonzero_entries` of a masked decode input ``y`` [..., in] (what
@@ -261,14 +275,16 @@ def sparsifiers(model: nn.Module) -> dict[str, ActSparsifier]:
 
 # -- decode path -------------------------------------------------------------------------------
 PATHS = ("sparse", "dense")
+DENSE_MEANS = "activations unmasked"  # what the dense path changes, said beside the decision
 
 
 class _SiteForward:
-    """Replaces ``forward`` of a consumer linear (a plain callable, so it is not a submodule): the
-    site's mask, then path ``sparse`` (calls of at most :data:`DECODE_TOKENS` tokens on CPU go to
-    squeeze.kernels' input-sparse linear, which reads only the weight rows of active inputs when
-    its break-even says that beats the dense kernel, and runs this module's own dense forward
-    otherwise) or path ``dense`` (the module's own dense forward on the masked input)."""
+    """Replaces ``forward`` of a consumer linear (a plain callable, so it is not a submodule): path
+    ``sparse`` masks the input, then calls of at most :data:`DECODE_TOKENS` tokens on CPU go to
+    squeeze.kernels' input-sparse linear (which reads only the weight rows of active inputs when
+    its break-even says that beats the dense kernel) and the rest to the module's own dense
+    forward; path ``dense`` is the module's own forward on the unmasked input (rotated first at a
+    WINA-rotated site)."""
 
     def __init__(self, module: nn.Module, path: str = "sparse"):
         if path not in PATHS:
@@ -277,13 +293,8 @@ class _SiteForward:
         self.dense = type(module).forward.__get__(module)
         self._path = path
         self._plans: dict = {}
-        self._params: dict | None = None  # the module's _parameters (read per call: may be replaced)
-        self._lean = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
         self._rows = rows_kind(module)
-        self._sp: ActSparsifier | None = None
-        # dense path, plain nn.Linear, bare TEAL threshold: (sparsifier generation, largest input
-        # numel for which the mask is the bare one, threshold or None for no mask)
-        self._state: tuple | None = None
+        self._rotate = None  # the dense path's input map: the site's rotate, or False (found on first call)
 
     @property
     def path(self) -> str:
@@ -293,38 +304,26 @@ class _SiteForward:
     def path(self, value: str) -> None:
         if value not in PATHS:
             raise ValueError(f"path {value!r} not in {PATHS}")
-        self._path, self._state = value, None
+        self._path = value
 
     def __deepcopy__(self, memo):
         # copy.deepcopy(model) copies the module first (it is in memo by now): bind to the copy
         return _SiteForward(memo[id(self._module())], self._path)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # Decode runs this per linear per token, and at hidden 64 every Python step is a visible
-        # share of a few-us GEMV: the dense path's common case is a cached check, the site's mask
-        # (once per input tensor, shared by the site's consumers) and F.linear.
-        sp, st = self._sp, self._state
-        if st is not None and st[0] == sp._gen and x.numel() <= st[1] and sp.calibrate_to is None:
-            last, ver = sp._lean_last, _version(x)  # (x, its version, mask of x): decode sizes, held strongly
-            if last is not None and last[0] is x and last[1] == ver:
-                y = last[2]
-            else:
-                y = x if st[2] is None else torch.hardshrink(x, st[2])
-                sp.__dict__["_lean_last"] = (x, ver, y)  # not Module.__setattr__: ~2 us
-            p = self._params
-            return F.linear(y, p["weight"], p["bias"])
-        return self._call(x)
+        if self._path == "dense":
+            rotate = self._rotate
+            if rotate is None:  # looked up here: a deep copy builds this object before its module is complete
+                sp = self._module().__dict__.get("_squeeze_sparsifier")
+                rotate = self._rotate = sp.rotate if sp is not None and sp.rotation.numel() else False
+            return self.dense(rotate(x) if rotate else x)
+        return self._sparse(x)
 
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
+    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         m = self._module()
-        self._params = m._parameters  # set here: a deep copy builds this object before its module is complete
-        sp = self._sp = m.__dict__.get("_squeeze_sparsifier")
+        sp = m.__dict__.get("_squeeze_sparsifier")
         if sp is None:
             return self.dense(x)
-        if self._path == "dense":
-            if self._lean:
-                self._state = _bare_mask(sp, x.shape[-1])
-            return self.dense(sp.forward(x))
         x = sp.forward(x)
         d = x.shape[-1]
         tokens = x.numel() // max(d, 1)
@@ -377,27 +376,17 @@ class _SiteForward:
         return cache[key]
 
 
-def _bare_mask(sp: ActSparsifier, d: int) -> tuple | None:
-    """The dense path's shortcut state for a site whose mask is exactly hardshrink (or nothing)
-    for inputs of up to the returned numel; None for
-    masks that need :meth:`ActSparsifier._mask` (WINA scale, rotation, top-k)."""
-    if sp.rotation.numel() or sp.mode == "topk" or (sp.mode == "threshold" and sp.scale.numel()):
-        return None
-    sparsity, threshold = sp._floats()
-    # decode sizes only (the prompt prefix rule starts above them, and the shared mask is kept)
-    return sp._gen, DECODE_TOKENS * d, None if sp.mode == "zero" or sparsity <= 0.0 else threshold
-
-
 def masked_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What a consumer linear multiplies: ``x`` after its site's mask (the mask runs inside the
-    consumer's forward, so a forward hook's ``args[0]`` is the input as given). The site's cached
-    result when the forward just masked this very tensor; ``x`` itself for other modules."""
+    """What a consumer linear multiplies: ``x`` after its site's mask on the sparse path, ``x``
+    (rotated at a WINA-rotated site) on the dense path, ``x`` itself for other modules (the mask
+    runs inside the consumer's forward, so a forward hook's ``args[0]`` is the input as given).
+    The site's cached result when the forward just masked this very tensor."""
     sp = module.__dict__.get("_squeeze_sparsifier")
     if sp is None:
         return x
-    last = sp._lean_last
-    if last is not None and last[0] is x and last[1] == _version(x):
-        return last[2]
+    fwd = module.__dict__.get("forward")
+    if isinstance(fwd, _SiteForward) and fwd.path == "dense":
+        return sp.rotate(x)
     return sp.forward(x)
 
 
@@ -440,7 +429,8 @@ def plan_candidates(model: nn.Module, skip=()) -> list:
         key = (f"{n}x{k}", str(dtype).removeprefix("torch."), kind,
                "bias" if getattr(m, "bias", None) is not None else "nobias",
                f"active={level:.2f}", "tokens=1") + ((f"quant={m.label}",) if rows == "quant" else ())
-        out.append(Candidate("act_sparse", key, _bench_for(m, sp, level), lambda p, _m=m: set_path(_m, p)))
+        out.append(Candidate("act_sparse", key, _bench_for(m, sp, level), lambda p, _m=m: set_path(_m, p),
+                             dense_means=DENSE_MEANS))
     return out
 
 
@@ -448,11 +438,8 @@ def _bench_for(m: nn.Module, sp: ActSparsifier, active: float):
     def bench():
         (_, d), dtype = _shape_dtype(m)
         x = synthetic_input(sp, d, active, dtype)
-        # Each path as decode runs it: one forward object reaching its steady state (the dense
-        # path's cached-mask shortcut), fed a new tensor every call, so the site's per-input mask
-        # cache never answers (decode masks every token's input once). A fresh forward per call
-        # timed the dense path's slow first call instead: stories260k's TEAL bf16 export chose the
-        # sparse path on 5 modules and decoded at 0.77x dense, against 0.93x all dense.
+        # Each path as decode runs it: one forward object per path, fed a new tensor every call, so
+        # the site's per-input mask cache never answers (decode masks every token's input once).
         sparse, dense = _SiteForward(m, "sparse"), _SiteForward(m, "dense")
         xs, ys = itertools.cycle([x, x.clone()]), itertools.cycle([x, x.clone()])
         return (lambda: sparse(next(xs))), (lambda: dense(next(ys)))

@@ -1,8 +1,9 @@
 """Load-time plans: does a run-time's sparse path pay on this machine, for this model's shapes?
 
 Activation-sparse linears (TEAL / WINA), the dReLU chunk-sparse FFN and CPU 2:4 linears each have
-a *sparse* path (a kernel that skips work) and a *dense* path (the same function through the
-ordinary dense kernel). Which one is faster depends on the shape, dtype, sparsity level, thread
+a *sparse* path (a kernel that skips work) and a *dense* path (the ordinary dense kernel: the same
+function, except for activation-sparse linears, whose dense path also drops the mask that only the
+sparse kernel profits from; see :mod:`squeeze.runtime.act_sparse`). Which one is faster depends on the shape, dtype, sparsity level, thread
 count and machine: on a 1B model the input-sparse GEMV wins at 50%; at hidden 64 (stories260k) its
 per-call overhead costs more than the whole dense GEMV. So ``squeeze.load`` asks every run-time
 for its :class:`Candidate` modules, times both paths once per distinct key on a synthetic
@@ -26,7 +27,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -43,8 +44,9 @@ REPEATS = 5  # samples per path (their median)
 SAMPLE_S = 2e-3  # one sample repeats the call until it lasts about this long (a small GEMV is ~us)
 MAX_CALLS = 256
 ROTATE = 32  # modules of one key a measurement cycles through
-METHOD = 5  # how timings are taken (2: cycling over a key's modules; 3: bags split per thread; 4: int8 through our
-# own kernel; 5: activation-sparse paths in their decode steady state); older cached timings are not reused
+METHOD = 6  # how timings are taken (2: cycling over a key's modules; 3: bags split per thread; 4: int8 through our
+# own kernel; 5: activation-sparse paths in their decode steady state; 6: their dense path unmasked); older cached
+# timings are not reused
 
 
 @dataclass
@@ -52,12 +54,14 @@ class Candidate:
     """One module whose path can be chosen. ``key`` holds everything its speed depends on (same
     key, same decision: measured once); ``bench()`` builds the two zero-argument callables to time
     (sparse, dense) on the same synthetic input, only when the key is not cached; ``apply(path)``
-    installs "sparse" or "dense"."""
+    installs "sparse" or "dense". ``dense_means``: what the dense path computes when that is not
+    the sparse path's function (said beside the decision)."""
 
     kind: str
     key: tuple
     bench: Callable[[], tuple[Callable, Callable]]
     apply: Callable[[str], None]
+    dense_means: str = ""
 
 
 @dataclass
@@ -70,10 +74,12 @@ class Decision:
     sparse_us: float | None = None
     dense_us: float | None = None
     modules: int = 0
-    extra: dict = field(default_factory=dict)
+    dense_means: str = ""
 
     def as_dict(self) -> dict:
         d = {"kind": self.kind, "key": self.key, "path": self.path, "how": self.how, "modules": self.modules}
+        if self.dense_means and self.path == "dense":
+            d["dense_means"] = self.dense_means
         if self.ratio is not None:
             d.update(ratio=round(self.ratio, 3), sparse_us=round(self.sparse_us, 2), dense_us=round(self.dense_us, 2))
         return d
@@ -215,7 +221,8 @@ def plan(candidates: list[Candidate], mode: str = "auto", cache: PlanCache | Non
     if not groups:
         return []
     if mode != "auto":
-        out = [Decision(g[0].kind, k, mode, "forced", modules=len(g)) for k, g in groups.items()]
+        out = [Decision(g[0].kind, k, mode, "forced", modules=len(g), dense_means=g[0].dense_means)
+               for k, g in groups.items()]
     else:
         cache = cache if cache is not None else PlanCache()
         out = []
@@ -227,7 +234,7 @@ def plan(candidates: list[Candidate], mode: str = "auto", cache: PlanCache | Non
                 how = "measured"
             else:
                 s, d, how = hit["sparse_s"], hit["dense_s"], "cached"
-            out.append(Decision(g[0].kind, k, choose(s, d), how, d / s, s * 1e6, d * 1e6, len(g)))
+            out.append(Decision(g[0].kind, k, choose(s, d), how, d / s, s * 1e6, d * 1e6, len(g), g[0].dense_means))
         cache.save()
     for dec in out:
         for c in groups[dec.key]:
@@ -243,6 +250,8 @@ def summary(decisions: list[Decision]) -> dict[str, dict]:
         s = out.setdefault(d.kind, {"sparse": 0, "dense": 0, "ratios": [], "how": set()})
         s[d.path] += d.modules
         s["how"].add(d.how)
+        if d.path == "dense" and d.dense_means:
+            s["dense_means"] = d.dense_means
         if d.ratio is not None:
             s["ratios"].append(d.ratio)
     for s in out.values():
@@ -253,10 +262,12 @@ def summary(decisions: list[Decision]) -> dict[str, dict]:
 
 
 def summary_line(kind: str, s: dict) -> str:
-    """e.g. "act_sparse: dense path on 35 of 35 modules (sparse path measured 0.41-0.58x dense)"."""
+    """e.g. "act_sparse: dense path on 35 modules, activations unmasked (sparse path runs at
+    0.20-0.23x the dense path's speed; measured)"."""
     n = s["sparse"] + s["dense"]
     path = "sparse" if s["sparse"] == n else "dense" if s["dense"] == n else "mixed"
-    head = f"{kind}: {path} path" + ("" if path != "mixed" else f" (sparse on {s['sparse']})") + f" on {n} modules"
+    head = (f"{kind}: {path} path" + ("" if path != "mixed" else f" (sparse on {s['sparse']})") + f" on {n} modules"
+            + (f", {s['dense_means']}" + (" on the dense ones" if path == "mixed" else "") if s.get("dense_means") else ""))
     if s.get("ratio_min") is None:
         return head + f" ({s['how']})"
     lo, hi = s["ratio_min"], s["ratio_max"]
