@@ -3,8 +3,8 @@
 Activation-sparse linears (TEAL / WINA), the dReLU chunk-sparse FFN and CPU 2:4 linears each have
 a *sparse* path (a kernel that skips work) and a *dense* path (the ordinary dense kernel: the same
 function, except for activation-sparse linears, whose dense path also drops the mask that only the
-sparse kernel profits from; see :mod:`squeeze.runtime.act_sparse`). Which one is faster depends on the shape, dtype, sparsity level, thread
-count and machine: on a 1B model the input-sparse GEMV wins at 50%; at hidden 64 (stories260k) its
+sparse kernel profits from; see :mod:`squeeze.runtime.act_sparse`). Which one is faster depends on
+the shape, dtype, sparsity level, thread count and machine: on a 1B model the input-sparse GEMV wins at 50%; at hidden 64 (stories260k) its
 per-call overhead costs more than the whole dense GEMV. So ``squeeze.load`` asks every run-time
 for its :class:`Candidate` modules, times both paths once per distinct key on a synthetic
 batch-1 decode input (median of alternating samples, cycling over the key's modules as decode
@@ -266,8 +266,9 @@ def summary_line(kind: str, s: dict) -> str:
     0.20-0.23x the dense path's speed; measured)"."""
     n = s["sparse"] + s["dense"]
     path = "sparse" if s["sparse"] == n else "dense" if s["dense"] == n else "mixed"
-    head = (f"{kind}: {path} path" + ("" if path != "mixed" else f" (sparse on {s['sparse']})") + f" on {n} modules"
-            + (f", {s['dense_means']}" + (" on the dense ones" if path == "mixed" else "") if s.get("dense_means") else ""))
+    head = f"{kind}: {path} path" + ("" if path != "mixed" else f" (sparse on {s['sparse']})") + f" on {n} modules"
+    if s.get("dense_means"):
+        head += f", {s['dense_means']}" + (" on the dense ones" if path == "mixed" else "")
     if s.get("ratio_min") is None:
         return head + f" ({s['how']})"
     lo, hi = s["ratio_min"], s["ratio_max"]
