@@ -1,11 +1,11 @@
 """Our own CPU kernels in C (``csrc/``), compiled on this machine on first use.
 
 torch's weight-only int8 op runs fp32 and fp16 activations through a scalar loop on x86 (5-10x
-slower than dense), so int8 exports of fp32 / fp16 models could only decode through the dense
-weight. ``csrc/qgemv.c`` computes the same product in any of them with AVX2 + FMA: four rows per
-load of x, two FMA chains per row, prefetching (``python -c "import squeeze.kernels.cpu_native as
-m; m._bench_report()"``; numbers in kernels/README.md). bf16 keeps torch's op: end to end it
-decoded as fast as this kernel there.
+slower than dense), and bf16 ones eight codes per instruction even on AVX-512. ``csrc/qgemv.c``
+computes the same product for any activation dtype (x in fp32): a block of rows per load of x,
+two FMA chains per row, prefetching; built for AVX-512 where torch reports the CPU so (sixteen
+codes per instruction), else for AVX2 + FMA (``python -c "import squeeze.kernels.cpu_native as m;
+m._bench_report()"``; numbers in kernels/README.md).
 
 The library is built with the system C compiler (``$CC``, else ``cc``) the first time a process
 asks for it, into ``$SQUEEZE_CACHE/native/`` (default ``~/.cache/squeeze/native/``), keyed by the
@@ -16,6 +16,9 @@ loses cleanly). Where it cannot be had, :func:`library` returns None and says wh
 - the CPU lacks AVX2 or FMA (``torch.backends.cpu.get_cpu_capability()``), or is not x86-64;
 - no C compiler, or the build fails;
 - ``SQUEEZE_NATIVE=0`` (the switch for comparing against torch's ops).
+
+``SQUEEZE_NATIVE=avx2`` builds the AVX2 variant on an AVX-512 CPU (to compare the two, and so
+that one machine tests both).
 
 It is loaded after torch: it needs libgomp.so.1, and the loader resolves that soname to the copy
 torch already loaded, so its OpenMP threads are torch's (``torch.set_num_threads`` applies).
@@ -34,10 +37,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["int8_gemv", "library", "unavailable_reason"]
+__all__ = ["int8_gemv", "isa", "library", "unavailable_reason"]
 
 SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
+AVX512_FLAGS = ("-mavx512f", "-mavx512bw")  # torch's "AVX512" capability implies both
 ENV_SWITCH = "SQUEEZE_NATIVE"
 
 _lib: ctypes.CDLL | None = None
@@ -54,10 +58,16 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC") or "cc")
 
 
+def _flags() -> tuple[str, ...]:
+    wide = torch.backends.cpu.get_cpu_capability() == "AVX512" and os.environ.get(ENV_SWITCH) != "avx2"
+    return FLAGS + AVX512_FLAGS if wide else FLAGS
+
+
 def _build(cc: str) -> Path:
     """The library for this source, flags and compiler: from the cache, or compiled into it."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    flags = _flags()
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
     folder = _cache_root()
     path = folder / f"qgemv-{key}.so"
     if path.exists():
@@ -66,7 +76,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
         os.replace(tmp, path)
@@ -101,8 +111,15 @@ def library() -> ctypes.CDLL | None:
             lib.sq_int8_gemv.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
             lib.sq_int8_gemv.restype = ctypes.c_int
             lib.sq_threads.restype = ctypes.c_int
+            lib.sq_isa.restype = ctypes.c_int
             _lib = lib
     return _lib
+
+
+def isa() -> str | None:
+    """What the built library vectorises with ("avx512" or "avx2"), or None where it is not built."""
+    lib = library()
+    return None if lib is None else {512: "avx512", 256: "avx2"}[lib.sq_isa()]
 
 
 def unavailable_reason() -> str | None:
@@ -160,7 +177,7 @@ def _bench(n: int = 5632, k: int = 2048, copies: int = 6, rounds: int = 30) -> d
 def _bench_report() -> None:
     if library() is None:
         raise SystemExit(f"native kernels unavailable: {unavailable_reason()}")
-    print(f"threads {torch.get_num_threads()} (native sees {library().sq_threads()})")
+    print(f"threads {torch.get_num_threads()} (native sees {library().sq_threads()}), built for {isa()}")
     ms = _bench()
     for name, t in ms.items():
         ref = ms["dense fp32" if "fp32" in name else "dense bf16"]

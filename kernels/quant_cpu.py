@@ -3,13 +3,15 @@
 
 The weights come in the quantized-weight layout (codes [N, K], fp32 scales [N, G], uint8 zero
 points for asymmetric int; see ``squeeze.algorithms.quant``). Int8 calls of fewer than
-:data:`INT8_GEMM_TOKENS` tokens with fp32 / fp16 activations run our kernel when this machine
-could build it (fp32 scales); otherwise, and for int4, two aten ops do the work:
+:data:`INT8_GEMM_TOKENS` tokens run our kernel, in any activation dtype, when this machine could
+build it (fp32 scales; in bf16 it streamed the codes 1.1-1.2x faster than torch's op on an
+AVX-512 Xeon, as fast on an AVX2 EPYC, kernels/README.md); otherwise, and for int4, two aten ops do
+the work:
 
 ``torch.ops.aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N])``
     ``y = x @ (w * scales[:, None]).T``: per-channel symmetric int8 only (no groups, no zero
-    point). ``scales`` must have x's dtype. Only bf16 is vectorised on x86; fp32 and fp16 run a
-    scalar loop. The bf16 loop reads x with *aligned* vector loads and has no K tail: K must be a
+    point). ``scales`` must have x's dtype. Only bf16 is vectorised on x86 (eight codes per
+    convert, even on AVX-512); fp32 and fp16 run a scalar loop. The bf16 loop reads x with *aligned* vector loads and has no K tail: K must be a
     multiple of 8 (AVX2; 16 on AVX-512) and every row of x 16-byte (32) aligned, else it reads
     past the row or faults (segfaults seen here at K % 8 != 0 with M > 1, and at an x offset by
     one element). :func:`int8_linear_cpu` therefore pads K to a multiple of 16 (zero codes, zero
@@ -86,9 +88,8 @@ def _have(op: str) -> bool:
 
 def kernel_pays(bits: int, n: int, k: int, dtype: torch.dtype) -> bool:
     """Whether a weight-only [n, k] linear of ``bits`` with ``dtype`` activations runs faster here
-    than dense ``F.linear``: never below :data:`MIN_KERNEL_WEIGHTS` weights; in bf16 through
-    torch's ops; for int8 in fp32 / fp16 through our own kernel, if it builds (asked only then,
-    so a bf16 model never compiles it)."""
+    than dense ``F.linear``: never below :data:`MIN_KERNEL_WEIGHTS` weights; in bf16 always (our
+    int8 kernel or torch's ops); for int8 in fp32 / fp16 through our own kernel, if it builds."""
     if n * k < MIN_KERNEL_WEIGHTS:
         return False
     if dtype in FAST_DTYPES:
@@ -261,9 +262,9 @@ def int8_linear_cpu(x: torch.Tensor, prepared: Int8CPUWeight, bias: torch.Tensor
                     ) -> torch.Tensor:
     """``x @ dequantize(codes, scale).T (+ bias)`` for x [..., K] (bf16, fp16 or fp32); calls of
     :data:`INT8_GEMM_TOKENS` tokens or more through the decoded weight and the dense GEMM, fewer
-    through torch's op in bf16 (scales rounded to bf16) and, in fp32 / fp16, through our own
-    kernel where it is built (:mod:`squeeze.kernels.cpu_native`; fp32 scales), else the op (a
-    scalar loop there: slower than dense)."""
+    through our own kernel where it is built (:mod:`squeeze.kernels.cpu_native`; fp32 scales),
+    else torch's op (scales rounded to x's dtype; in fp32 / fp16 a scalar loop, slower than
+    dense)."""
     k, n = prepared.in_features, prepared.out_features
     if x.dim() >= 1 and x.shape[-1] == k and x.numel() >= INT8_GEMM_TOKENS * k and x.dtype in _DTYPES:
         y = F.linear(x.reshape(-1, k), _decoded(prepared, x.dtype))
@@ -271,7 +272,7 @@ def int8_linear_cpu(x: torch.Tensor, prepared: Int8CPUWeight, bias: torch.Tensor
     x2 = _rows(x, k, prepared.codes.shape[1], "int8_linear_cpu")
     if x2.shape[0] == 0:
         return _finish(x2.new_zeros(0, n), x, n, bias)
-    if x.dtype not in FAST_DTYPES and not torch.compiler.is_compiling() and cpu_native.library() is not None:
+    if not torch.compiler.is_compiling() and cpu_native.library() is not None:
         y = cpu_native.int8_gemv(x2.float(), prepared.codes, prepared.scale).to(x.dtype)  # fp32 scales
     else:
         y = torch.ops.aten._weight_int8pack_mm(x2, prepared.codes, prepared.scale_as(x.dtype))  # (M, N)

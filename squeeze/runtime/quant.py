@@ -1,9 +1,10 @@
 """Quantized linears at run time: the packed codes of a ``compressed`` export run through a
 weight-only kernel instead of a dequantized dense weight.
 
-- CPU: torch's int8 / int4 ops (:mod:`squeeze.kernels.quant_cpu`) for bf16 activations, and for
-  int8 with fp32 / fp16 activations our own kernel (:mod:`squeeze.kernels.cpu_native`, compiled
-  on first use; torch's op runs a scalar loop there, 5-10x slower than dense). Only from 512 x
+- CPU: for int8 our own kernel in any activation dtype (:mod:`squeeze.kernels.cpu_native`,
+  compiled on first use; torch's op runs fp32 / fp16 through a scalar loop, 5-10x slower than
+  dense, and bf16 slower than ours), else torch's op in bf16; torch's int4 op in bf16
+  (:mod:`squeeze.kernels.quant_cpu`). Only from 512 x
   512 weights on (a small weight decodes faster dense), and only for layouts they hold (int8:
   symmetric per row; int4: groups of 32k).
   ``squeeze.load(..., quant_kernels=True)`` takes the kernels wherever they run.

@@ -5,6 +5,7 @@ source in the cache, and a clear None (with the reason) where it cannot be built
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,11 @@ from squeeze.kernels import cpu_native
 
 needs_native = pytest.mark.skipif(cpu_native.library() is None,
                                   reason=f"native kernels unavailable here: {cpu_native.unavailable_reason()}")
+
+
+# rows: whole blocks (of 4 or 8) with and without a one-row tail, and fewer than a block; K with and
+# without a 16-code tail
+_SHAPES = [(1, 64, 64), (3, 41, 172), (8, 7, 16), (2, 4, 2048), (1, 1, 16)]
 
 
 def _case(m, n, k, seed=0):
@@ -27,7 +33,7 @@ def _case(m, n, k, seed=0):
 
 
 @needs_native
-@pytest.mark.parametrize("m, n, k", [(1, 64, 64), (3, 41, 172), (8, 7, 16), (2, 4, 2048), (1, 1, 16)])
+@pytest.mark.parametrize("m, n, k", _SHAPES)
 def test_int8_gemv_matches_float64(m, n, k):
     """|y - ref| <= (K + 2)·2^-24·|x|·|codes|·scale: fp32 products and sums of K terms, and the
     scale applied once (N not a multiple of 4 takes the one-row tail)."""
@@ -37,6 +43,32 @@ def test_int8_gemv_matches_float64(m, n, k):
     bound = (k + 2) * 2.0**-24 * (x.double().abs() @ codes.double().abs().T) * scale.double()
     assert y.dtype == torch.float32 and y.shape == (m, n)
     assert float(((y.double() - ref).abs() - bound).max()) <= 0
+
+
+@needs_native
+def test_it_is_built_for_the_widest_vectors_torch_reports():
+    assert cpu_native.isa() == ("avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2")
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                    reason="the AVX2 build is the default build on this CPU, tested above")
+@needs_native
+def test_the_avx2_build_on_an_avx512_cpu_meets_the_same_bound(tmp_path):
+    """SQUEEZE_NATIVE=avx2 builds the other variant, so one AVX-512 machine tests both."""
+    code = ("import torch, tests.kernels.test_cpu_native as t; from squeeze.kernels import cpu_native as m\n"
+            "worst = 0.0\n"
+            "for s in t._SHAPES:\n"
+            "    x, codes, scale = t._case(*s)\n"
+            "    y = m.int8_gemv(x, codes, scale).double()\n"
+            "    ref = (x.double() @ codes.double().T) * scale.double()\n"
+            "    bound = (s[2] + 2) * 2.0**-24 * (x.double().abs() @ codes.double().abs().T) * scale.double()\n"
+            "    worst = max(worst, float(((y - ref).abs() - bound).max()))\n"
+            "print(m.isa(), worst <= 0)")
+    env = {**os.environ, "SQUEEZE_CACHE": str(tmp_path), "SQUEEZE_NATIVE": "avx2"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["avx2", "True"]
 
 
 @needs_native

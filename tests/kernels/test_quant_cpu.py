@@ -64,13 +64,17 @@ def _check(y, x, W_hat, P, bias=None):
 
 @pytest.fixture(params=["native", "torch op"])
 def int8_path(request, monkeypatch):
-    """Each int8 test through our kernel (squeeze.kernels.cpu_native) and through torch's op."""
+    """Each int8 test through our kernel (squeeze.kernels.cpu_native) and through torch's op; the
+    calls that reached our kernel (none on the op's path)."""
+    calls = []
     if request.param == "native":
         if cpu_native.library() is None:
             pytest.skip(f"our native kernels are unavailable here: {cpu_native.unavailable_reason()}")
+        gemv = cpu_native.int8_gemv
+        monkeypatch.setattr(cpu_native, "int8_gemv", lambda *a: calls.append(a) or gemv(*a))
     else:
         monkeypatch.setattr(cpu_native, "library", lambda: None)
-    return request.param
+    return calls
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -87,6 +91,8 @@ def test_int8_matches_the_dequantized_weight(n, k, dtype, lead, int8_path):
     _check(int8_linear_cpu(x, prepared), x, W_hat, P)
     _check(int8_linear_cpu(x, prepared, bias), x, W_hat, P, bias)
     assert ((n, k, dtype) in _WORKSPACE) == (x.numel() >= 32 * k)  # prefill-sized calls ran the GEMM
+    decode = 0 < x.numel() < 32 * k
+    assert len(int8_path) == (2 if decode and cpu_native.library() is not None else 0)  # bf16 too
 
 
 @pytest.mark.skipif(not quant_rows_supported(), reason="torch without the quantized embedding bag (no FBGEMM)")
