@@ -2,9 +2,9 @@
 
 torch's weight-only int8 op runs fp32 and fp16 activations through a scalar loop on x86 (5-10x
 slower than dense), and bf16 ones eight codes per instruction even on AVX-512. ``csrc/qgemv.c``
-computes the same product for any activation dtype (x in fp32): a block of rows per load of x,
-two FMA chains per row, prefetching; built for AVX-512 where torch reports the CPU so (sixteen
-codes per instruction), else for AVX2 + FMA (``python -c "import squeeze.kernels.cpu_native as m;
+computes the same product for any activation dtype (x in fp32): a tile of rows per load of x and
+of tokens per convert of the codes, prefetching; built for AVX-512 where torch reports the CPU so
+(sixteen codes per instruction), else for AVX2 + FMA (``python -c "import squeeze.kernels.cpu_native as m;
 m._bench_report()"``; numbers in kernels/README.md).
 
 The library is built with the system C compiler (``$CC``, else ``cc``) the first time a process
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["int8_gemv", "isa", "library", "unavailable_reason"]
+__all__ = ["int8_decode", "int8_gemv", "isa", "library", "unavailable_reason"]
 
 SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
@@ -110,6 +110,8 @@ def library() -> ctypes.CDLL | None:
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             lib.sq_int8_gemv.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
             lib.sq_int8_gemv.restype = ctypes.c_int
+            lib.sq_int8_decode.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_int]
+            lib.sq_int8_decode.restype = None
             lib.sq_threads.restype = ctypes.c_int
             lib.sq_isa.restype = ctypes.c_int
             _lib = lib
@@ -144,14 +146,30 @@ def int8_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torc
     return y
 
 
-def _bench(n: int = 5632, k: int = 2048, copies: int = 6, rounds: int = 30) -> dict[str, float]:
+def int8_decode(codes: torch.Tensor, scale: torch.Tensor, k: int, rows: slice, out: torch.Tensor) -> torch.Tensor:
+    """``out = codes[rows, :k] * scale[rows, None]`` in out's dtype (bf16, rounded to nearest even
+    from the fp32 product, or fp32) for codes int8 [N, Kp] and scale fp32 [N], contiguous on CPU;
+    out [rows, k] contiguous. Returns out. Needs :func:`library`."""
+    r0, r1, _ = rows.indices(codes.shape[0])
+    if codes.dtype != torch.int8 or scale.dtype != torch.float32 or out.dtype not in (torch.bfloat16, torch.float32) \
+            or out.shape != (r1 - r0, k) or not 0 < k <= codes.shape[1] or scale.shape != codes.shape[:1] \
+            or not (codes.is_contiguous() and scale.is_contiguous() and out.is_contiguous()):
+        raise ValueError(f"int8_decode: needs codes int8 [N, Kp], scale fp32 [N], out bf16 or fp32 [rows, K <= Kp], "
+                         f"contiguous; got {codes.dtype} {tuple(codes.shape)}, {scale.dtype} {tuple(scale.shape)}, "
+                         f"{out.dtype} {tuple(out.shape)} for rows {r0}:{r1}, K {k}")
+    library().sq_int8_decode(codes.data_ptr(), codes.shape[1], k, scale.data_ptr(), r0, r1, out.data_ptr(),
+                             int(out.dtype == torch.bfloat16))
+    return out
+
+
+def _bench(n: int = 5632, k: int = 2048, tokens: int = 1, copies: int = 6, rounds: int = 30) -> dict[str, float]:
     """Median ms of ``copies`` different weights (so they come from memory, not cache) through
-    dense F.linear, torch's int8 op and :func:`int8_gemv`, one token in bf16 (and in fp32: dense
-    fp32 against ours), rounds interleaved."""
+    dense F.linear, torch's int8 op and :func:`int8_gemv`, ``tokens`` tokens in bf16 (and in fp32:
+    dense fp32 against ours), rounds interleaved."""
     import statistics
     import time
 
-    x = torch.randn(1, k).bfloat16()
+    x = torch.randn(tokens, k).bfloat16()
     x32 = x.float()
     dense = [torch.randn(n, k).bfloat16() for _ in range(copies)]
     dense32 = [torch.randn(n, k) for _ in range(copies)]
@@ -178,7 +196,9 @@ def _bench_report() -> None:
     if library() is None:
         raise SystemExit(f"native kernels unavailable: {unavailable_reason()}")
     print(f"threads {torch.get_num_threads()} (native sees {library().sq_threads()}), built for {isa()}")
-    ms = _bench()
-    for name, t in ms.items():
-        ref = ms["dense fp32" if "fp32" in name else "dense bf16"]
-        print(f"{name:15s} {t:7.2f} ms  {ref / t:4.2f}x dense {'fp32' if 'fp32' in name else 'bf16'}")
+    for tokens in (1, 8):
+        ms = _bench(tokens=tokens)
+        for name, t in ms.items():
+            ref = ms["dense fp32" if "fp32" in name else "dense bf16"]
+            print(f"{tokens} token{'s' if tokens > 1 else ' '} {name:15s} {t:7.2f} ms  {ref / t:4.2f}x dense "
+                  f"{'fp32' if 'fp32' in name else 'bf16'}")

@@ -5,8 +5,9 @@ The weights come in the quantized-weight layout (codes [N, K], fp32 scales [N, G
 points for asymmetric int; see ``squeeze.algorithms.quant``). Int8 calls of fewer than
 :data:`INT8_GEMM_TOKENS` tokens run our kernel, in any activation dtype, when this machine could
 build it (fp32 scales; in bf16 it streamed the codes 1.1-1.2x faster than torch's op on an
-AVX-512 Xeon, as fast on an AVX2 EPYC, kernels/README.md); otherwise, and for int4, two aten ops do
-the work:
+AVX-512 Xeon, as fast on an AVX2 EPYC, kernels/README.md); longer calls (prefill) decode a
+cache-sized panel of rows at a time (our decoder where it is built) and run the dense GEMM on it.
+Otherwise, and for int4, two aten ops do the work:
 
 ``torch.ops.aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N])``
     ``y = x @ (w * scales[:, None]).T``: per-channel symmetric int8 only (no groups, no zero
@@ -238,37 +239,51 @@ def _finish(y: torch.Tensor, x: torch.Tensor, n: int, bias: torch.Tensor | None)
     return y.reshape(*x.shape[:-1], n)
 
 
-# The int8 op is a GEMV loop: its time grows with the token count (W 5632 x 2048, bf16, 1 thread:
-# 1.7 / 4.7 / 7.1 / 11.6 / 38.8 ms at 1 / 8 / 16 / 32 / 128 tokens, dense bf16 2.2-4.3 ms). From
-# INT8_GEMM_TOKENS tokens on (prefill) the codes are decoded into a shared bf16 workspace and run
-# through the dense GEMM instead: 8.0 ms at 32 tokens, 9.4 ms at 128 (7.4 ms at 16: no gain yet).
+# The int8 GEMV kernels' time grows with the token count; from INT8_GEMM_TOKENS tokens on (prefill)
+# the codes are decoded a panel of rows at a time and each panel runs through the dense GEMM while
+# it is still in cache. W 5632 x 2048, bf16, 1 thread, ours / panels / dense bf16 (AVX-512 Xeon):
+# 4.2 / 7.6 / 3.4 ms at 8 tokens, 6.9 / 6.8 / 3.5 at 16, 12.8 / 8.2 / 4.9 at 32, 49.0 / 14.9 /
+# 10.0 at 128 (OMP_NUM_THREADS=1 python -c "import squeeze.kernels.quant_cpu as m;
+# m._bench_prefill()"; decoding the whole weight into a workspace first took 15-28 ms).
 INT8_GEMM_TOKENS = 32
-_WORKSPACE: dict = {}  # (N, K, dtype) -> the decoded weight of the last call of that shape
+_PANEL_BYTES = 1 << 20  # decoded rows per GEMM call: about a core's L2
 
 
-def _decoded(prepared: Int8CPUWeight, dtype: torch.dtype) -> torch.Tensor:
-    """``codes * scale`` in ``dtype`` [N, K], in a workspace shared by every weight of its shape
-    (one per shape per process, overwritten by the next call): each product rounded to ``dtype``
-    once, as the op rounds the scale."""
+def _panel(prepared: Int8CPUWeight, rows: slice, out: torch.Tensor) -> torch.Tensor:
+    """``codes[rows] * scale[rows]`` in out's dtype: our decoder where it is built (bf16 / fp32),
+    else two torch ops (the codes cast exactly, then multiplied by the scale in out's dtype)."""
+    k = prepared.in_features
+    if out.dtype != torch.float16 and not torch.compiler.is_compiling() and cpu_native.library() is not None:
+        return cpu_native.int8_decode(prepared.codes, prepared.scale, k, rows, out)
+    out.copy_(prepared.codes[rows, :k])  # int8 -> dtype: exact (|code| <= 127)
+    return out.mul_(prepared.scale_as(out.dtype)[rows, None])
+
+
+def _gemm(x2: torch.Tensor, prepared: Int8CPUWeight) -> torch.Tensor:
+    """x2 [M, K] @ dequantize(codes, scale).T [M, N] through the dense GEMM, one panel of decoded
+    rows at a time: the decoded weight is never written out whole to memory (in bf16 that cost 9
+    bytes of traffic a weight: the codes read, written as bf16, read and written by the scale, read
+    by the GEMM), only read back from cache."""
     n, k = prepared.out_features, prepared.in_features
-    buf = _WORKSPACE.get((n, k, dtype))
-    if buf is None:
-        buf = _WORKSPACE[(n, k, dtype)] = torch.empty(n, k, dtype=dtype)
-    buf.copy_(prepared.codes[:, :k])  # int8 -> dtype: exact (|code| <= 127), vectorised
-    return buf.mul_(prepared.scale_as(dtype)[:, None])
+    step = max(16, _PANEL_BYTES // (k * x2.element_size()))
+    buf = torch.empty(min(step, n), k, dtype=x2.dtype)
+    y_t = torch.empty(n, x2.shape[0], dtype=x2.dtype)  # y transposed: a panel's outputs are whole rows
+    for r0 in range(0, n, step):
+        rows = slice(r0, min(n, r0 + step))
+        torch.mm(_panel(prepared, rows, buf[:rows.stop - r0]), x2.T, out=y_t[rows])
+    return y_t.T
 
 
 def int8_linear_cpu(x: torch.Tensor, prepared: Int8CPUWeight, bias: torch.Tensor | None = None
                     ) -> torch.Tensor:
     """``x @ dequantize(codes, scale).T (+ bias)`` for x [..., K] (bf16, fp16 or fp32); calls of
-    :data:`INT8_GEMM_TOKENS` tokens or more through the decoded weight and the dense GEMM, fewer
-    through our own kernel where it is built (:mod:`squeeze.kernels.cpu_native`; fp32 scales),
+    :data:`INT8_GEMM_TOKENS` tokens or more through panels of the decoded weight and the dense GEMM,
+    fewer through our own kernel where it is built (:mod:`squeeze.kernels.cpu_native`; fp32 scales),
     else torch's op (scales rounded to x's dtype; in fp32 / fp16 a scalar loop, slower than
     dense)."""
     k, n = prepared.in_features, prepared.out_features
     if x.dim() >= 1 and x.shape[-1] == k and x.numel() >= INT8_GEMM_TOKENS * k and x.dtype in _DTYPES:
-        y = F.linear(x.reshape(-1, k), _decoded(prepared, x.dtype))
-        return _finish(y, x, n, bias)
+        return _finish(_gemm(x.reshape(-1, k), prepared), x, n, bias)
     x2 = _rows(x, k, prepared.codes.shape[1], "int8_linear_cpu")
     if x2.shape[0] == 0:
         return _finish(x2.new_zeros(0, n), x, n, bias)
@@ -453,6 +468,28 @@ def _bench(n: int = 11008, k: int = 4096, group: int = 128, reps: int = 30) -> d
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: (sorted(ts)[len(ts) // 2] * 1e3, min(ts) * 1e3) for name, ts in times.items()}
+
+
+def _bench_prefill(n: int = 5632, k: int = 2048, copies: int = 4, rounds: int = 9) -> None:
+    """Print median ms a weight of int8 [n, k] through our GEMV kernel, through the decoded panels
+    and the GEMM, and of dense bf16 F.linear, at 8-128 bf16 tokens, rounds interleaved."""
+    torch.manual_seed(0)
+    ws = [prepare_int8_cpu(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) / 127)
+          for _ in range(copies)]
+    dense = [torch.randn(n, k).bfloat16() for _ in range(copies)]
+    for m in (8, 16, 32, 64, 128):
+        x = torch.randn(m, k).bfloat16()
+        runs = {"ours": (lambda w: cpu_native.int8_gemv(x.float(), w.codes, w.scale).bfloat16(), ws),
+                "panels": (lambda w: _gemm(x, w), ws), "dense": (lambda w: F.linear(x, w), dense)}
+        times = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, (fn, weights) in runs.items():
+                t0 = time.perf_counter()
+                for w in weights:
+                    fn(w)
+                times[name].append((time.perf_counter() - t0) / copies * 1e3)
+        medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        print(f"{m:4d} tokens " + "  ".join(f"{name} {ms:6.2f} ms" for name, ms in medians.items()))
 
 
 def _bench_report() -> None:

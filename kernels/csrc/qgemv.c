@@ -3,17 +3,18 @@
  * y[m, n] = scale[n] * sum_k codes[n, k] * x[m, k]   (fp32 accumulation, fp32 output)
  *
  * codes int8 [N, ldw] row-major (K padded with zero codes to a multiple of 16), x fp32 [M, ldw]
- * (padded with zeros), scale fp32 [N], y fp32 [M, N]. Each output row is summed by one thread in a
- * fixed order, so the result does not depend on the thread count (the order is the build's: an
- * AVX2 and an AVX-512 build differ in the last bits).
+ * (padded with zeros), scale fp32 [N], y fp32 [M, N]. Each output is summed by one thread in a
+ * fixed order, so the result depends neither on the thread count nor on how many tokens a call
+ * carries (the order is the build's: an AVX2 and an AVX-512 build differ in the last bits).
  *
  * Why not torch's _weight_int8pack_mm: on x86 it runs fp32 / fp16 activations through a scalar
  * loop, 5-10x slower than dense, and in bf16 it converts eight codes per instruction even on
- * AVX-512. Here a block of rows shares every load of x, two independent FMA chains run per row,
- * and the codes a few cache lines ahead are prefetched. The AVX2 build is bound by its
- * convert-and-FMA work (~4-6 GB/s of codes a core, in cache and from memory alike); the AVX-512
- * build converts sixteen codes per instruction and streams ~7 GB/s a core, the rate dense bf16
- * weights stream at on the same core
+ * AVX-512, once per token. Here a tile of rows shares every load of x and, from two tokens on, a
+ * tile of tokens every convert of the codes; the codes a few cache lines ahead are prefetched.
+ * At one token the AVX2 build is bound by its convert-and-FMA work (~4-6 GB/s of codes a core, in
+ * cache and from memory alike); the AVX-512 build converts sixteen codes per instruction and
+ * streams ~7 GB/s a core, the rate dense bf16 weights stream at on the same core. From two tokens
+ * on the codes come from cache after the first and the FMAs set the pace
  * (python -c "import squeeze.kernels.cpu_native as m; m._bench_report()"; kernels/README.md).
  *
  * Threads: OpenMP. The library is linked against libgomp.so.1 by soname; torch's CPU wheels load
@@ -27,111 +28,131 @@
 #define PREFETCH 512  /* bytes ahead of the codes being read */
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-/* AVX-512 (built so where torch reports the CPU as AVX512): sixteen codes per convert and FMA,
- * eight rows share each load of x (16 accumulators + 2 of x fit the 32 registers). */
+/* AVX-512 (built so where torch reports the CPU as AVX512): sixteen codes per convert and FMA;
+ * a tile of R rows x T tokens holds R * T accumulators, T of x and one of codes (32 registers). */
 #define ISA 512
-#define ROWS 8
-
-static inline __m512 codes16(const int8_t *p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-}
-
-static void block(const int8_t *w, int64_t ldw, const float *x, int64_t k, float *acc) {
-    __m512 a[ROWS], b[ROWS];
-    for (int i = 0; i < ROWS; i++) a[i] = b[i] = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 32 <= k; j += 32) {
-        __m512 x0 = _mm512_loadu_ps(x + j), x1 = _mm512_loadu_ps(x + j + 16);
-        for (int i = 0; i < ROWS; i++) {
-            const int8_t *wi = w + i * ldw + j;
-            _mm_prefetch((const char *)(wi + PREFETCH), _MM_HINT_T0);
-            a[i] = _mm512_fmadd_ps(codes16(wi), x0, a[i]);
-            b[i] = _mm512_fmadd_ps(codes16(wi + 16), x1, b[i]);
-        }
-    }
-    if (j < k) { /* k % 32 == 16 */
-        __m512 x0 = _mm512_loadu_ps(x + j);
-        for (int i = 0; i < ROWS; i++) a[i] = _mm512_fmadd_ps(codes16(w + i * ldw + j), x0, a[i]);
-    }
-    for (int i = 0; i < ROWS; i++) acc[i] = _mm512_reduce_add_ps(_mm512_add_ps(a[i], b[i]));
-}
-
-static float row1(const int8_t *w, const float *x, int64_t k) {
-    __m512 a = _mm512_setzero_ps();
-    for (int64_t j = 0; j < k; j += 16) a = _mm512_fmadd_ps(codes16(w + j), _mm512_loadu_ps(x + j), a);
-    return _mm512_reduce_add_ps(a);
+#define VL 16
+#define ROWS 8   /* rows of a tile at one or two tokens */
+#define TROWS 4  /* rows of a tile at TOKENS tokens */
+typedef __m512 vec;
+#define ZERO() _mm512_setzero_ps()
+#define LOADX(p) _mm512_loadu_ps(p)
+#define CODES(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#define FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define HSUM(v) _mm512_reduce_add_ps(v)
+#define MUL(a, b) _mm512_mul_ps(a, b)
+#define SET1(v) _mm512_set1_ps(v)
+#define STORE(p, v) _mm512_storeu_ps(p, v)
+/* sixteen floats -> bf16, rounded to nearest even (AVX-512F has no bf16 convert of its own) */
+static inline void store_bf16(uint16_t *p, __m512 v) {
+    __m512i b = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    b = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(b));
 }
 #else
-/* AVX2 + FMA: eight codes per convert and FMA, four rows share each load of x, two FMA chains a
- * row. */
+/* AVX2 + FMA: eight codes per convert and FMA (16 registers). */
 #define ISA 256
+#define VL 8
 #define ROWS 4
-
-static inline float hsum(__m256 v) {
+#define TROWS 2
+typedef __m256 vec;
+#define ZERO() _mm256_setzero_ps()
+#define LOADX(p) _mm256_loadu_ps(p)
+#define CODES(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#define FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+static inline float HSUM(__m256 v) {
     __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     a = _mm_hadd_ps(a, a);
     a = _mm_hadd_ps(a, a);
     return _mm_cvtss_f32(a);
 }
-
-/* eight int8 codes -> eight floats (exact: |code| <= 127) */
-static inline __m256 codes8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-
-static void block(const int8_t *w, int64_t ldw, const float *x, int64_t k, float *acc) {
-    const int8_t *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    for (int64_t j = 0; j < k; j += 16) {
-        _mm_prefetch((const char *)(w0 + j + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w1 + j + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w2 + j + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w3 + j + PREFETCH), _MM_HINT_T0);
-        __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
-        a0 = _mm256_fmadd_ps(codes8(w0 + j), x0, a0);
-        b0 = _mm256_fmadd_ps(codes8(w0 + j + 8), x1, b0);
-        a1 = _mm256_fmadd_ps(codes8(w1 + j), x0, a1);
-        b1 = _mm256_fmadd_ps(codes8(w1 + j + 8), x1, b1);
-        a2 = _mm256_fmadd_ps(codes8(w2 + j), x0, a2);
-        b2 = _mm256_fmadd_ps(codes8(w2 + j + 8), x1, b2);
-        a3 = _mm256_fmadd_ps(codes8(w3 + j), x0, a3);
-        b3 = _mm256_fmadd_ps(codes8(w3 + j + 8), x1, b3);
-    }
-    acc[0] = hsum(_mm256_add_ps(a0, b0));
-    acc[1] = hsum(_mm256_add_ps(a1, b1));
-    acc[2] = hsum(_mm256_add_ps(a2, b2));
-    acc[3] = hsum(_mm256_add_ps(a3, b3));
-}
-
-static float row1(const int8_t *w, const float *x, int64_t k) {
-    __m256 a = _mm256_setzero_ps(), b = a;
-    for (int64_t j = 0; j < k; j += 16) {
-        a = _mm256_fmadd_ps(codes8(w + j), _mm256_loadu_ps(x + j), a);
-        b = _mm256_fmadd_ps(codes8(w + j + 8), _mm256_loadu_ps(x + j + 8), b);
-    }
-    return hsum(_mm256_add_ps(a, b));
+#define MUL(a, b) _mm256_mul_ps(a, b)
+#define SET1(v) _mm256_set1_ps(v)
+#define STORE(p, v) _mm256_storeu_ps(p, v)
+static inline void store_bf16(uint16_t *p, __m256 v) {
+    __m256i b = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
 }
 #endif
+#define TOKENS 4  /* tokens sharing each convert of the codes */
+
+/* y[t0 + t, r0 + i] = scale[r0 + i] * sum_k codes[r0 + i, k] * x[t0 + t, k] for R rows and T
+ * tokens (compile-time constants once inlined). Each (row, token) is one FMA chain over chunks of
+ * VL columns in order, then HSUM: the same operations whatever tile it is in, so an output has
+ * the same bits at any token count (a row of a batch == that row alone, which self-speculative
+ * verification relies on) and any thread count. The codes of a chunk are converted once for the
+ * T tokens, x is loaded once for the R rows; the first P rows are prefetched (a tile that starts
+ * a block prefetches the whole block, so the streams from memory are as many as at one token). */
+static inline __attribute__((always_inline)) void tile(const int8_t *codes, int64_t n, int64_t ldw,
+                                                       const float *scale, const float *x, float *y,
+                                                       int64_t r0, int64_t t0, const int R, const int T,
+                                                       const int P) {
+    const int8_t *w = codes + r0 * ldw;
+    x += t0 * ldw;
+    vec a[ROWS * TOKENS];
+    for (int q = 0; q < R * T; q++) a[q] = ZERO();
+    for (int64_t j = 0; j < ldw; j += VL) {
+        vec xs[TOKENS];
+        for (int t = 0; t < T; t++) xs[t] = LOADX(x + t * ldw + j);
+        for (int i = 0; i < P; i++) _mm_prefetch((const char *)(w + i * ldw + j + PREFETCH), _MM_HINT_T0);
+        for (int i = 0; i < R; i++) {
+            vec c = CODES(w + i * ldw + j);
+            for (int t = 0; t < T; t++) a[t * R + i] = FMA(c, xs[t], a[t * R + i]);
+        }
+    }
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < R; i++) y[(t0 + t) * n + r0 + i] = scale[r0 + i] * HSUM(a[t * R + i]);
+}
 
 /* Returns 0, or -1 when ldw is not a multiple of 16. Rows go to threads in blocks of ROWS; the
- * tokens of a call loop inside a block, so its codes are read from memory once per call and from
- * L1 for every further token. */
+ * tokens of a call loop inside a block (TOKENS at a time in tiles of TROWS rows, then two, then
+ * one, over the whole block), so its codes are read from memory once per call and from cache for
+ * every further token, and converted once per tile. */
 int sq_int8_gemv(const int8_t *codes, int64_t n, int64_t ldw, const float *scale, const float *x, int64_t m,
                  float *y) {
     if (ldw % 16) return -1;
     int64_t blocks = n / ROWS;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
-        int64_t r = b * ROWS;
-        for (int64_t t = 0; t < m; t++) {
-            float acc[ROWS];
-            block(codes + r * ldw, ldw, x + t * ldw, ldw, acc);
-            for (int i = 0; i < ROWS; i++) y[t * n + r + i] = scale[r + i] * acc[i];
+        int64_t r = b * ROWS, t = 0;
+        for (; t + TOKENS <= m; t += TOKENS) {
+            tile(codes, n, ldw, scale, x, y, r, t, TROWS, TOKENS, ROWS);
+            for (int i = TROWS; i < ROWS; i += TROWS) tile(codes, n, ldw, scale, x, y, r + i, t, TROWS, TOKENS, 0);
         }
+        for (; t + 2 <= m; t += 2) tile(codes, n, ldw, scale, x, y, r, t, ROWS, 2, ROWS);
+        for (; t < m; t++) tile(codes, n, ldw, scale, x, y, r, t, ROWS, 1, ROWS);
     }
     for (int64_t r = blocks * ROWS; r < n; r++)
-        for (int64_t t = 0; t < m; t++) y[t * n + r] = scale[r] * row1(codes + r * ldw, x + t * ldw, ldw);
+        for (int64_t t = 0; t < m; t++) tile(codes, n, ldw, scale, x, y, r, t, 1, 1, 1);
     return 0;
+}
+
+/* out[r - r0, c] = codes[r, c] * scale[r] for rows r0 <= r < r1 and columns c < k, as bf16
+ * (rounded to nearest even) when bf16, else fp32; out is [r1 - r0, k] contiguous. Prefill runs its
+ * GEMM on such panels of decoded rows, a cache's worth at a time (kernels/quant_cpu.py). */
+void sq_int8_decode(const int8_t *codes, int64_t ldw, int64_t k, const float *scale, int64_t r0, int64_t r1,
+                    void *out, int bf16) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = r0; r < r1; r++) {
+        const int8_t *w = codes + r * ldw;
+        vec s = SET1(scale[r]);
+        int64_t c = 0;
+        if (bf16) {
+            uint16_t *o = (uint16_t *)out + (r - r0) * k;
+            for (; c + VL <= k; c += VL) store_bf16(o + c, MUL(CODES(w + c), s));
+            for (; c < k; c++) {
+                union { float f; uint32_t u; } v = {.f = w[c] * scale[r]};
+                o[c] = (uint16_t)((v.u + 0x7fff + ((v.u >> 16) & 1)) >> 16);
+            }
+        } else {
+            float *o = (float *)out + (r - r0) * k;
+            for (; c + VL <= k; c += VL) STORE(o + c, MUL(CODES(w + c), s));
+            for (; c < k; c++) o[c] = w[c] * scale[r];
+        }
+    }
 }
 
 /* The vector width it was built for, in bits (256: AVX2, 512: AVX-512). */

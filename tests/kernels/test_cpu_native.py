@@ -1,6 +1,6 @@
 """squeeze.kernels.cpu_native: our C kernels, compiled on first use. The int8 product against
-float64 within the fp32 bound for K terms, the same bits at any thread count, one build per
-source in the cache, and a clear None (with the reason) where it cannot be built."""
+float64 within the fp32 bound for K terms, the same bits at any thread count and token count, one
+build per source in the cache, and a clear None (with the reason) where it cannot be built."""
 
 import os
 import subprocess
@@ -16,9 +16,9 @@ needs_native = pytest.mark.skipif(cpu_native.library() is None,
                                   reason=f"native kernels unavailable here: {cpu_native.unavailable_reason()}")
 
 
-# rows: whole blocks (of 4 or 8) with and without a one-row tail, and fewer than a block; K with and
-# without a 16-code tail
-_SHAPES = [(1, 64, 64), (3, 41, 172), (8, 7, 16), (2, 4, 2048), (1, 1, 16)]
+# rows: whole blocks (of 4 or 8) with and without a tail, and fewer than a block; K with and without
+# a 16-code tail; tokens through every tile: 1, 2, 3 = 2 + 1, 7 = 4 + 2 + 1, 8, 9 = 4 + 4 + 1
+_SHAPES = [(1, 64, 64), (3, 41, 172), (8, 7, 16), (2, 4, 2048), (1, 1, 16), (9, 19, 48), (7, 24, 160)]
 
 
 def _case(m, n, k, seed=0):
@@ -32,17 +32,43 @@ def _case(m, n, k, seed=0):
     return x, codes, scale
 
 
-@needs_native
-@pytest.mark.parametrize("m, n, k", _SHAPES)
-def test_int8_gemv_matches_float64(m, n, k):
-    """|y - ref| <= (K + 2)·2^-24·|x|·|codes|·scale: fp32 products and sums of K terms, and the
-    scale applied once (N not a multiple of 4 takes the one-row tail)."""
+def _check(m, n, k):
+    """(worst of |y - ref| - bound, whether each token's row alone gives the same bits as in the
+    batch). Bound: (K + 2)·2^-24·|x|·|codes|·scale, fp32 products and sums of K terms and the scale
+    applied once."""
     x, codes, scale = _case(m, n, k)
     y = cpu_native.int8_gemv(x, codes, scale)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
     ref = (x.double() @ codes.double().T) * scale.double()
     bound = (k + 2) * 2.0**-24 * (x.double().abs() @ codes.double().abs().T) * scale.double()
-    assert y.dtype == torch.float32 and y.shape == (m, n)
-    assert float(((y.double() - ref).abs() - bound).max()) <= 0
+    alone = torch.cat([cpu_native.int8_gemv(x[t:t + 1].contiguous(), codes, scale) for t in range(m)])
+    return float(((y.double() - ref).abs() - bound).max()), torch.equal(alone, y)
+
+
+def _decodes_exactly(n, k):
+    """Whether int8_decode of a slice of rows gives torch's fp32 product, and in bf16 that product
+    rounded to nearest even (torch's cast), bit for bit."""
+    _, codes, scale = _case(1, n, k)
+    rows = slice(n // 3, n)
+    ref = codes[rows, :k].float() * scale[rows, None]
+    outs = {dt: cpu_native.int8_decode(codes, scale, k, rows, torch.empty(n - n // 3, k, dtype=dt))
+            for dt in (torch.float32, torch.bfloat16)}
+    return torch.equal(outs[torch.float32], ref) and torch.equal(outs[torch.bfloat16], ref.bfloat16())
+
+
+@needs_native
+@pytest.mark.parametrize("n, k", [(41, 172), (8, 16), (3, 2048), (1, 7)])
+def test_int8_decode_is_torchs_product_bit_for_bit(n, k):
+    assert _decodes_exactly(n, k)
+
+
+@needs_native
+@pytest.mark.parametrize("m, n, k", _SHAPES)
+def test_int8_gemv_matches_float64_and_gives_the_same_bits_at_any_token_count(m, n, k):
+    """A token batched with others == that token alone: self-speculative verification runs several
+    tokens through the kernel and compares them with decoding one at a time."""
+    worst, same = _check(m, n, k)
+    assert worst <= 0 and same
 
 
 @needs_native
@@ -53,22 +79,16 @@ def test_it_is_built_for_the_widest_vectors_torch_reports():
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
                     reason="the AVX2 build is the default build on this CPU, tested above")
 @needs_native
-def test_the_avx2_build_on_an_avx512_cpu_meets_the_same_bound(tmp_path):
+def test_the_avx2_build_on_an_avx512_cpu_meets_the_same_bound_and_bits(tmp_path):
     """SQUEEZE_NATIVE=avx2 builds the other variant, so one AVX-512 machine tests both."""
-    code = ("import torch, tests.kernels.test_cpu_native as t; from squeeze.kernels import cpu_native as m\n"
-            "worst = 0.0\n"
-            "for s in t._SHAPES:\n"
-            "    x, codes, scale = t._case(*s)\n"
-            "    y = m.int8_gemv(x, codes, scale).double()\n"
-            "    ref = (x.double() @ codes.double().T) * scale.double()\n"
-            "    bound = (s[2] + 2) * 2.0**-24 * (x.double().abs() @ codes.double().abs().T) * scale.double()\n"
-            "    worst = max(worst, float(((y - ref).abs() - bound).max()))\n"
-            "print(m.isa(), worst <= 0)")
+    code = ("import tests.kernels.test_cpu_native as t; from squeeze.kernels import cpu_native as m\n"
+            "print(m.isa(), all(w <= 0 and same for w, same in map(lambda s: t._check(*s), t._SHAPES)),\n"
+            "      t._decodes_exactly(41, 172))")
     env = {**os.environ, "SQUEEZE_CACHE": str(tmp_path), "SQUEEZE_NATIVE": "avx2"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
                           cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["avx2", "True"]
+    assert done.stdout.split() == ["avx2", "True", "True"]
 
 
 @needs_native
@@ -84,6 +104,19 @@ def test_int8_gemv_gives_the_same_bits_at_any_thread_count():
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@needs_native
+@pytest.mark.parametrize("bad", ["codes", "out", "rows"])
+def test_int8_decode_refuses_what_it_cannot_write(bad):
+    _, codes, scale = _case(1, 8, 32)
+    out = torch.empty(8, 32)
+    if bad == "codes":
+        codes = codes.to(torch.uint8)
+    elif bad == "out":
+        out = out.half()
+    with pytest.raises(ValueError, match="int8_decode"):
+        cpu_native.int8_decode(codes, scale, 32, slice(0, 4 if bad == "rows" else 8), out)
 
 
 @needs_native

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from squeeze.algorithms.quant import QuantSpec, rtn
-from squeeze.kernels import cpu_native
+from squeeze.kernels import cpu_native, quant_cpu
 from squeeze.kernels import (
     int4_linear_cpu,
     int4_rows_linear_cpu,
@@ -64,35 +64,41 @@ def _check(y, x, W_hat, P, bias=None):
 
 @pytest.fixture(params=["native", "torch op"])
 def int8_path(request, monkeypatch):
-    """Each int8 test through our kernel (squeeze.kernels.cpu_native) and through torch's op; the
-    calls that reached our kernel (none on the op's path)."""
+    """Each int8 test through our kernels (squeeze.kernels.cpu_native) and through torch's ops;
+    the names of the native calls made ("gemv", "decode"; none on the ops' path) and of the
+    decoded panels ("panel", on both)."""
     calls = []
     if request.param == "native":
         if cpu_native.library() is None:
             pytest.skip(f"our native kernels are unavailable here: {cpu_native.unavailable_reason()}")
-        gemv = cpu_native.int8_gemv
-        monkeypatch.setattr(cpu_native, "int8_gemv", lambda *a: calls.append(a) or gemv(*a))
+        for name in ("gemv", "decode"):
+            f = getattr(cpu_native, f"int8_{name}")
+            monkeypatch.setattr(cpu_native, f"int8_{name}", lambda *a, f=f, name=name: calls.append(name) or f(*a))
     else:
         monkeypatch.setattr(cpu_native, "library", lambda: None)
+    panel = quant_cpu._panel
+    monkeypatch.setattr(quant_cpu, "_panel", lambda *a: calls.append("panel") or panel(*a))
     return calls
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n, k", [(40, 172), (48, 256), (3, 7)])  # K % 16 != 0 is padded
-@pytest.mark.parametrize("lead", [(), (1,), (2, 3), (0,), (2, 20)])  # 40 tokens: the decoded-weight GEMM
-def test_int8_matches_the_dequantized_weight(n, k, dtype, lead, int8_path):
+@pytest.mark.parametrize("lead", [(), (1,), (2, 3), (0,), (2, 20)])  # 40 tokens: the decoded panels' GEMM
+def test_int8_matches_the_dequantized_weight(n, k, dtype, lead, int8_path, monkeypatch):
     W_hat, codes, s, _, P = _weight(QuantSpec(8), n, k)
     prepared = prepare_int8_cpu(codes, s)
     x = torch.randn(*lead, k, generator=torch.Generator().manual_seed(1)).to(dtype)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(dtype)
-    from squeeze.kernels.quant_cpu import _WORKSPACE
-
-    _WORKSPACE.clear()
+    monkeypatch.setattr(quant_cpu, "_PANEL_BYTES", 16 * k * x.element_size())  # two or more panels
     _check(int8_linear_cpu(x, prepared), x, W_hat, P)
     _check(int8_linear_cpu(x, prepared, bias), x, W_hat, P, bias)
-    assert ((n, k, dtype) in _WORKSPACE) == (x.numel() >= 32 * k)  # prefill-sized calls ran the GEMM
-    decode = 0 < x.numel() < 32 * k
-    assert len(int8_path) == (2 if decode and cpu_native.library() is not None else 0)  # bf16 too
+    native = cpu_native.library() is not None
+    prefill = x.numel() >= quant_cpu.INT8_GEMM_TOKENS * k
+    decode = 0 < x.numel() and not prefill
+    panels = 2 * -(-n // 16) if prefill else 0
+    assert int8_path.count("panel") == panels  # prefill-sized calls ran the GEMM, a panel at a time
+    assert int8_path.count("decode") == (panels if native and dtype != torch.float16 else 0)
+    assert int8_path.count("gemv") == (2 if decode and native else 0)  # bf16 too
 
 
 @pytest.mark.skipif(not quant_rows_supported(), reason="torch without the quantized embedding bag (no FBGEMM)")
