@@ -60,7 +60,10 @@ def _run(cmd) -> subprocess.CompletedProcess:
 def _kill_mid_sweep(cmd, work: Path, sig=signal.SIGKILL) -> int:
     """Start ``cmd`` and send it ``sig`` once its work folder records 2+ finished blocks (and
     several remain); returns the last finished block the state said before the signal."""
-    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal's Ctrl-C: a child inherits SIG_IGN from a shell's background job (which
+    # Python then leaves ignored), so the run would finish instead
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _kill_mid_sweep.proc = proc  # the caller reads its exit status and stderr
     try:
         deadline = time.monotonic() + 300
