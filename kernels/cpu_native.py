@@ -166,9 +166,6 @@ def _bench(n: int = 5632, k: int = 2048, tokens: int = 1, copies: int = 6, round
     """Median ms of ``copies`` different weights (so they come from memory, not cache) through
     dense F.linear, torch's int8 op and :func:`int8_gemv`, ``tokens`` tokens in bf16 (and in fp32:
     dense fp32 against ours), rounds interleaved."""
-    import statistics
-    import time
-
     x = torch.randn(tokens, k).bfloat16()
     x32 = x.float()
     dense = [torch.randn(n, k).bfloat16() for _ in range(copies)]
@@ -183,6 +180,15 @@ def _bench(n: int = 5632, k: int = 2048, tokens: int = 1, copies: int = 6, round
         "dense fp32": lambda: [torch.nn.functional.linear(x32, w) for w in dense32],
         "ours int8 fp32": lambda: [int8_gemv(x32, c, scale) for c in codes],
     }
+    return _median_ms(cases, rounds)
+
+
+def _median_ms(cases: dict, rounds: int) -> dict[str, float]:
+    """Median ms of each of ``cases`` (name -> a function of no arguments) over ``rounds`` rounds,
+    the cases interleaved within a round so that load from other jobs hits them alike."""
+    import statistics
+    import time
+
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
         for name, f in cases.items():
@@ -199,6 +205,6 @@ def _bench_report() -> None:
     for tokens in (1, 8):
         ms = _bench(tokens=tokens)
         for name, t in ms.items():
-            ref = ms["dense fp32" if "fp32" in name else "dense bf16"]
-            print(f"{tokens} token{'s' if tokens > 1 else ' '} {name:15s} {t:7.2f} ms  {ref / t:4.2f}x dense "
-                  f"{'fp32' if 'fp32' in name else 'bf16'}")
+            dtype = "fp32" if "fp32" in name else "bf16"
+            print(f"{tokens} token{'s' if tokens > 1 else ' '} {name:15s} {t:7.2f} ms  "
+                  f"{ms['dense ' + dtype] / t:4.2f}x dense {dtype}")

@@ -479,17 +479,11 @@ def _bench_prefill(n: int = 5632, k: int = 2048, copies: int = 4, rounds: int = 
     dense = [torch.randn(n, k).bfloat16() for _ in range(copies)]
     for m in (8, 16, 32, 64, 128):
         x = torch.randn(m, k).bfloat16()
-        runs = {"ours": (lambda w: cpu_native.int8_gemv(x.float(), w.codes, w.scale).bfloat16(), ws),
-                "panels": (lambda w: _gemm(x, w), ws), "dense": (lambda w: F.linear(x, w), dense)}
-        times = {name: [] for name in runs}
-        for _ in range(rounds):
-            for name, (fn, weights) in runs.items():
-                t0 = time.perf_counter()
-                for w in weights:
-                    fn(w)
-                times[name].append((time.perf_counter() - t0) / copies * 1e3)
-        medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-        print(f"{m:4d} tokens " + "  ".join(f"{name} {ms:6.2f} ms" for name, ms in medians.items()))
+        ms = cpu_native._median_ms({
+            "ours": lambda: [cpu_native.int8_gemv(x.float(), w.codes, w.scale).bfloat16() for w in ws],
+            "panels": lambda: [_gemm(x, w) for w in ws],
+            "dense": lambda: [F.linear(x, w) for w in dense]}, rounds)
+        print(f"{m:4d} tokens " + "  ".join(f"{name} {t / copies:6.2f} ms" for name, t in ms.items()))
 
 
 def _bench_report() -> None:
