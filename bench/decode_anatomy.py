@@ -64,12 +64,13 @@ def anatomy(path: str, steps: int) -> dict:
     """{step, no_block_products, no_products} ms of one export (see the module docstring)."""
     import squeeze
     import squeeze.kernels.cpu_input_sparse as bags
+    from squeeze.kernels import cpu_native
     from squeeze.runtime.quant import QuantLinear
 
     model = squeeze.load(path, dtype="bfloat16")
     head = model.get_output_embeddings().weight
     out = {"step": _step_ms(model, steps)}
-    linear, bag_f = F.linear, bags.F
+    linear, bag_f, rows_mv = F.linear, bags.F, cpu_native.rows_mv
     quant = {m: (m.fn, m.rows) for m in model.modules() if isinstance(m, QuantLinear)}
     keep_head = [True]
 
@@ -86,6 +87,7 @@ def anatomy(path: str, steps: int) -> dict:
         F.linear = fake_linear  # nn.Linear and the sites' dense paths look it up per call
         bags.F = types.SimpleNamespace(embedding_bag=lambda idx, w, off, **_: torch.zeros(off.numel(), w.shape[1],
                                                                                             dtype=w.dtype))
+        cpu_native.rows_mv = lambda w, idx, val, offsets, out, *_, **__: out.zero_()  # our row kernel's bags
         for m, (fn, rows_) in quant.items():
             m.fn = fake_quant(fn, m.out_features)
             m.rows = None if rows_ is None else (fake_quant(rows_[0], m.out_features), rows_[1])
@@ -93,7 +95,7 @@ def anatomy(path: str, steps: int) -> dict:
         keep_head[0] = False
         out["no_products"] = _step_ms(model, steps)
     finally:
-        F.linear, bags.F = linear, bag_f
+        F.linear, bags.F, cpu_native.rows_mv = linear, bag_f, rows_mv
         for m, (fn, rows_) in quant.items():
             m.fn, m.rows = fn, rows_
     return out

@@ -37,7 +37,7 @@ Weight-only quantized linear, CPU (quant_cpu): torch's int8 / int4 ops on the qu
     int8_linear_cpu(x, prepared, bias=None), int4_linear_cpu(x, prepared, bias=None)  (x [..., K])
     prepare_int8_rows_cpu(prepared, blocks=None) -> Int8RowsWeight | None, prepare_int4_rows_cpu(u, prepared) -> Int4RowsWeight | None,
     quant_rows_supported(); int8_rows_linear_cpu / int4_rows_linear_cpu(x, rows, bias=None, entries=None)
-        (activation-sparse x [T, K]: reads only the codes of non-zero inputs; QUANT_CPU_ROWS_ACTIVE)
+        (activation-sparse x [T, K]: reads only the codes of non-zero inputs; quant_rows_pay(rows, tokens, active))
     QUANT_CPU_FAST_DTYPES  (activation dtypes where torch's ops beat dense F.linear: bfloat16)
     quant_cpu_kernel_pays(bits, n, k, dtype)  (never below 512 x 512 weights; bf16; int8 in fp32 / fp16 with our kernel built)
 Our own CPU kernels (cpu_native: C in csrc/, compiled with the system cc on first use, else None)
@@ -64,6 +64,7 @@ from .ffn_reference import (
 from .quant_cpu import FAST_DTYPES as QUANT_CPU_FAST_DTYPES
 from .quant_cpu import kernel_pays as quant_cpu_kernel_pays
 from .quant_cpu import ROWS_ACTIVE as QUANT_CPU_ROWS_ACTIVE
+from .quant_cpu import rows_pay as quant_rows_pay
 from .quant_cpu import (
     Int4CPUWeight,
     Int4RowsWeight,
@@ -124,6 +125,7 @@ __all__ = [
     "int4_rows_linear_cpu",
     "int8_linear_cpu",
     "int8_rows_linear_cpu",
+    "quant_rows_pay",
     "quant_rows_supported",
     "interpreting",
     "is_24_sparse",

@@ -5,10 +5,15 @@ one contiguous row per input channel) a zero input means one weight row that nee
 Two ways to skip rows, plus the dense fallback, and which one wins depends on how many rows each
 reads against the dense kernel (measured, not guessed):
 
-  "bag"     one ``F.embedding_bag(mode="sum", per_sample_weights=x)`` bag per token over that
-            token's own non-zero inputs: reads (non-zeros / in) weights' worth of rows. Best for
-            one token, and for a few tokens while their active sets are small. A bag runs on one
-            thread, so with fewer tokens than threads each bag is split into column blocks.
+  "bag"     one sum per token over the rows of that token's own non-zero inputs: reads
+            (non-zeros / in) weights' worth of rows. Best for one token, and for a few tokens
+            while their active sets are small. squeeze's C kernel (``csrc/rows.c``,
+            :func:`~squeeze.kernels.cpu_native.rows_mv`) where it is built, fp32 / bf16 weights:
+            it prefetches the next rows while it sums the current ones (a bf16 2048 x 5632
+            weight at 50% active, from memory, one thread: 1.2 ms against 1.8 ms for the torch
+            bag and 3.9 ms for dense ``F.linear``). Else one ``F.embedding_bag(mode="sum",
+            per_sample_weights=x)`` bag per token; a bag runs on one thread, so with fewer
+            tokens than threads each bag is split into column blocks.
   "gather"  the union of the chunk's active inputs, gathered ``block_rows`` rows at a time into
             a small buffer that stays in cache, each block multiplied by a GEMM (fp32 running
             sum): reads each union row once for every token of the chunk. Best for chunks
@@ -27,8 +32,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import cpu_native
+
 __all__ = ["InputSparsePlan", "bag_blocks", "bag_offsets", "blocked_bags", "gathered_rows_mm", "input_sparse_linear_cpu",
-           "linear_rows_bag", "linear_rows_gather", "nonzero_entries", "plan_for", "unblock"]
+           "linear_rows_bag", "linear_rows_embedding_bag", "linear_rows_gather", "native_rows", "nonzero_entries",
+           "plan_for", "token_offsets", "unblock"]
 
 
 @dataclass(frozen=True)
@@ -52,16 +60,34 @@ _MEASURED = {
     (torch.bfloat16, 4): InputSparsePlan(0.4, 0.1),
     (torch.bfloat16, 8): InputSparsePlan(0.8, 0.1),
 }
+# The same with the bag in our C kernel (native_rows): the case's "bag" column since it measures
+# both ("bag_torch" is the column above), same machine and shapes, 2026-12-03; gather unchanged.
+_MEASURED_NATIVE = {
+    (torch.float32, 1): InputSparsePlan(0.7, 0.0),
+    (torch.float32, 2): InputSparsePlan(1.0, 0.1),
+    (torch.float32, 4): InputSparsePlan(2.0, 0.5),
+    (torch.float32, 8): InputSparsePlan(4.0, 0.7),
+    (torch.bfloat16, 1): InputSparsePlan(0.9, 0.0),
+    (torch.bfloat16, 2): InputSparsePlan(1.0, 0.1),
+    (torch.bfloat16, 4): InputSparsePlan(1.2, 0.1),
+    (torch.bfloat16, 8): InputSparsePlan(0.8, 0.1),
+}
 _BUCKETS = (1, 2, 4, 8)
 _UNMEASURED = InputSparsePlan(0.3, 0.1)  # fp16 and anything else: only clearly sparse calls
+
+
+def native_rows(dtype: torch.dtype) -> bool:
+    """Whether the bag of a ``dtype`` weight runs squeeze's C kernel (fp32 / bf16, where built)."""
+    return dtype in (torch.float32, torch.bfloat16) and cpu_native.library() is not None
 
 
 def plan_for(dtype: torch.dtype, tokens: int) -> InputSparsePlan | None:
     """The measured plan for ``tokens`` (smallest bucket >= it); None above 8 tokens (prefill is
     compute-bound: dense)."""
+    measured = _MEASURED_NATIVE if native_rows(dtype) else _MEASURED
     for b in _BUCKETS:
         if tokens <= b:
-            return _MEASURED.get((dtype, b), _UNMEASURED)
+            return measured.get((dtype, b), _UNMEASURED)
     return None
 
 
@@ -72,6 +98,16 @@ def bag_offsets(bags: torch.Tensor, count: int) -> torch.Tensor:
     offsets = torch.zeros_like(counts)
     offsets[1:] = counts.cumsum(0)[:-1]
     return offsets
+
+
+def token_offsets(tok: torch.Tensor | None, count: int) -> torch.Tensor | None:
+    """Where each of ``count`` tokens' entries start and end ([count + 1]) in entries grouped by
+    token (:func:`nonzero_entries`); None for one token (all entries)."""
+    if tok is None:
+        return None
+    out = torch.zeros(count + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(tok, minlength=count), 0, out=out[1:])
+    return out
 
 
 def nonzero_entries(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -130,10 +166,22 @@ def unblock(y: torch.Tensor, tokens: int, blocks: int) -> torch.Tensor:
 
 def linear_rows_bag(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None,
                     entries: tuple | None = None) -> torch.Tensor:
-    """``x @ w_t (+ bias)`` for x [T, in], one embedding bag per token over its non-zero inputs
-    (``entries``: :func:`nonzero_entries` of x, if known), split into :func:`bag_blocks` column
-    blocks: w_t [in, out] read as [in * B, out / B] has block j of input row r at row r * B + j,
-    so the split needs no copy of the weight."""
+    """``x @ w_t (+ bias)`` for x [T, in], one sum per token over the rows of its non-zero inputs
+    (``entries``: :func:`nonzero_entries` of x, if known): our C kernel where :func:`native_rows`
+    (fp32 sums rounded once to x's dtype), else :func:`linear_rows_embedding_bag`."""
+    t, n = x.shape[0], w_t.shape[1]
+    tok, col, val = entries if entries is not None else nonzero_entries(x)
+    if native_rows(w_t.dtype) and x.dtype in (torch.float32, torch.bfloat16) and w_t.is_contiguous():
+        return cpu_native.rows_mv(w_t, col, val.float(), token_offsets(tok, t), torch.empty(t, n, dtype=x.dtype),
+                                  bias=None if bias is None else bias.float())
+    return linear_rows_embedding_bag(x, w_t, bias, (tok, col, val))
+
+
+def linear_rows_embedding_bag(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None,
+                              entries: tuple | None = None) -> torch.Tensor:
+    """:func:`linear_rows_bag` by torch's ``F.embedding_bag``: one bag per token split into
+    :func:`bag_blocks` column blocks: w_t [in, out] read as [in * B, out / B] has block j of input
+    row r at row r * B + j, so the split needs no copy of the weight; sums in w_t's dtype."""
     t, (k, n) = x.shape[0], w_t.shape
     tok, col, val = entries if entries is not None else nonzero_entries(x)
     b = bag_blocks(t, n)
@@ -195,3 +243,35 @@ def input_sparse_linear_cpu(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tens
         return dense(x)
     y = x.to(w_t.dtype) @ w_t
     return (y + bias if bias is not None else y).to(x.dtype)
+
+
+def _bench_report(copies: int = 20, rounds: int = 15) -> None:
+    """Print median ms of one token through ``copies`` different weights of each shape (~460 MB in
+    all, so they come from memory, as at decode) for dense ``F.linear``, the torch embedding bag,
+    our row kernel (bf16), and for int8 codes our GEMV, torch's quantized bag and our row kernel,
+    at 10 / 30 / 50% active inputs, rounds interleaved (the command is in kernels/README.md)."""
+    from . import quant_cpu
+
+    if cpu_native.library() is None:
+        raise SystemExit(f"native kernels unavailable: {cpu_native.unavailable_reason()}")
+    print(f"threads {torch.get_num_threads()}, built for {cpu_native.isa()}")
+    torch.manual_seed(0)
+    for k, n in ((2048, 5632), (5632, 2048)):
+        dense = [torch.randn(n, k).bfloat16() for _ in range(copies)]
+        w_t = [w.t().contiguous() for w in dense]
+        int8 = [quant_cpu.prepare_int8_cpu(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) / 127)
+                for _ in range(copies)]
+        mine = [quant_cpu.prepare_int8_rows_cpu(p, native=True) for p in int8]
+        bags = [quant_cpu.prepare_int8_rows_cpu(p, native=False) for p in int8]
+        for active in (0.1, 0.3, 0.5):
+            x = (torch.randn(1, k) * (torch.rand(1, k) < active)).bfloat16()
+            e = nonzero_entries(x)
+            ms = cpu_native._median_ms({
+                "dense bf16": lambda: [F.linear(x, w) for w in dense],
+                "torch bag": lambda: [linear_rows_embedding_bag(x, w, None, e) for w in w_t],
+                "ours": lambda: [linear_rows_bag(x, w, None, e) for w in w_t],
+                "int8 gemv": lambda: [quant_cpu.int8_linear_cpu(x, p) for p in int8],
+                "int8 torch bag": lambda: [quant_cpu.int8_rows_linear_cpu(x, r, None, e) for r in bags],
+                "int8 ours": lambda: [quant_cpu.int8_rows_linear_cpu(x, r, None, e) for r in mine]}, rounds)
+            print(f"W_t {k}x{n}, {active:.0%} active: " + "  ".join(
+                f"{name} {t / copies:.3f} ms ({ms['dense bf16'] / t:.2f}x)" for name, t in ms.items()))

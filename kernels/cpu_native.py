@@ -37,10 +37,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["int8_decode", "int8_gemv", "isa", "library", "unavailable_reason"]
+__all__ = ["int8_decode", "int8_gemv", "isa", "library", "rows4_mv", "rows_mv", "unavailable_reason"]
 
-SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "qgemv.c", CSRC / "rows.c")  # one library; both include csrc/simd.h
+# -ffp-contract=off: the C never fuses a * b + c on its own, so every rounding is the one written
+# (the kernels' explicit FMAs), the same in a vector loop and its scalar tail: bits that do not
+# depend on where a thread's columns start
+FLAGS = ("-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
 AVX512_FLAGS = ("-mavx512f", "-mavx512bw")  # torch's "AVX512" capability implies both
 ENV_SWITCH = "SQUEEZE_NATIVE"
 
@@ -67,16 +71,17 @@ def _build(cc: str) -> Path:
     """The library for this source, flags and compiler: from the cache, or compiled into it."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     flags = _flags()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    text = b"".join(p.read_bytes() for p in (*SOURCES, CSRC / "simd.h"))
+    key = hashlib.sha256(text + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
     folder = _cache_root()
-    path = folder / f"qgemv-{key}.so"
+    path = folder / f"kernels-{key}.so"
     if path.exists():
         return path
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
         os.replace(tmp, path)
@@ -105,13 +110,18 @@ def library() -> ctypes.CDLL | None:
         try:
             lib = ctypes.CDLL(str(_build(cc)))
         except (OSError, RuntimeError) as e:
-            _why = f"could not build or load csrc/qgemv.c: {e}"
+            _why = f"could not build or load csrc/*.c: {e}"
         else:
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             lib.sq_int8_gemv.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
             lib.sq_int8_gemv.restype = ctypes.c_int
             lib.sq_int8_decode.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_int]
             lib.sq_int8_decode.restype = None
+            lib.sq_rows_mv.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr,
+                                       ctypes.c_int]
+            lib.sq_rows_mv.restype = ctypes.c_int
+            lib.sq_rows4_mv.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+            lib.sq_rows4_mv.restype = ctypes.c_int
             lib.sq_threads.restype = ctypes.c_int
             lib.sq_isa.restype = ctypes.c_int
             _lib = lib
@@ -159,6 +169,67 @@ def int8_decode(codes: torch.Tensor, scale: torch.Tensor, k: int, rows: slice, o
                          f"{out.dtype} {tuple(out.shape)} for rows {r0}:{r1}, K {k}")
     library().sq_int8_decode(codes.data_ptr(), codes.shape[1], k, scale.data_ptr(), r0, r1, out.data_ptr(),
                              int(out.dtype == torch.bfloat16))
+    return out
+
+
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+
+def rows_mv(w: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, offsets: torch.Tensor | None, out: torch.Tensor,
+            scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[t] = (sum_j val[j] * w[idx[j]]) * scale + bias`` over each token t's entries
+    ``offsets[t]:offsets[t + 1]`` (an embedding bag's layout, ``offsets`` [T + 1]; None: one token,
+    all entries): the rows of w (fp32, bf16 or int8 [K, N], e.g. a linear's weight by input row)
+    that a token's non-zero inputs name, summed in fp32 in idx order, times the optional fp32
+    per-output ``scale`` (an int8 weight's) plus the optional fp32 ``bias``, written to out (fp32
+    or bf16 [T, N], rounded to nearest even once). All contiguous on CPU; idx int64, val fp32.
+    Returns out. Needs :func:`library`."""
+    t = 1 if offsets is None else offsets.numel() - 1
+    ok = (w.dim() == 2 and w.dtype in _KINDS and idx.dtype == torch.int64 and val.dtype == torch.float32
+          and idx.shape == val.shape and idx.dim() == 1 and out.dtype in (torch.float32, torch.bfloat16)
+          and out.shape == (t, w.shape[1]) and (offsets is None or offsets.dtype == torch.int64)
+          and all(v is None or (v.dtype == torch.float32 and v.shape == w.shape[1:]) for v in (scale, bias))
+          and all(v is None or v.is_contiguous() for v in (w, idx, val, offsets, out, scale, bias)))
+    if not ok:
+        raise ValueError(f"rows_mv: needs w fp32 / bf16 / int8 [K, N], idx int64 and val fp32 [nnz], offsets int64 "
+                         f"[T + 1] or None, out fp32 / bf16 [T, N], scale and bias fp32 [N] or None, contiguous; got "
+                         f"w {w.dtype} {tuple(w.shape)}, idx {idx.dtype} {tuple(idx.shape)}, val {val.dtype} "
+                         f"{tuple(val.shape)}, out {out.dtype} {tuple(out.shape)}")
+    n = w.shape[1]
+    library().sq_rows_mv(w.data_ptr(), _KINDS[w.dtype], n, n, idx.data_ptr(), val.data_ptr(),
+                         None if offsets is None else offsets.data_ptr(), t, idx.numel(),
+                         None if scale is None else scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                         out.data_ptr(), int(out.dtype == torch.bfloat16))
+    return out
+
+
+def rows4_mv(rows: torch.Tensor, n: int, group: int, idx: torch.Tensor, val: torch.Tensor,
+             offsets: torch.Tensor | None, out: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`rows_mv` over int4 codes by input row: ``rows`` uint8 [K, >= ceil(N / 2)] (code u of
+    output 2j in the low nibble of byte j, 2j + 1 in the high; torch's 4-bit bag layout, whose
+    trailing scale and bias bytes are not read), weight ``(u - 8) * scale[g] + zero[g]`` for input
+    rows of group g (``group`` inputs a group; ``scale``, ``zero`` fp32 [groups, N]; zero None:
+    symmetric). A group's entries one after another (increasing idx, as ``nonzero`` gives them)
+    read its scales once; in any order the sum is the same. Returns out."""
+    t = 1 if offsets is None else offsets.numel() - 1
+    groups = -(-rows.shape[0] // group) if group > 0 else 0
+    ok = (rows.dim() == 2 and rows.dtype == torch.uint8 and rows.shape[1] * 2 >= n and group > 0
+          and idx.dtype == torch.int64 and val.dtype == torch.float32 and idx.shape == val.shape and idx.dim() == 1
+          and out.dtype in (torch.float32, torch.bfloat16) and out.shape == (t, n)
+          and (offsets is None or offsets.dtype == torch.int64)
+          and all(v is None or (v.dtype == torch.float32 and v.shape[0] >= groups and v.shape[1:] == (n,))
+                  for v in (scale, zero)) and (bias is None or (bias.dtype == torch.float32 and bias.shape == (n,)))
+          and all(v is None or v.is_contiguous() for v in (rows, idx, val, offsets, out, scale, zero, bias)))
+    if not ok:
+        raise ValueError(f"rows4_mv: needs rows uint8 [K, >= N / 2], group > 0, idx int64 and val fp32 [nnz], out fp32 "
+                         f"/ bf16 [T, N], scale and zero fp32 [groups, N], bias fp32 [N], contiguous; got rows "
+                         f"{rows.dtype} {tuple(rows.shape)} for N {n}, group {group}, scale {scale.dtype} "
+                         f"{tuple(scale.shape)}, out {out.dtype} {tuple(out.shape)}")
+    ptr = (lambda v: None if v is None else v.data_ptr())
+    library().sq_rows4_mv(rows.data_ptr(), rows.shape[1], n, group, idx.data_ptr(), val.data_ptr(), ptr(offsets), t,
+                          idx.numel(), scale.data_ptr(), ptr(zero), ptr(bias), out.data_ptr(),
+                          int(out.dtype == torch.bfloat16))
     return out
 
 

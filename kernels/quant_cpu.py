@@ -64,11 +64,11 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_native
-from .cpu_input_sparse import bag_blocks, bag_offsets, blocked_bags, nonzero_entries, unblock
+from .cpu_input_sparse import bag_blocks, bag_offsets, blocked_bags, nonzero_entries, token_offsets, unblock
 
 __all__ = ["FAST_DTYPES", "MIN_KERNEL_WEIGHTS", "kernel_pays", "ROWS_ACTIVE", "Int4CPUWeight", "Int4RowsWeight", "Int8CPUWeight", "Int8RowsWeight", "int4_linear_cpu",
            "int4_rows_linear_cpu", "int8_linear_cpu", "int8_rows_linear_cpu", "quant_rows_supported", "prepare_int4_cpu",
-           "prepare_int4_rows_cpu", "prepare_int8_cpu", "prepare_int8_rows_cpu"]
+           "prepare_int4_rows_cpu", "prepare_int8_cpu", "prepare_int8_rows_cpu", "rows_pay", "NATIVE_ROWS_ACTIVE"]
 
 FAST_DTYPES = frozenset({torch.bfloat16})  # activation dtypes where the ops beat dense F.linear on x86
 # A weight-only call costs microseconds more than F.linear, which a small weight's fewer bytes do
@@ -320,20 +320,34 @@ def int4_linear_cpu(x: torch.Tensor, prepared: Int4CPUWeight, bias: torch.Tensor
 # 1.67 ms and dense bf16 2.13 ms (W 5632 x 2048: 0.34 ms at 30%, 0.82 ms at 50%, int8 op 0.81
 # ms); int4 g128 W 5632 x 2048 at 30% 0.35 ms against the int4 op 0.80 ms.
 ROWS_ACTIVE = 0.4  # the bags while a token keeps at most this fraction of K (int8 break-even ~0.5)
+# With our row kernel (csrc/rows.c, 2.6-3.6x torch's int8 bag; kernels/README.md) against our
+# int8 GEMV (csrc/qgemv.c): the largest measured active fraction (0.1 / 0.3 / ... / 0.9) at which
+# the rows were >= 1.1x on both W 2048 x 5632 and 5632 x 2048, weights from memory, 1 thread,
+# AVX-512 Xeon, 2026-12-03, in a loop like cpu_input_sparse._bench_report's with 1-8 tokens
+# sharing one active set (one token: 2.39x / 1.43x at 70%, 1.87x / 1.08x at 90%; two at 50%:
+# 2.23x / 1.41x; eight at 30%: 1.94x / 1.56x). (at most this many tokens, active):
+NATIVE_ROWS_ACTIVE = ((1, 0.7), (2, 0.5), (8, 0.3))
+NATIVE_OUT = (torch.float32, torch.bfloat16)
 _BAG_OP = "embedding_bag_byte_rowwise_offsets"
 _BAG4_OP = "embedding_bag_4bit_rowwise_offsets"
 
 
 @dataclass(eq=False)
 class Int8RowsWeight:
-    """What :func:`int8_rows_linear_cpu` needs: the codes by input row in ``blocks`` column blocks
-    (:func:`~squeeze.kernels.cpu_input_sparse.blocked_bags`), uint8 [K * blocks, N / blocks + 8]
-    (code + 128, then fp32 1.0 and -128.0 as the row's scale and bias), and the per-output scale
-    fp32 [N]."""
+    """What :func:`int8_rows_linear_cpu` needs: the codes by input row and the per-output scale
+    fp32 [N]. Where our C kernel is built (:func:`~squeeze.kernels.cpu_native.rows_mv`), ``rows``
+    is the codes themselves, int8 [K, N]; else torch's quantized embedding bag layout in
+    ``blocks`` column blocks (:func:`~squeeze.kernels.cpu_input_sparse.blocked_bags`), uint8
+    [K * blocks, N / blocks + 8] (code + 128, then fp32 1.0 and -128.0 as the row's scale and
+    bias)."""
 
     rows: torch.Tensor
     scale: torch.Tensor
     blocks: int = 1
+
+    @property
+    def native(self) -> bool:
+        return self.rows.dtype == torch.int8
 
     @property
     def in_features(self) -> int:
@@ -349,14 +363,19 @@ def quant_rows_supported() -> bool:
     return hasattr(torch.ops.quantized, _BAG_OP) and hasattr(torch.ops.quantized, _BAG4_OP)
 
 
-def prepare_int8_rows_cpu(prepared: Int8CPUWeight, blocks: int | None = None) -> Int8RowsWeight | None:
+def prepare_int8_rows_cpu(prepared: Int8CPUWeight, blocks: int | None = None,
+                          native: bool | None = None) -> Int8RowsWeight | None:
     """The rows layout of an :class:`Int8CPUWeight` (1 byte per weight more, built once per
-    linear), split into ``blocks`` column blocks (default: one per thread torch has now, see
-    :func:`~squeeze.kernels.cpu_input_sparse.bag_blocks`); None without torch's quantized
-    embedding bags."""
+    linear): for our C kernel where it is built (``native``, default: whether it is), else for
+    torch's bag split into ``blocks`` column blocks (default: one per thread torch has now, see
+    :func:`~squeeze.kernels.cpu_input_sparse.bag_blocks`); None with neither."""
+    k, n = prepared.in_features, prepared.out_features
+    if native is None:
+        native = cpu_native.library() is not None
+    if native:
+        return Int8RowsWeight(prepared.codes[:, :k].t().contiguous(), prepared.scale)
     if not quant_rows_supported():
         return None
-    k, n = prepared.in_features, prepared.out_features
     b = bag_blocks(1, n) if blocks is None else blocks
     if n % b:
         raise ValueError(f"{n} outputs do not split into {b} blocks")
@@ -369,18 +388,32 @@ def prepare_int8_rows_cpu(prepared: Int8CPUWeight, blocks: int | None = None) ->
 
 def int8_rows_linear_cpu(x: torch.Tensor, prepared: Int8RowsWeight, bias: torch.Tensor | None = None,
                          entries: tuple | None = None) -> torch.Tensor:
-    """``x @ dequantize(codes, scale).T (+ bias)`` for x [T, K] with zeros in it, one bag per
-    (token, column block) over the token's non-zero inputs (``entries``:
-    :func:`~squeeze.kernels.cpu_input_sparse.nonzero_entries` of x, if known); sums in fp32
-    (exact products of codes and fp32 inputs), one fp32 scale per output, rounded to x's dtype
-    once."""
+    """``x @ dequantize(codes, scale).T (+ bias)`` for x [T, K] with zeros in it, over the codes of
+    each token's non-zero inputs (``entries``:
+    :func:`~squeeze.kernels.cpu_input_sparse.nonzero_entries` of x, if known): our kernel, or one
+    bag per (token, column block); sums in fp32 (exact products of codes and fp32 inputs), one
+    fp32 scale per output, rounded to x's dtype once."""
     t, (tok, col, val) = x.shape[0], entries if entries is not None else nonzero_entries(x)
+    if prepared.native:
+        out = torch.empty(t, prepared.out_features, dtype=x.dtype if x.dtype in NATIVE_OUT else torch.float32)
+        y = cpu_native.rows_mv(prepared.rows, col, val.float(), token_offsets(tok, t), out, prepared.scale,
+                               None if bias is None else bias.float())
+        return y.to(x.dtype)
     idx, offsets, weights = blocked_bags((tok, col, val.float()), t, prepared.blocks)
     sums = getattr(torch.ops.quantized, _BAG_OP)(prepared.rows, idx, offsets, False, 0, False, weights, None, False)
     y = unblock(sums, t, prepared.blocks) * prepared.scale
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def rows_pay(prepared, tokens: int, active: float) -> bool:
+    """Whether the codes by input row beat the weight-only kernel for a call of ``tokens`` tokens
+    that each keep ``active`` of the inputs: up to :data:`NATIVE_ROWS_ACTIVE` with our kernel
+    (int8), up to :data:`ROWS_ACTIVE` with torch's bags."""
+    if getattr(prepared, "native", False):
+        return any(tokens <= t and active <= a for t, a in NATIVE_ROWS_ACTIVE)
+    return active <= ROWS_ACTIVE
 
 
 @dataclass(eq=False)
@@ -406,8 +439,9 @@ class Int4RowsWeight:
 
 def prepare_int4_rows_cpu(u: torch.Tensor, prepared: Int4CPUWeight) -> Int4RowsWeight | None:
     """The rows layout of int4 nibbles u uint8 [N, K] (0..15) that ``prepared`` was packed from
-    (0.5 byte per weight more); None without torch's quantized embedding bags."""
-    if not quant_rows_supported():
+    (0.5 byte per weight more; torch's 4-bit bag layout, which our kernel reads too); None with
+    neither torch's quantized embedding bags nor our kernel."""
+    if not quant_rows_supported() and cpu_native.library() is None:
         return None
     n, k = prepared.out_features, prepared.in_features
     ut = torch.full((k, n + n % 2), 8, dtype=torch.uint8)  # an odd N pads a code 8 (weight 0)
@@ -423,21 +457,28 @@ def prepare_int4_rows_cpu(u: torch.Tensor, prepared: Int4CPUWeight) -> Int4RowsW
 
 def int4_rows_linear_cpu(x: torch.Tensor, prepared: Int4RowsWeight, bias: torch.Tensor | None = None,
                          entries: tuple | None = None) -> torch.Tensor:
-    """``x @ dequantize(u, scale, zero).T (+ bias)`` for x [T, K] with zeros in it: one bag per
-    (token, group of K) over its non-zero inputs (``entries``:
-    :func:`~squeeze.kernels.cpu_input_sparse.nonzero_entries` of x, if known; the groups already
-    give the threads several bags), each group's fp32 sums times its scales, plus its zero terms
-    times the group's input sum (asymmetric); rounded to x's dtype once."""
+    """``x @ dequantize(u, scale, zero).T (+ bias)`` for x [T, K] with zeros in it, over the codes
+    of each token's non-zero inputs (``entries``:
+    :func:`~squeeze.kernels.cpu_input_sparse.nonzero_entries` of x, if known): our kernel
+    (:func:`~squeeze.kernels.cpu_native.rows4_mv`) where it is built, else one bag per (token,
+    group of K; the groups already give the threads several bags); each group's fp32 sums times
+    its scales, plus its zero terms times the group's input sum (asymmetric); rounded to x's dtype
+    once."""
     t, gk = x.shape[0], prepared.kernel_group
     groups = prepared.scale.shape[0]
     tok, col, val = entries if entries is not None else nonzero_entries(x)
+    n = prepared.out_features
+    if cpu_native.library() is not None:
+        out = torch.empty(t, n, dtype=x.dtype if x.dtype in NATIVE_OUT else torch.float32)
+        y = cpu_native.rows4_mv(prepared.rows, n, gk, col, val.float(), token_offsets(tok, t), out, prepared.scale,
+                                prepared.zero_term, None if bias is None else bias.float())
+        return y.to(x.dtype)
     bag = torch.div(col, gk, rounding_mode="floor")  # entries run by token, then column: so by group
     if tok is not None:
         bag = bag + tok * groups
     weights = val.float()
     sums = getattr(torch.ops.quantized, _BAG4_OP)(prepared.rows, col, bag_offsets(bag, t * groups), False, 0, False,
                                                    weights, None, False)
-    n = prepared.out_features
     y = (sums.view(t, groups, -1)[..., :n] * prepared.scale).sum(1)  # an odd N's pad column cut
     if prepared.zero_term is not None:
         xsum = torch.zeros(t * groups).index_add_(0, bag, weights).view(t, groups, 1)

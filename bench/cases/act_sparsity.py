@@ -101,10 +101,12 @@ def _best(fn, reps):
 def breakeven(in_features: int, out_features: int, dtypes: list, tokens: list, active: list, reps: int) -> list[dict]:
     """squeeze.kernels' bag / gather input-sparse linears vs F.linear, per dtype, token count and
     active fraction (one active set shared by the call's tokens), on W [out, in] and its transpose
-    shape. kernels/cpu_input_sparse.py's plans are read off these ratios."""
+    shape: the bag through our C kernel ("bag", where it is built) and through torch's embedding
+    bags ("bag_torch"). kernels/cpu_input_sparse.py's plans are read off these ratios."""
     import torch
     import torch.nn.functional as F
-    from squeeze.kernels.cpu_input_sparse import linear_rows_bag, linear_rows_gather
+    from squeeze.kernels.cpu_input_sparse import (linear_rows_bag, linear_rows_embedding_bag, linear_rows_gather,
+                                                  native_rows)
 
     out = []
     for dname in dtypes:
@@ -119,12 +121,13 @@ def breakeven(in_features: int, out_features: int, dtypes: list, tokens: list, a
                     x[:, idx] = torch.randn(t, idx.numel()).to(dtype)
                     with torch.no_grad():
                         td = _best(lambda: F.linear(x, w), reps)
-                        tb = _best(lambda: linear_rows_bag(x, wt), reps)
+                        tb = _best(lambda: linear_rows_bag(x, wt), reps) if native_rows(dtype) else None
+                        tt = _best(lambda: linear_rows_embedding_bag(x, wt), reps)
                         tg = _best(lambda: linear_rows_gather(x, wt, idx), reps)
                     out.append({"row": f"{dname} {shape[0]}x{shape[1]} t{t} {a}",
                                 "params": {"dtype": dname, "shape": f"{shape[0]}x{shape[1]}", "tokens": t, "active": a},
-                                "metrics": {"dense_ms": round(td * 1e3, 3), "bag": round(td / tb, 3),
-                                            "gather": round(td / tg, 3)}})
+                                "metrics": {"dense_ms": round(td * 1e3, 3), "bag": tb and round(td / tb, 3),
+                                            "bag_torch": round(td / tt, 3), "gather": round(td / tg, 3)}})
     return out
 
 
@@ -247,15 +250,18 @@ def table_cls(records) -> str:
 def table_breakeven(records) -> str:
     got = {(r["params"]["dtype"], r["params"]["shape"], r["params"]["tokens"], r["params"]["active"]): r["metrics"]
            for r in latest(records, "act_sparsity", "breakeven")}
+
+    def cell(dtype, t, a, method):
+        pair = [got.get((dtype, shape, t, a), {}).get(method) for shape in ("5632x2048", "2048x5632")]
+        return "-" if None in pair else f"{pair[0]:.2f} / {pair[1]:.2f}"
+
     rows = []
     for dtype, short in (("float32", "fp32"), ("bfloat16", "bf16")):
         for t in (1, 8):
-            for method in (("bag",) if t == 1 else ("bag", "gather")):
-                cells = [f"{got[(dtype, '5632x2048', t, a)][method]:.2f} / {got[(dtype, '2048x5632', t, a)][method]:.2f}"
-                         if (dtype, "5632x2048", t, a) in got and (dtype, "2048x5632", t, a) in got else "-"
-                         for a in (0.1, 0.3, 0.5, 0.7, 0.9)]
-                if any(c != "-" for c in cells):
-                    rows.append([f"{short}, {t}", method, *cells])
+            for method, label in (("bag", "bag, ours"), ("bag_torch", "bag, torch"), ("gather", "gather")):
+                cells = [cell(dtype, t, a, method) for a in (0.1, 0.3, 0.5, 0.7, 0.9)]
+                if (t > 1 or method != "gather") and any(c != "-" for c in cells):
+                    rows.append([f"{short}, {t}", label, *cells])
     return md_table(["dtype, tokens", "method", "10%", "30%", "50%", "70%", "90%"], rows)
 
 

@@ -21,63 +21,19 @@
  * their own libgomp.so.1 first, so the loader hands this library the same runtime, and its
  * parallel regions run on torch's threads at torch.get_num_threads().
  */
-#include <immintrin.h>
 #include <omp.h>
-#include <stdint.h>
+
+#include "simd.h"
 
 #define PREFETCH 512  /* bytes ahead of the codes being read */
-
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-/* AVX-512 (built so where torch reports the CPU as AVX512): sixteen codes per convert and FMA;
- * a tile of R rows x T tokens holds R * T accumulators, T of x and one of codes (32 registers). */
-#define ISA 512
-#define VL 16
-#define ROWS 8   /* rows of a tile at one or two tokens */
-#define TROWS 4  /* rows of a tile at TOKENS tokens */
-typedef __m512 vec;
-#define ZERO() _mm512_setzero_ps()
-#define LOADX(p) _mm512_loadu_ps(p)
-#define CODES(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
-#define FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define HSUM(v) _mm512_reduce_add_ps(v)
-#define MUL(a, b) _mm512_mul_ps(a, b)
-#define SET1(v) _mm512_set1_ps(v)
-#define STORE(p, v) _mm512_storeu_ps(p, v)
-/* sixteen floats -> bf16, rounded to nearest even (AVX-512F has no bf16 convert of its own) */
-static inline void store_bf16(uint16_t *p, __m512 v) {
-    __m512i b = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    b = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(b));
-}
+#define TOKENS 4       /* tokens sharing each convert of the codes */
+#if ISA == 512         /* a tile of R rows x T tokens holds R * T accumulators, T of x and one of codes */
+#define ROWS 8         /* rows of a tile at one or two tokens */
+#define TROWS 4        /* rows of a tile at TOKENS tokens */
 #else
-/* AVX2 + FMA: eight codes per convert and FMA (16 registers). */
-#define ISA 256
-#define VL 8
 #define ROWS 4
 #define TROWS 2
-typedef __m256 vec;
-#define ZERO() _mm256_setzero_ps()
-#define LOADX(p) _mm256_loadu_ps(p)
-#define CODES(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
-#define FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
-static inline float HSUM(__m256 v) {
-    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    a = _mm_hadd_ps(a, a);
-    a = _mm_hadd_ps(a, a);
-    return _mm_cvtss_f32(a);
-}
-#define MUL(a, b) _mm256_mul_ps(a, b)
-#define SET1(v) _mm256_set1_ps(v)
-#define STORE(p, v) _mm256_storeu_ps(p, v)
-static inline void store_bf16(uint16_t *p, __m256 v) {
-    __m256i b = _mm256_castps_si256(v);
-    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
-    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
-}
 #endif
-#define TOKENS 4  /* tokens sharing each convert of the codes */
 
 /* y[t0 + t, r0 + i] = scale[r0 + i] * sum_k codes[r0 + i, k] * x[t0 + t, k] for R rows and T
  * tokens (compile-time constants once inlined). Each (row, token) is one FMA chain over chunks of

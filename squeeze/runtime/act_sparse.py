@@ -340,18 +340,18 @@ class _SiteForward:
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _quant_rows(self, m: nn.Module, sp: ActSparsifier, x: torch.Tensor, tokens: int, d: int) -> torch.Tensor:
-        """Quantized weights: the codes of the non-zero inputs only, when the site keeps at most
-        :data:`~squeeze.kernels.QUANT_CPU_ROWS_ACTIVE` of them per token (its calibrated sparsity
-        says so; a naturally sparse site, whose level only the data knows, is counted per call);
-        else the module's own weight-only kernel."""
-        from squeeze.kernels import QUANT_CPU_ROWS_ACTIVE
+        """Quantized weights: the codes of the non-zero inputs only, when the site keeps few
+        enough of them per token for this many tokens (:func:`~squeeze.kernels.quant_rows_pay`;
+        its calibrated sparsity says how many; a naturally sparse site, whose level only the data
+        knows, is counted per call); else the module's own weight-only kernel."""
+        from squeeze.kernels import quant_rows_pay
 
         if m.rows is None:  # dropped when the plan chose the dense path
             return self.dense(x)
         active = sp.expected_active()
         if active is None:  # the site's one search of its input (sp.entries caches it)
             active = sp.entries(x)[1].numel() / (tokens * d)
-        if active > QUANT_CPU_ROWS_ACTIVE:
+        if not quant_rows_pay(m.rows[1], tokens, active):
             return self.dense(x)
         y = m.forward_rows(x.reshape(tokens, d), sp.entries(x))
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -44,9 +44,9 @@ REPEATS = 5  # samples per path (their median)
 SAMPLE_S = 2e-3  # one sample repeats the call until it lasts about this long (a small GEMV is ~us)
 MAX_CALLS = 256
 ROTATE = 32  # modules of one key a measurement cycles through
-METHOD = 6  # how timings are taken (2: cycling over a key's modules; 3: bags split per thread; 4: int8 through our
-# own kernel; 5: activation-sparse paths in their decode steady state; 6: their dense path unmasked); older cached
-# timings are not reused
+METHOD = 7  # how timings are taken (2: cycling over a key's modules; 3: bags split per thread; 4: int8 through our
+# own kernel; 5: activation-sparse paths in their decode steady state; 6: their dense path unmasked; 7: bags through
+# our own row kernel); older cached timings are not reused
 
 
 @dataclass
@@ -96,10 +96,13 @@ def resolve_mode(runtime: str | None) -> str:
 
 # -- machine and cache -------------------------------------------------------------------------
 def machine(threads: int | None = None) -> dict:
-    """What a plan is valid for: the same CPU, torch build and intra-op thread count."""
+    """What a plan is valid for: the same CPU, torch build, intra-op thread count and build of our
+    C kernels (none where SQUEEZE_NATIVE=0 or no compiler: other kernels, other timings)."""
+    from squeeze.kernels import cpu_native
+
     return {"cpu": cpu_model(), "torch": torch.__version__,
             "threads": int(threads if threads is not None else torch.get_num_threads()),
-            "method": METHOD}
+            "method": METHOD, "native": cpu_native.isa()}
 
 
 def cache_dir() -> Path:

@@ -1,9 +1,12 @@
 """squeeze.kernels.cpu_input_sparse: bag and gather input-sparse linears against F.linear, and the
-plan's dispatch (bag / gather / the caller's dense)."""
+plan's dispatch (bag / gather / the caller's dense). The bag runs our C kernel where it is built
+and torch's embedding bags otherwise: every test here runs both."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from squeeze.kernels import cpu_native
 
 from squeeze.kernels.cpu_input_sparse import (
     InputSparsePlan,
@@ -12,6 +15,20 @@ from squeeze.kernels.cpu_input_sparse import (
     linear_rows_gather,
     plan_for,
 )
+
+
+@pytest.fixture(autouse=True, params=["native", "torch bags"])
+def bag_kernel(request, monkeypatch):
+    """Which kernel the bags run on; the list of native row-sum calls made (none on torch's)."""
+    calls = []
+    if request.param == "native":
+        if cpu_native.library() is None:
+            pytest.skip(f"our native kernels are unavailable here: {cpu_native.unavailable_reason()}")
+        f = cpu_native.rows_mv
+        monkeypatch.setattr(cpu_native, "rows_mv", lambda *a, **k: calls.append(1) or f(*a, **k))
+    else:
+        monkeypatch.setattr(cpu_native, "library", lambda: None)
+    return request.param, calls
 
 
 def _case(dtype, tokens, active, shared, seed=0):
@@ -28,7 +45,7 @@ def _case(dtype, tokens, active, shared, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 3, 8])
 @pytest.mark.parametrize("shared", [True, False])
-def test_bag_and_gather_match_dense(dtype, tokens, shared):
+def test_bag_and_gather_match_dense(dtype, tokens, shared, bag_kernel):
     x, w, b = _case(dtype, tokens, 0.3, shared)
     want = F.linear(x.float(), w.float(), b.float())
     tol = 1e-5 if dtype == torch.float32 else 5e-2
@@ -39,6 +56,7 @@ def test_bag_and_gather_match_dense(dtype, tokens, shared):
     for got in (got_bag, got_gather):
         assert got.dtype == dtype
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    assert len(bag_kernel[1]) == (bag_kernel[0] == "native")  # the bag ran the kernel it was meant to
 
 
 @pytest.fixture

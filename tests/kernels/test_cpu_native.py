@@ -1,6 +1,7 @@
-"""squeeze.kernels.cpu_native: our C kernels, compiled on first use. The int8 product against
-float64 within the fp32 bound for K terms, the same bits at any thread count and token count, one
-build per source in the cache, and a clear None (with the reason) where it cannot be built."""
+"""squeeze.kernels.cpu_native: our C kernels, compiled on first use. The int8 product and the
+input-sparse row sums against float64 within the fp32 bound for their number of terms, the same
+bits at any thread count and token count, one build per source in the cache, and a clear None
+(with the reason) where it cannot be built."""
 
 import os
 import subprocess
@@ -56,6 +57,92 @@ def _decodes_exactly(n, k):
     return torch.equal(outs[torch.float32], ref) and torch.equal(outs[torch.bfloat16], ref.bfloat16())
 
 
+# (tokens, K, N): N with a tail of fewer than 16 columns, one of more than a thread's block (4096)
+_ROWS_SHAPES = [(1, 64, 48), (3, 300, 37), (2, 40, 4100), (1, 5, 1)]
+_WEIGHTS = (torch.float32, torch.bfloat16, torch.int8)
+
+
+def _rows_case(t, k, n, dtype, seed=0):
+    """w [K, N] of ``dtype``; x [t, K] with about 30% non-zeros and its last token all zero; the
+    entries (column, value) grouped by token with their [t + 1] offsets; scale (int8) and bias."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8) if dtype == torch.int8 else \
+        torch.randn(k, n, generator=g).to(dtype)
+    x = torch.randn(t, k, generator=g) * (torch.rand(t, k, generator=g) < 0.3)
+    x[-1] = 0
+    tok, col = (x != 0).nonzero(as_tuple=True)
+    offsets = torch.zeros(t + 1, dtype=torch.int64)
+    offsets[1:] = torch.bincount(tok, minlength=t).cumsum(0)
+    scale = torch.rand(n, generator=g) * 0.01 if dtype == torch.int8 else None
+    return w, x, col, x[tok, col], offsets, scale, torch.randn(n, generator=g)
+
+
+def _check_rows(t, k, n, dtype, out_dtype=torch.float32):
+    """(worst of |y - ref| - bound, whether each token alone gives the batch's bits). Bound: fp32
+    sums of a token's non-zeros (nnz + 2)·2^-24·sum |x|·|w| (·scale), plus the bias's rounding,
+    plus half a bf16 ulp of the result when written in bf16."""
+    w, x, col, val, offsets, scale, bias = _rows_case(t, k, n, dtype)
+    y = cpu_native.rows_mv(w, col, val, offsets, torch.empty(t, n, dtype=out_dtype), scale, bias)
+    s = torch.ones(n, dtype=torch.float64) if scale is None else scale.double()
+    ref = (x.double() @ w.double()) * s + bias.double()
+    nnz = (x != 0).sum(1, keepdim=True).double()
+    bound = (nnz + 2) * 2.0**-24 * ((x.double().abs() @ w.double().abs()) * s + bias.double().abs())
+    if out_dtype == torch.bfloat16:
+        bound = bound + ref.abs() * 2.0**-8
+    alone = [cpu_native.rows_mv(w, col[offsets[i]:offsets[i + 1]], val[offsets[i]:offsets[i + 1]], None,
+                                torch.empty(1, n, dtype=out_dtype), scale, bias) for i in range(t)]
+    return float(((y.double() - ref).abs() - bound).max()), torch.equal(torch.cat(alone), y)
+
+
+@needs_native
+@pytest.mark.parametrize("t, k, n", _ROWS_SHAPES)
+@pytest.mark.parametrize("dtype", _WEIGHTS, ids=str)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_mv_matches_float64_and_gives_the_same_bits_alone(t, k, n, dtype, out_dtype):
+    worst, same = _check_rows(t, k, n, dtype, out_dtype)
+    assert worst <= 0, f"error exceeds the bound by {worst:.3e}"
+    assert same  # a token batched == that token alone (self-speculative verification relies on it)
+
+
+@needs_native
+def test_rows_mv_gives_the_same_bits_at_any_thread_count_and_the_bias_for_no_inputs():
+    """Threads split a token's columns (1, 2, 3 threads: blocks of 3008, 1536 or 1024 columns for
+    one token, so the 16-column vector loop ends at other columns): the same bits in every split."""
+    w, x, col, val, offsets, scale, bias = _rows_case(2, 200, 3000, torch.bfloat16, seed=2)
+    first = slice(0, int(offsets[1]))
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(torch.cat([cpu_native.rows_mv(w, col, val, offsets, torch.empty(2, 3000), scale, bias),
+                                   cpu_native.rows_mv(w, col[first], val[first], None, torch.empty(1, 3000), scale,
+                                                      bias)]))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert torch.equal(outs[0][0], outs[0][2]) and torch.equal(outs[0][1], bias)  # token 1 has no non-zero input
+
+
+@needs_native
+@pytest.mark.parametrize("bad", ["weight", "out", "val", "offsets", "scale"])
+def test_rows_mv_refuses_what_it_cannot_read(bad):
+    w, x, col, val, offsets, scale, bias = _rows_case(2, 16, 32, torch.int8)
+    out = torch.empty(2, 32)
+    if bad == "weight":
+        w = w.to(torch.int16)
+    elif bad == "out":
+        out = out.half()
+    elif bad == "val":
+        val = val.double()
+    elif bad == "offsets":
+        offsets = offsets[:2]  # one token's offsets for two tokens' out
+    else:
+        scale = scale[:4]
+    with pytest.raises(ValueError, match="rows_mv"):
+        cpu_native.rows_mv(w, col, val, offsets, out, scale, bias)
+
+
 @needs_native
 @pytest.mark.parametrize("n, k", [(41, 172), (8, 16), (3, 2048), (1, 7)])
 def test_int8_decode_is_torchs_product_bit_for_bit(n, k):
@@ -83,12 +170,14 @@ def test_the_avx2_build_on_an_avx512_cpu_meets_the_same_bound_and_bits(tmp_path)
     """SQUEEZE_NATIVE=avx2 builds the other variant, so one AVX-512 machine tests both."""
     code = ("import tests.kernels.test_cpu_native as t; from squeeze.kernels import cpu_native as m\n"
             "print(m.isa(), all(w <= 0 and same for w, same in map(lambda s: t._check(*s), t._SHAPES)),\n"
-            "      t._decodes_exactly(41, 172))")
+            "      t._decodes_exactly(41, 172),\n"
+            "      all(w <= 0 and same for d in t._WEIGHTS\n"
+            "          for w, same in (t._check_rows(*s, d) for s in t._ROWS_SHAPES)))")
     env = {**os.environ, "SQUEEZE_CACHE": str(tmp_path), "SQUEEZE_NATIVE": "avx2"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
                           cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["avx2", "True", "True"]
+    assert done.stdout.split() == ["avx2", "True", "True", "True"]
 
 
 @needs_native
@@ -162,6 +251,6 @@ def test_without_a_compiler_or_when_switched_off_it_says_why(tmp_path):
     failing.write_text("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\necho 'cc: error: broken' >&2\nexit 1\n")
     failing.chmod(0o755)
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        assert _fresh({"CC": str(failing)}, tmp_path) == "none could not build or load csrc/qgemv.c: " \
+        assert _fresh({"CC": str(failing)}, tmp_path) == "none could not build or load csrc/*.c: " \
             f"{failing} failed: cc: error: broken"
     assert not (tmp_path / "native").exists() or not list((tmp_path / "native").glob("*.so"))

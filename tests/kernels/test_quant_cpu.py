@@ -101,36 +101,54 @@ def test_int8_matches_the_dequantized_weight(n, k, dtype, lead, int8_path, monke
     assert int8_path.count("gemv") == (2 if decode and native else 0)  # bf16 too
 
 
-@pytest.mark.skipif(not quant_rows_supported(), reason="torch without the quantized embedding bag (no FBGEMM)")
+ROWS_LAYOUTS = [pytest.param("native", None, marks=pytest.mark.skipif(cpu_native.library() is None,
+                                                                     reason="squeeze's C kernels not built here")),
+                pytest.param("bags", 1, marks=pytest.mark.skipif(not quant_rows_supported(),
+                                                                 reason="torch without the quantized embedding bag")),
+                pytest.param("bags", 4, marks=pytest.mark.skipif(not quant_rows_supported(),
+                                                                 reason="torch without the quantized embedding bag"))]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens, active", [(1, 0.3), (1, 1.0), (3, 0.5), (2, 0.0)])
-@pytest.mark.parametrize("blocks", [1, 4])
-def test_int8_rows_reads_the_codes_of_nonzero_inputs(dtype, tokens, active, blocks):
-    """The activation-sparse int8 path (quantized embedding bag over the codes by input row, in
-    column blocks: a bag per thread): the dequantized product within the same bound as the int8 op
-    (it rounds less: fp32 scales); an input that is zero everywhere gives the bias."""
+@pytest.mark.parametrize("layout, blocks", ROWS_LAYOUTS)
+def test_int8_rows_reads_the_codes_of_nonzero_inputs(dtype, tokens, active, layout, blocks):
+    """The activation-sparse int8 path (our row kernel over the codes by input row, or torch's
+    quantized embedding bag in column blocks: a bag per thread): the dequantized product within
+    the same bound as the int8 op (it rounds less: fp32 scales); an input that is zero everywhere
+    gives the bias; with our kernel a token in a batch gives the same bits as alone."""
     n, k = 40, 172
     W_hat, codes, s, _, P = _weight(QuantSpec(8), n, k, seed=4)
-    rows = prepare_int8_rows_cpu(prepare_int8_cpu(codes, s), blocks)
-    assert rows.rows.shape == (k * blocks, n // blocks + 8) and rows.in_features == k and rows.out_features == n
+    rows = prepare_int8_rows_cpu(prepare_int8_cpu(codes, s), blocks, native=layout == "native")
+    assert rows.native == (layout == "native") and rows.in_features == k and rows.out_features == n
+    assert rows.rows.shape == ((k, n) if rows.native else (k * blocks, n // blocks + 8))
     g = torch.Generator().manual_seed(5)
     x = torch.randn(tokens, k, generator=g) * (torch.rand(tokens, k, generator=g) < active)
     x = x.to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)
     _check(int8_rows_linear_cpu(x, rows), x, W_hat, P)
-    _check(int8_rows_linear_cpu(x, rows, bias), x, W_hat, P, bias)
+    y = int8_rows_linear_cpu(x, rows, bias)
+    _check(y, x, W_hat, P, bias)
     if active == 0.0:
-        assert torch.equal(int8_rows_linear_cpu(x, rows, bias), bias.expand(tokens, n))
+        assert torch.equal(y, bias.expand(tokens, n))
+    if rows.native:
+        assert all(torch.equal(int8_rows_linear_cpu(x[i:i + 1], rows, bias), y[i:i + 1]) for i in range(tokens))
 
 
-@pytest.mark.skipif(not quant_rows_supported(), reason="torch without the quantized embedding bags (no FBGEMM)")
+@pytest.mark.parametrize("kernel", [
+    pytest.param("native", marks=pytest.mark.skipif(cpu_native.library() is None,
+                                                    reason="our C kernels not built here")),
+    pytest.param("bags", marks=pytest.mark.skipif(not quant_rows_supported(), reason="torch without the 4-bit bags"))])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("spec", [QuantSpec(4, group_size=32), QuantSpec(4, symmetric=False, group_size=64),
                                   QuantSpec(4)], ids=lambda s: s.name)
 @pytest.mark.parametrize("n, tokens, active", [(40, 1, 0.3), (39, 3, 0.5), (40, 2, 0.0)])  # odd N pads a column
-def test_int4_rows_reads_the_codes_of_nonzero_inputs(spec, dtype, n, tokens, active):
-    """int4 by input row: one bag per (token, group of K), weighed by the group's scales (and zero
-    terms times the group's input sum): the dequantized product within the int4 op's bound."""
+def test_int4_rows_reads_the_codes_of_nonzero_inputs(spec, dtype, n, tokens, active, kernel, monkeypatch):
+    """int4 by input row (our kernel, or one bag per (token, group of K)), weighed by the group's
+    scales (and zero terms times the group's input sum): the dequantized product within the int4
+    op's bound; with our kernel a token batched gives the bits it gives alone."""
+    if kernel == "bags":
+        monkeypatch.setattr(cpu_native, "library", lambda: None)
     k = 256
     W_hat, codes, s, z, P = _weight(spec, n, k, seed=6, positive=not spec.symmetric)
     prepared = prepare_int4_cpu(codes, s, z, spec.group_size)
@@ -140,7 +158,10 @@ def test_int4_rows_reads_the_codes_of_nonzero_inputs(spec, dtype, n, tokens, act
     x = (torch.randn(tokens, k, generator=g) * (torch.rand(tokens, k, generator=g) < active)).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)
     _check(int4_rows_linear_cpu(x, rows), x, W_hat, P)
-    _check(int4_rows_linear_cpu(x, rows, bias), x, W_hat, P, bias)
+    y = int4_rows_linear_cpu(x, rows, bias)
+    _check(y, x, W_hat, P, bias)
+    if kernel == "native":
+        assert all(torch.equal(int4_rows_linear_cpu(x[i:i + 1], rows, bias), y[i:i + 1]) for i in range(tokens))
 
 
 INT4 = [QuantSpec(4, group_size=32), QuantSpec(4, group_size=64), QuantSpec(4, group_size=128),
