@@ -93,16 +93,13 @@ def plan_for(dtype: torch.dtype, tokens: int) -> InputSparsePlan | None:
 
 def bag_offsets(bags: torch.Tensor, count: int) -> torch.Tensor:
     """Where each of ``count`` bags starts in a list of entries sorted by bag id ``bags`` (an
-    embedding bag's ``offsets``; empty bags allowed)."""
-    counts = torch.bincount(bags, minlength=count)
-    offsets = torch.zeros_like(counts)
-    offsets[1:] = counts.cumsum(0)[:-1]
-    return offsets
+    embedding bag's ``offsets``; empty bags allowed): :func:`token_offsets` without the end."""
+    return token_offsets(bags, count)[:-1]
 
 
 def token_offsets(tok: torch.Tensor | None, count: int) -> torch.Tensor | None:
-    """Where each of ``count`` tokens' entries start and end ([count + 1]) in entries grouped by
-    token (:func:`nonzero_entries`); None for one token (all entries)."""
+    """Where each of ``count`` tokens' (or bags') entries start and end ([count + 1]) in entries
+    sorted by token ``tok`` (:func:`nonzero_entries`); None for one token (all entries)."""
     if tok is None:
         return None
     out = torch.zeros(count + 1, dtype=torch.int64)

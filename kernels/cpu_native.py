@@ -175,6 +175,10 @@ def int8_decode(codes: torch.Tensor, scale: torch.Tensor, k: int, rows: slice, o
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
+def _ptr(v: torch.Tensor | None) -> int | None:
+    return None if v is None else v.data_ptr()
+
+
 def rows_mv(w: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, offsets: torch.Tensor | None, out: torch.Tensor,
             scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``out[t] = (sum_j val[j] * w[idx[j]]) * scale + bias`` over each token t's entries
@@ -196,10 +200,8 @@ def rows_mv(w: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, offsets: torc
                          f"w {w.dtype} {tuple(w.shape)}, idx {idx.dtype} {tuple(idx.shape)}, val {val.dtype} "
                          f"{tuple(val.shape)}, out {out.dtype} {tuple(out.shape)}")
     n = w.shape[1]
-    library().sq_rows_mv(w.data_ptr(), _KINDS[w.dtype], n, n, idx.data_ptr(), val.data_ptr(),
-                         None if offsets is None else offsets.data_ptr(), t, idx.numel(),
-                         None if scale is None else scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                         out.data_ptr(), int(out.dtype == torch.bfloat16))
+    library().sq_rows_mv(w.data_ptr(), _KINDS[w.dtype], n, n, idx.data_ptr(), val.data_ptr(), _ptr(offsets), t,
+                         idx.numel(), _ptr(scale), _ptr(bias), out.data_ptr(), int(out.dtype == torch.bfloat16))
     return out
 
 
@@ -226,9 +228,8 @@ def rows4_mv(rows: torch.Tensor, n: int, group: int, idx: torch.Tensor, val: tor
                          f"/ bf16 [T, N], scale and zero fp32 [groups, N], bias fp32 [N], contiguous; got rows "
                          f"{rows.dtype} {tuple(rows.shape)} for N {n}, group {group}, scale {scale.dtype} "
                          f"{tuple(scale.shape)}, out {out.dtype} {tuple(out.shape)}")
-    ptr = (lambda v: None if v is None else v.data_ptr())
-    library().sq_rows4_mv(rows.data_ptr(), rows.shape[1], n, group, idx.data_ptr(), val.data_ptr(), ptr(offsets), t,
-                          idx.numel(), scale.data_ptr(), ptr(zero), ptr(bias), out.data_ptr(),
+    library().sq_rows4_mv(rows.data_ptr(), rows.shape[1], n, group, idx.data_ptr(), val.data_ptr(), _ptr(offsets), t,
+                          idx.numel(), scale.data_ptr(), _ptr(zero), _ptr(bias), out.data_ptr(),
                           int(out.dtype == torch.bfloat16))
     return out
 

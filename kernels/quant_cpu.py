@@ -411,7 +411,7 @@ def rows_pay(prepared, tokens: int, active: float) -> bool:
     """Whether the codes by input row beat the weight-only kernel for a call of ``tokens`` tokens
     that each keep ``active`` of the inputs: up to :data:`NATIVE_ROWS_ACTIVE` with our kernel
     (int8), up to :data:`ROWS_ACTIVE` with torch's bags."""
-    if getattr(prepared, "native", False):
+    if isinstance(prepared, Int8RowsWeight) and prepared.native:
         return any(tokens <= t and active <= a for t, a in NATIVE_ROWS_ACTIVE)
     return active <= ROWS_ACTIVE
 

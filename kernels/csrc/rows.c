@@ -146,13 +146,6 @@ int sq_rows_mv(const void *w, int kind, int64_t ldr, int64_t n, const int64_t *i
     return 0;
 }
 
-/* int4 codes by input row, in groups of gk inputs (torch's 4-bit bag layout, ldr bytes a row: the
- * code u of column 2j in the low nibble of byte j, 2j + 1 in the high): weight (u - 8) * s[g, c] +
- * z[g, c] for input row i of group g = i / gk (z NULL: symmetric). Per token and column block,
- * each group's rows are summed as above (of u - 8) and the group's partial sums weighed by its
- * scales, its input sum by its zero terms, into the fp32 output sum. A run of a token's entries
- * in one group is weighed at once: increasing idx (as nonzero() gives them) makes each group one
- * run; any other order gives the same sum with more passes. */
 /* accumulate() for int4 codes (u - 8): VL bytes hold 2 VL columns, the low nibbles the even ones
  * and the high the odd ones, so a pass sums them into two vectors of even and of odd columns
  * (no nibble shuffling per row) and the sums are put back in column order once at the end. The
@@ -199,6 +192,13 @@ static void accumulate4(const char *w, int64_t row_bytes, const int64_t *idx, co
     for (int64_t c = 0; c < vw; c += 2 * VL) INTERLEAVE(LOADX(acc + c), LOADX(acc + c + VL), acc + c);
 }
 
+/* int4 codes by input row, in groups of gk inputs (torch's 4-bit bag layout, ldr bytes a row: the
+ * code u of column 2j in the low nibble of byte j, 2j + 1 in the high): weight (u - 8) * s[g, c] +
+ * z[g, c] for input row i of group g = i / gk (z NULL: symmetric). Per token and column block,
+ * each group's rows are summed as above (of u - 8) and the group's partial sums weighed by its
+ * scales, its input sum by its zero terms, into the fp32 output sum. A run of a token's entries
+ * in one group is weighed at once: increasing idx (as nonzero() gives them) makes each group one
+ * run; any other order gives the same sum with more passes. */
 int sq_rows4_mv(const uint8_t *w, int64_t ldr, int64_t n, int64_t gk, const int64_t *idx, const float *val,
                 const int64_t *off, int64_t t, int64_t nnz, const float *s, const float *z, const float *bias,
                 void *y, int bf16) {
