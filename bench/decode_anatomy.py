@@ -10,12 +10,14 @@ best of 3 repeats), three wall times per step:
 - ``step``: the model as loaded;
 - ``no block products``: every product of a weight by the step's input inside the decoder blocks
   returns zeros of its output's shape instead (``F.linear``, the input-sparse bags of
-  :mod:`squeeze.kernels.cpu_input_sparse` and the quantized linears); the LM head still runs;
+  :mod:`squeeze.kernels.cpu_input_sparse`, the quantized linears and the one-call sites of
+  ``cpu_native.SiteRows``, whose mask and non-zero search, a few microseconds, go with them);
+  the LM head still runs;
 - ``no products``: the LM head too.
 
 So ``step - no block products`` is what the blocks' weights cost, ``no block products - no
 products`` the LM head, and ``no products`` everything else: attention over the cache, norms,
-rotary, the sites' masks and non-zero search, and Python. The zeros change what later layers see;
+rotary, the torch-side sites' masks and non-zero search, and Python. The zeros change what later layers see;
 with a random model's threshold sites that changes only which rows a bag reads, not how many
 (the thresholds keep their fraction of a normal input), so read the split as an estimate.
 
@@ -70,7 +72,7 @@ def anatomy(path: str, steps: int) -> dict:
     model = squeeze.load(path, dtype="bfloat16")
     head = model.get_output_embeddings().weight
     out = {"step": _step_ms(model, steps)}
-    linear, bag_f, rows_mv = F.linear, bags.F, cpu_native.rows_mv
+    linear, bag_f, rows_mv, site = F.linear, bags.F, cpu_native.rows_mv, cpu_native.SiteRows.__call__
     quant = {m: (m.fn, m.rows) for m in model.modules() if isinstance(m, QuantLinear)}
     keep_head = [True]
 
@@ -88,6 +90,7 @@ def anatomy(path: str, steps: int) -> dict:
         bags.F = types.SimpleNamespace(embedding_bag=lambda idx, w, off, **_: torch.zeros(off.numel(), w.shape[1],
                                                                                             dtype=w.dtype))
         cpu_native.rows_mv = lambda w, idx, val, offsets, out, *_, **__: out.zero_()  # our row kernel's bags
+        cpu_native.SiteRows.__call__ = lambda self, x, thr, scale, most, out: out.zero_() is not None  # and sites
         for m, (fn, rows_) in quant.items():
             m.fn = fake_quant(fn, m.out_features)
             m.rows = None if rows_ is None else (fake_quant(rows_[0], m.out_features), rows_[1])
@@ -95,7 +98,7 @@ def anatomy(path: str, steps: int) -> dict:
         keep_head[0] = False
         out["no_products"] = _step_ms(model, steps)
     finally:
-        F.linear, bags.F, cpu_native.rows_mv = linear, bag_f, rows_mv
+        F.linear, bags.F, cpu_native.rows_mv, cpu_native.SiteRows.__call__ = linear, bag_f, rows_mv, site
         for m, (fn, rows_) in quant.items():
             m.fn, m.rows = fn, rows_
     return out

@@ -38,10 +38,14 @@ Weight-only quantized linear, CPU (quant_cpu): torch's int8 / int4 ops on the qu
     prepare_int8_rows_cpu(prepared, blocks=None) -> Int8RowsWeight | None, prepare_int4_rows_cpu(u, prepared) -> Int4RowsWeight | None,
     quant_rows_supported(); int8_rows_linear_cpu / int4_rows_linear_cpu(x, rows, bias=None, entries=None)
         (activation-sparse x [T, K]: reads only the codes of non-zero inputs; quant_rows_pay(rows, tokens, active))
+    quant_site_rows(rows, bias, tokens, active) -> (cpu_native.SiteRows, most kept fraction) | None
     QUANT_CPU_FAST_DTYPES  (activation dtypes where torch's ops beat dense F.linear: bfloat16)
     quant_cpu_kernel_pays(bits, n, k, dtype)  (never below 512 x 512 weights; bf16; int8 in fp32 / fp16 with our kernel built)
 Our own CPU kernels (cpu_native: C in csrc/, compiled with the system cc on first use, else None)
     library(), unavailable_reason(), int8_gemv(x fp32 [M, Kp], codes int8 [N, Kp], scale fp32 [N])
+    rows_mv / rows4_mv(rows, idx, val, offsets, out, ...)  (input-sparse row sums, the bags' entries)
+    select(x, threshold, scale=None), SiteRows(w, ...)(x, threshold, scale, max_entries, out)
+        (the same from an unmasked activation: mask, search and sums in one C call)
 
 Custom ops (torch.compile-traceable, with fake implementations): torch.ops.squeeze.linear_24,
 torch.ops.squeeze.chunk_sparse_ffn, torch.ops.squeeze.sparse_ffn_from_indices,
@@ -65,6 +69,7 @@ from .quant_cpu import FAST_DTYPES as QUANT_CPU_FAST_DTYPES
 from .quant_cpu import kernel_pays as quant_cpu_kernel_pays
 from .quant_cpu import ROWS_ACTIVE as QUANT_CPU_ROWS_ACTIVE
 from .quant_cpu import rows_pay as quant_rows_pay
+from .quant_cpu import site_rows as quant_site_rows
 from .quant_cpu import (
     Int4CPUWeight,
     Int4RowsWeight,
@@ -126,6 +131,7 @@ __all__ = [
     "int8_linear_cpu",
     "int8_rows_linear_cpu",
     "quant_rows_pay",
+    "quant_site_rows",
     "quant_rows_supported",
     "interpreting",
     "is_24_sparse",

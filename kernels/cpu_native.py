@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["int8_decode", "int8_gemv", "isa", "library", "rows4_mv", "rows_mv", "unavailable_reason"]
+__all__ = ["int8_decode", "int8_gemv", "isa", "library", "rows4_mv", "rows_mv", "select", "SiteRows",
+           "unavailable_reason"]
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "qgemv.c", CSRC / "rows.c")  # one library; both include csrc/simd.h
@@ -122,6 +123,13 @@ def library() -> ctypes.CDLL | None:
             lib.sq_rows_mv.restype = ctypes.c_int
             lib.sq_rows4_mv.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
             lib.sq_rows4_mv.restype = ctypes.c_int
+            lib.sq_select.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ctypes.c_float, ptr, ptr, ptr, ptr]
+            lib.sq_select.restype = i64
+            site = [ptr, ctypes.c_int, i64, i64, i64, ctypes.c_float, ptr, i64]
+            lib.sq_site_mv.argtypes = site + [ptr, ctypes.c_int, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+            lib.sq_site_mv.restype = i64
+            lib.sq_site4_mv.argtypes = site + [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+            lib.sq_site4_mv.restype = i64
             lib.sq_threads.restype = ctypes.c_int
             lib.sq_isa.restype = ctypes.c_int
             _lib = lib
@@ -179,6 +187,30 @@ def _ptr(v: torch.Tensor | None) -> int | None:
     return None if v is None else v.data_ptr()
 
 
+def _rows_ok(w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    return (w.dim() == 2 and w.dtype in _KINDS and w.is_contiguous()
+            and all(v is None or (v.dtype == torch.float32 and v.shape == w.shape[1:] and v.is_contiguous())
+                    for v in (scale, bias)))
+
+
+def _rows4_ok(rows: torch.Tensor, n: int, group: int, scale: torch.Tensor, zero: torch.Tensor | None,
+              bias: torch.Tensor | None) -> bool:
+    groups = -(-rows.shape[0] // group) if group > 0 else 0
+    return (rows.dim() == 2 and rows.dtype == torch.uint8 and rows.shape[1] * 2 >= n and group > 0
+            and rows.is_contiguous()
+            and all(v is None or (v.dtype == torch.float32 and v.shape[0] >= groups and v.shape[1:] == (n,)
+                                  and v.is_contiguous()) for v in (scale, zero))
+            and (bias is None or (bias.dtype == torch.float32 and bias.shape == (n,) and bias.is_contiguous())))
+
+
+def _entries_ok(idx: torch.Tensor, val: torch.Tensor, offsets: torch.Tensor | None, out: torch.Tensor, t: int,
+                n: int) -> bool:
+    return (idx.dtype == torch.int64 and val.dtype == torch.float32 and idx.shape == val.shape and idx.dim() == 1
+            and out.dtype in (torch.float32, torch.bfloat16) and out.shape == (t, n)
+            and (offsets is None or offsets.dtype == torch.int64)
+            and all(v is None or v.is_contiguous() for v in (idx, val, offsets, out)))
+
+
 def rows_mv(w: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, offsets: torch.Tensor | None, out: torch.Tensor,
             scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``out[t] = (sum_j val[j] * w[idx[j]]) * scale + bias`` over each token t's entries
@@ -189,12 +221,7 @@ def rows_mv(w: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, offsets: torc
     or bf16 [T, N], rounded to nearest even once). All contiguous on CPU; idx int64, val fp32.
     Returns out. Needs :func:`library`."""
     t = 1 if offsets is None else offsets.numel() - 1
-    ok = (w.dim() == 2 and w.dtype in _KINDS and idx.dtype == torch.int64 and val.dtype == torch.float32
-          and idx.shape == val.shape and idx.dim() == 1 and out.dtype in (torch.float32, torch.bfloat16)
-          and out.shape == (t, w.shape[1]) and (offsets is None or offsets.dtype == torch.int64)
-          and all(v is None or (v.dtype == torch.float32 and v.shape == w.shape[1:]) for v in (scale, bias))
-          and all(v is None or v.is_contiguous() for v in (w, idx, val, offsets, out, scale, bias)))
-    if not ok:
+    if not (_rows_ok(w, scale, bias) and _entries_ok(idx, val, offsets, out, t, w.shape[-1])):
         raise ValueError(f"rows_mv: needs w fp32 / bf16 / int8 [K, N], idx int64 and val fp32 [nnz], offsets int64 "
                          f"[T + 1] or None, out fp32 / bf16 [T, N], scale and bias fp32 [N] or None, contiguous; got "
                          f"w {w.dtype} {tuple(w.shape)}, idx {idx.dtype} {tuple(idx.shape)}, val {val.dtype} "
@@ -215,15 +242,7 @@ def rows4_mv(rows: torch.Tensor, n: int, group: int, idx: torch.Tensor, val: tor
     symmetric). A group's entries one after another (increasing idx, as ``nonzero`` gives them)
     read its scales once; in any order the sum is the same. Returns out."""
     t = 1 if offsets is None else offsets.numel() - 1
-    groups = -(-rows.shape[0] // group) if group > 0 else 0
-    ok = (rows.dim() == 2 and rows.dtype == torch.uint8 and rows.shape[1] * 2 >= n and group > 0
-          and idx.dtype == torch.int64 and val.dtype == torch.float32 and idx.shape == val.shape and idx.dim() == 1
-          and out.dtype in (torch.float32, torch.bfloat16) and out.shape == (t, n)
-          and (offsets is None or offsets.dtype == torch.int64)
-          and all(v is None or (v.dtype == torch.float32 and v.shape[0] >= groups and v.shape[1:] == (n,))
-                  for v in (scale, zero)) and (bias is None or (bias.dtype == torch.float32 and bias.shape == (n,)))
-          and all(v is None or v.is_contiguous() for v in (rows, idx, val, offsets, out, scale, zero, bias)))
-    if not ok:
+    if not (_rows4_ok(rows, n, group, scale, zero, bias) and _entries_ok(idx, val, offsets, out, t, n)):
         raise ValueError(f"rows4_mv: needs rows uint8 [K, >= N / 2], group > 0, idx int64 and val fp32 [nnz], out fp32 "
                          f"/ bf16 [T, N], scale and zero fp32 [groups, N], bias fp32 [N], contiguous; got rows "
                          f"{rows.dtype} {tuple(rows.shape)} for N {n}, group {group}, scale {scale.dtype} "
@@ -232,6 +251,77 @@ def rows4_mv(rows: torch.Tensor, n: int, group: int, idx: torch.Tensor, val: tor
                           idx.numel(), scale.data_ptr(), _ptr(zero), _ptr(bias), out.data_ptr(),
                           int(out.dtype == torch.bfloat16))
     return out
+
+
+def _x_ok(x: torch.Tensor, k: int, scale: torch.Tensor | None) -> bool:
+    return (x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and x.shape[1] == k and x.stride(1) == 1
+            and (scale is None or (scale.dtype == torch.float32 and scale.shape == (k,) and scale.is_contiguous())))
+
+
+def select(x: torch.Tensor, threshold: float, scale: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(offsets, idx, val): the inputs of each token of x (fp32 or bf16 [T, K], rows contiguous)
+    whose score ``|x|`` (or ``|x| * scale``, fp32 [K]) is above ``threshold``, in column order, as
+    :func:`rows_mv` reads them (val fp32; offsets [T + 1], None for one token). Scores are rounded
+    to x's dtype and compared with ``threshold`` as given, so pass a value of x's dtype (and a
+    scale of its values) for the set torch's mask in that dtype keeps. Needs :func:`library`."""
+    t, k = x.shape
+    if not _x_ok(x, k, scale):
+        raise ValueError(f"select: needs x fp32 / bf16 [T, K] with contiguous rows and scale fp32 [K] or None; got x "
+                         f"{x.dtype} {tuple(x.shape)} strides {x.stride()}")
+    idx = torch.empty(t * k, dtype=torch.int64)
+    val = torch.empty(t * k, dtype=torch.float32)
+    off = torch.empty(t + 1, dtype=torch.int64)
+    nnz = library().sq_select(x.data_ptr(), int(x.dtype == torch.bfloat16), t, k, x.stride(0), threshold, _ptr(scale),
+                              idx.data_ptr(), val.data_ptr(), off.data_ptr())
+    return None if t == 1 else off, idx[:nnz], val[:nnz]
+
+
+class SiteRows:
+    """One linear's weight by input row, checked once, run from its *unmasked* input: a call is
+    :func:`select` and :func:`rows_mv` (or :func:`rows4_mv`) in one C call, with no tensors for the
+    entries in between (a decode step makes one per linear; the torch ops around a mask, its
+    non-zero search and the bag cost more than the bag itself at 10% active).
+
+    ``SiteRows(w, scale, bias)``: :func:`rows_mv`'s weight, fp32 / bf16 / int8 [K, N];
+    ``SiteRows(rows, scale, bias, n=N, group=G, zero=Z)``: :func:`rows4_mv`'s int4 codes."""
+
+    def __init__(self, w: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
+                 n: int | None = None, group: int | None = None, zero: torch.Tensor | None = None):
+        lib = library()
+        if group is None:
+            if not _rows_ok(w, scale, bias):
+                raise ValueError(f"SiteRows: needs w fp32 / bf16 / int8 [K, N], scale and bias fp32 [N] or None, "
+                                 f"contiguous; got w {w.dtype} {tuple(w.shape)}")
+            self.n = w.shape[1]
+            self._fn, self._args = lib.sq_site_mv, (w.data_ptr(), _KINDS[w.dtype], self.n, self.n, _ptr(scale),
+                                                     _ptr(bias))
+        else:
+            if n is None or scale is None or not _rows4_ok(w, n, group, scale, zero, bias):
+                raise ValueError(f"SiteRows: needs int4 rows uint8 [K, >= N / 2], group > 0, scale and zero fp32 "
+                                 f"[groups, N], bias fp32 [N]; got rows {w.dtype} {tuple(w.shape)} for N {n}, group "
+                                 f"{group}")
+            self.n = n
+            self._fn, self._args = lib.sq_site4_mv, (w.data_ptr(), w.shape[1], n, group, scale.data_ptr(),
+                                                      _ptr(zero), _ptr(bias))
+        self.k = w.shape[0]
+        self._keep = (w, scale, bias, zero)  # the pointers above stay valid while this object lives
+
+    def __call__(self, x: torch.Tensor, threshold: float, score_scale: torch.Tensor | None, max_entries: int,
+                 out: torch.Tensor) -> bool:
+        """``out`` [T, N] (fp32 / bf16) = x [T, K] masked as :func:`select` keeps it, times the
+        weight; False (out untouched) when the call keeps more than ``max_entries`` inputs in all."""
+        t = x.shape[0]
+        if not (_x_ok(x, self.k, score_scale) and out.dtype in (torch.float32, torch.bfloat16)
+                and out.shape == (t, self.n) and out.is_contiguous()):
+            raise ValueError(f"SiteRows: needs x fp32 / bf16 [T, {self.k}] with contiguous rows, score scale fp32 "
+                             f"[{self.k}] or None, out fp32 / bf16 [T, {self.n}]; got x {x.dtype} {tuple(x.shape)}, "
+                             f"out {out.dtype} {tuple(out.shape)}")
+        got = self._fn(x.data_ptr(), int(x.dtype == torch.bfloat16), t, self.k, x.stride(0), threshold,
+                       _ptr(score_scale), max_entries, *self._args, out.data_ptr(), int(out.dtype == torch.bfloat16))
+        if got == -1:
+            raise MemoryError(f"SiteRows: no memory for {t * self.k} entries")
+        return got >= 0
 
 
 def _bench(n: int = 5632, k: int = 2048, tokens: int = 1, copies: int = 6, rounds: int = 30) -> dict[str, float]:

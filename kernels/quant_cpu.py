@@ -68,7 +68,8 @@ from .cpu_input_sparse import bag_blocks, bag_offsets, blocked_bags, nonzero_ent
 
 __all__ = ["FAST_DTYPES", "MIN_KERNEL_WEIGHTS", "kernel_pays", "ROWS_ACTIVE", "Int4CPUWeight", "Int4RowsWeight", "Int8CPUWeight", "Int8RowsWeight", "int4_linear_cpu",
            "int4_rows_linear_cpu", "int8_linear_cpu", "int8_rows_linear_cpu", "quant_rows_supported", "prepare_int4_cpu",
-           "prepare_int4_rows_cpu", "prepare_int8_cpu", "prepare_int8_rows_cpu", "rows_pay", "NATIVE_ROWS_ACTIVE"]
+           "prepare_int4_rows_cpu", "prepare_int8_cpu", "prepare_int8_rows_cpu", "rows_active_limit", "rows_pay",
+           "site_rows", "NATIVE_ROWS_ACTIVE"]
 
 FAST_DTYPES = frozenset({torch.bfloat16})  # activation dtypes where the ops beat dense F.linear on x86
 # A weight-only call costs microseconds more than F.linear, which a small weight's fewer bytes do
@@ -407,13 +408,41 @@ def int8_rows_linear_cpu(x: torch.Tensor, prepared: Int8RowsWeight, bias: torch.
     return y.to(x.dtype)
 
 
+def rows_active_limit(prepared, tokens: int) -> float:
+    """The largest fraction of the inputs a token may keep, in a call of ``tokens`` tokens, for
+    the codes by input row to beat the weight-only kernel: :data:`NATIVE_ROWS_ACTIVE` with our
+    kernel (int8), :data:`ROWS_ACTIVE` with torch's bags."""
+    if isinstance(prepared, Int8RowsWeight) and prepared.native:
+        return next((a for t, a in NATIVE_ROWS_ACTIVE if tokens <= t), 0.0)
+    return ROWS_ACTIVE
+
+
 def rows_pay(prepared, tokens: int, active: float) -> bool:
     """Whether the codes by input row beat the weight-only kernel for a call of ``tokens`` tokens
-    that each keep ``active`` of the inputs: up to :data:`NATIVE_ROWS_ACTIVE` with our kernel
-    (int8), up to :data:`ROWS_ACTIVE` with torch's bags."""
+    that each keep ``active`` of the inputs (:func:`rows_active_limit`)."""
+    return active <= rows_active_limit(prepared, tokens)
+
+
+def site_rows(prepared, bias: torch.Tensor | None, tokens: int, active: float | None
+              ) -> tuple[cpu_native.SiteRows, float] | None:
+    """(:class:`~squeeze.kernels.cpu_native.SiteRows` over the codes by input row, the largest
+    fraction of its inputs a token may keep for them to pay) for calls of ``tokens`` tokens of a
+    site that keeps ``active`` of its inputs (None: only the data knows, so each call is counted),
+    or None: our kernel is not built for this layout, or ``active`` does not pay
+    (:func:`rows_pay`; a calibrated fraction is trusted for every call, as
+    :func:`int8_rows_linear_cpu`'s callers do)."""
+    limit = rows_active_limit(prepared, tokens)
+    if active is not None:
+        if active > limit:
+            return None
+        limit = 1.0
+    b = None if bias is None else bias.detach().float().contiguous()
     if isinstance(prepared, Int8RowsWeight) and prepared.native:
-        return any(tokens <= t and active <= a for t, a in NATIVE_ROWS_ACTIVE)
-    return active <= ROWS_ACTIVE
+        return cpu_native.SiteRows(prepared.rows, prepared.scale, b), limit
+    if isinstance(prepared, Int4RowsWeight) and cpu_native.library() is not None:
+        return cpu_native.SiteRows(prepared.rows, prepared.scale, b, n=prepared.out_features,
+                                   group=prepared.kernel_group, zero=prepared.zero_term), limit
+    return None
 
 
 @dataclass(eq=False)

@@ -128,37 +128,81 @@ def test_calibration_hits_target_on_every_arch(arch, tiny_dir, tiny_calib, tmp_p
             assert abs(got - 0.5) < 0.15, got  # held-out tokens, tiny random model
 
 
-@pytest.mark.parametrize("tokens, method", [(1, "bag"), (4, "gather")])
+@pytest.mark.parametrize("tokens, method", [(1, "site"), (3, "site"), (1, "bag"), (4, "gather")])
 def test_decode_path_equals_dense_path(tiny_dir, tiny_calib, tmp_path, monkeypatch, tokens, method):
-    """squeeze.load-ed decode through the kernels' input-sparse linear (forced to one method)
-    gives the logits of the same model with the sparse path off."""
+    """squeeze.load-ed decode through the kernels' input-sparse linear (forced to one method;
+    "site": our C call from the unmasked input, "bag" / "gather": the torch-side paths on the
+    masked input) gives the logits of the same model with the sparse path off."""
     from squeeze.kernels import cpu_input_sparse as kern
+    from squeeze.kernels import cpu_native
 
+    if method == "site" and cpu_native.library() is None:
+        pytest.skip(f"native kernels unavailable here: {cpu_native.unavailable_reason()}")
     src = tiny_dir("llama")
     squeeze.compress(src, tmp_path / "o", method="teal", act_sparsity=0.7, calib=str(tiny_calib),
                      nsamples=8, seqlen=32)
     model = squeeze.load(tmp_path / "o", runtime="sparse")  # the kernels, whatever this machine measures
     ids = torch.randint(3, 128, (1, tokens), generator=torch.Generator().manual_seed(3))
-    forced = kern.InputSparsePlan(1e9, 0.0) if method == "bag" else kern.InputSparsePlan(0.0, 1.0)
+    forced = kern.InputSparsePlan(1e9, 0.0) if method != "gather" else kern.InputSparsePlan(0.0, 1.0)
     monkeypatch.setattr(act_sparse, "plan_for", lambda dtype, t: forced)
+    if method != "site":
+        monkeypatch.setattr(act_sparse._SiteForward, "_native", lambda *a: None)
     calls = []
     for name in ("linear_rows_bag", "linear_rows_gather"):
         orig = getattr(kern, name)
         monkeypatch.setattr(kern, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    site = cpu_native.SiteRows.__call__
+    monkeypatch.setattr(cpu_native.SiteRows, "__call__", lambda *a: calls.append("site") or site(*a))
     searched = []
     monkeypatch.setattr(act_sparse, "nonzero_entries", lambda y: searched.append(1) or kern.nonzero_entries(y))
     with torch.no_grad():
         sparse = _logits(model, ids)
-        assert set(calls) == {f"linear_rows_{method}"}, calls
+        assert set(calls) == {method if method == "site" else f"linear_rows_{method}"}, calls
         if method == "bag":  # one search of the non-zeros per site input, shared by q/k/v and gate/up
             sites = len(act_sparse.sparsifiers(model))
             assert len(searched) == sites < len(calls) == len(act_sparse.consumers(model)), (searched, calls)
+        if method == "site":  # no torch search at all
+            assert not searched and len(calls) == len(act_sparse.consumers(model))
         calls.clear()
         for sp in act_sparse.sparsifiers(model).values():
             sp.sparse_decode = False
         dense = _logits(model, ids)
         assert not calls
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("site", ["teal", "wina", "rotated", "zero"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_native_site_call_gives_the_torch_paths_bits(site, dtype, tiny_dir, tiny_calib, tmp_path, monkeypatch):
+    """Calls of 1 and 3 tokens through cpu_native.SiteRows (mask, search and rows in one C call,
+    from the unmasked input) give the logits of the torch path (mask, search, then the row sums)
+    bit for bit, at every kind of site: TEAL, WINA's weighted scores, WINA rotated, and a site
+    that only skips its zeros (mode zero)."""
+    from squeeze.kernels import cpu_input_sparse as kern
+    from squeeze.kernels import cpu_native
+
+    if cpu_native.library() is None:
+        pytest.skip(f"native kernels unavailable here: {cpu_native.unavailable_reason()}")
+    kw = {"teal": {"method": "teal"}, "zero": {"method": "teal"}, "wina": {"method": "wina", "allocation": "uniform"},
+          "rotated": {"method": "wina", "allocation": "uniform", "transform": True}}[site]
+    squeeze.compress(tiny_dir("llama"), tmp_path / "o", act_sparsity=0.6, calib=str(tiny_calib), nsamples=4,
+                     seqlen=32, **kw)
+    model = squeeze.load(tmp_path / "o", runtime="sparse", dtype=dtype)
+    if site == "zero":
+        for sp in act_sparse.sparsifiers(model).values():
+            sp.mode = "zero"
+            sp.refresh()
+    monkeypatch.setattr(act_sparse, "plan_for", lambda dtype, t: kern.InputSparsePlan(1e9, 0.0))
+    calls = []
+    call = cpu_native.SiteRows.__call__
+    monkeypatch.setattr(cpu_native.SiteRows, "__call__", lambda *a: calls.append(1) or call(*a))
+    ids = torch.randint(3, 128, (2, 1, 3), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        native = [_logits(model, i[..., :n]) for i in ids for n in (1, 3)]
+        assert len(calls) == 4 * len(act_sparse.consumers(model))
+        monkeypatch.setattr(act_sparse._SiteForward, "_native", lambda *a: None)
+        torch_path = [_logits(model, i[..., :n]) for i in ids for n in (1, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(native, torch_path))
 
 
 def test_decode_skips_counting_when_sparse_cannot_pay(tiny_dir, tiny_calib, tmp_path, monkeypatch):
@@ -168,7 +212,10 @@ def test_decode_skips_counting_when_sparse_cannot_pay(tiny_dir, tiny_calib, tmp_
 
     res = squeeze.compress(tiny_dir("llama"), tmp_path / "o", method="teal", act_sparsity=0.3,
                            calib=str(tiny_calib), nsamples=8, seqlen=32)
+    from squeeze.kernels import cpu_native
+
     monkeypatch.setattr(act_sparse, "input_sparse_linear_cpu", lambda *a, **k: pytest.fail("kernel called"))
+    monkeypatch.setattr(cpu_native.SiteRows, "__call__", lambda *a, **k: pytest.fail("kernel called"))
     ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         _logits(res.model, ids)

@@ -82,11 +82,17 @@ def teal_int4(tiny_dir, tiny_calib, tmp_path_factory):
                    quantize="int4", group_size=32)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["site-call", "torch-path"])
 @pytest.mark.parametrize("which", ["teal_int8", "teal_int4"])
-def test_quantized_sparse_path_reads_active_codes_only(which, request):
+def test_quantized_sparse_path_reads_active_codes_only(which, native, request, monkeypatch):
     """runtime="sparse": one decode token's consumer runs the bags over the codes of its non-zero
-    inputs; they agree with the weight-only kernel within bf16 rounding of scale and
+    inputs (our C call from the unmasked input where built, or the mask, search and rows in
+    torch); they agree with the weight-only kernel within bf16 rounding of scale and
     output. The dense path drops the rows copy and runs the weight-only kernel unmasked."""
+    from squeeze.kernels import cpu_native
+
+    if native and cpu_native.library() is None:
+        pytest.skip(f"native kernels unavailable here: {cpu_native.unavailable_reason()}")
     path = request.getfixturevalue(which)
     model = squeeze.load(path, dtype="bfloat16", runtime="sparse", quant_kernels=True)
     name, lin = next((n, m) for n, m in act_sparse.consumers(model).items() if n.endswith("down_proj"))
@@ -95,9 +101,14 @@ def test_quantized_sparse_path_reads_active_codes_only(which, request):
     x = act_sparse.synthetic_input(sp, lin.in_features, 0.3, torch.bfloat16)
     fn, prepared = lin.rows
     calls = []
-    lin.rows = (lambda *a: calls.append(1) or fn(*a), prepared)
+    lin.rows = (lambda *a: calls.append("torch") or fn(*a), prepared)
+    site = cpu_native.SiteRows.__call__
+    monkeypatch.setattr(cpu_native.SiteRows, "__call__", lambda *a: calls.append("site") or site(*a))
+    if not native:
+        monkeypatch.setattr(act_sparse._SiteForward, "_native", lambda *a: None)
     with torch.no_grad():
         sparse = lin(x).float()
+        ran = list(calls)  # (the float32 load below times its own plans)
         act_sparse.set_path(lin, "dense")
         assert lin.rows is None and act_sparse.rows_kind(lin) is None
         assert torch.equal(lin(x), type(lin).forward(lin, x))  # the dense path: its own kernel, unmasked
@@ -109,7 +120,29 @@ def test_quantized_sparse_path_reads_active_codes_only(which, request):
     assert (xm == 0).float().mean() > 0.5
     bound = 2 ** -7 * mag + 2 ** -8 * dense.abs() + 1e-6  # scales (and int4 zero terms) rounded to bf16
     assert ((sparse - dense).abs() <= bound).all()
-    assert calls == [1]  # the bags over the codes really ran (their output can equal the op's bit for bit)
+    assert ran == ["site" if native else "torch"]  # the rows really ran (they can equal the op's bits)
+
+
+@pytest.mark.parametrize("which", ["teal_int8", "teal_int4"])
+def test_quantized_site_call_gives_the_torch_paths_bits(which, request, monkeypatch):
+    """Decode calls of 1 and 3 tokens of a TEAL + int8 / int4 model through our one C call per
+    linear give the logits of the torch path (mask, search, then the row sums over the codes)
+    bit for bit."""
+    from squeeze.kernels import cpu_native
+
+    if cpu_native.library() is None:
+        pytest.skip(f"native kernels unavailable here: {cpu_native.unavailable_reason()}")
+    model = squeeze.load(request.getfixturevalue(which), dtype="bfloat16", runtime="sparse", quant_kernels=True)
+    calls = []
+    site = cpu_native.SiteRows.__call__
+    monkeypatch.setattr(cpu_native.SiteRows, "__call__", lambda *a: calls.append(1) or site(*a))
+    ids = torch.randint(3, 128, (1, 3), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        native = [model(input_ids=ids[:, :n]).logits for n in (1, 3)]
+        assert calls  # some consumers' rows pay at this sparsity
+        monkeypatch.setattr(act_sparse._SiteForward, "_native", lambda *a: None)
+        torch_path = [model(input_ids=ids[:, :n]).logits for n in (1, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(native, torch_path))
 
 
 def test_self_speculative_greedy_is_its_own_greedy_on_a_composed_model(teal_int8):

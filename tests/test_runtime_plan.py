@@ -192,8 +192,8 @@ def test_teal_sparse_and_dense_paths_agree_to_rounding(teal_export):
 
 def test_plan_times_each_path_as_decode_runs_it(teal_export):
     """The timed callables keep one forward each and feed a new tensor every call, so the sparse
-    path masks each input as a decode token does (its per-input mask cache never answers), and
-    the dense callable is the unmasked forward."""
+    path masks each input as a decode token does (no per-input cache answers), and the dense
+    callable is the unmasked forward."""
     model = squeeze.load(teal_export, runtime="dense")
     cand = next(c for c in act_sparse.plan_candidates(model) if c.key[0].endswith("x128"))  # a down_proj
     assert cand.dense_means == act_sparse.DENSE_MEANS
@@ -202,11 +202,12 @@ def test_plan_times_each_path_as_decode_runs_it(teal_export):
                    if isinstance(c.cell_contents, act_sparse._SiteForward))
     sp = forward._module().__dict__["_squeeze_sparsifier"]
     seen = []
+    forward._sparse = lambda x, _run=forward._sparse: seen.append(x) or _run(x)  # the input of each call
     with torch.no_grad():
         sparse_fn()  # the warm-up call the planner makes
+        seen.clear()
         for _ in range(4):
             sparse_fn()
-            seen.append(sp._last[0]())  # the input the site masked last
         y = dense_fn()
     assert seen[0] is not seen[1] and seen[0] is seen[2] and seen[1] is seen[3]  # a new tensor each call
     lin = forward._module()

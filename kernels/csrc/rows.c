@@ -21,6 +21,7 @@
  * the same bits as alone.
  */
 #include <omp.h>
+#include <stdlib.h>
 
 #include "simd.h"
 
@@ -118,6 +119,12 @@ static int64_t block_width(int64_t n, int64_t t, int threads) {
     return width < BLOCK ? width : BLOCK;
 }
 
+static void rows_sum(const void *w, int kind, int64_t ldr, int64_t n, const int64_t *idx, const float *val,
+                     const int64_t *off, int64_t t, const float *scale, const float *bias, void *y, int bf16);
+static void rows4_sum(const uint8_t *w, int64_t ldr, int64_t n, int64_t gk, const int64_t *idx, const float *val,
+                      const int64_t *off, int64_t t, const float *s, const float *z, const float *bias, void *y,
+                      int bf16);
+
 /* Returns 0, or -1 for an unknown kind. w: [K, ldr] elements of `kind`; y: [t, n]. off NULL: one
  * token whose entries are all nnz of idx / val. */
 int sq_rows_mv(const void *w, int kind, int64_t ldr, int64_t n, const int64_t *idx, const float *val,
@@ -125,7 +132,12 @@ int sq_rows_mv(const void *w, int kind, int64_t ldr, int64_t n, const int64_t *i
                int bf16) {
     if (kind < W_FP32 || kind > W_INT8 || (!off && t != 1)) return -1;
     const int64_t one[2] = {0, nnz};
-    if (!off) off = one;
+    rows_sum(w, kind, ldr, n, idx, val, off ? off : one, t, scale, bias, y, bf16);
+    return 0;
+}
+
+static void rows_sum(const void *w, int kind, int64_t ldr, int64_t n, const int64_t *idx, const float *val,
+                     const int64_t *off, int64_t t, const float *scale, const float *bias, void *y, int bf16) {
     const int64_t width = block_width(n, t, omp_get_max_threads());
     const int64_t nb = (n + width - 1) / width;
 #pragma omp parallel for schedule(static)
@@ -143,7 +155,6 @@ int sq_rows_mv(const void *w, int kind, int64_t ldr, int64_t n, const int64_t *i
         char *yo = (char *)y + (tok * n + c0) * (bf16 ? 2 : 4);
         finish(acc, wd, scale ? scale + c0 : NULL, bias ? bias + c0 : NULL, yo, bf16);
     }
-    return 0;
 }
 
 /* accumulate() for int4 codes (u - 8): VL bytes hold 2 VL columns, the low nibbles the even ones
@@ -204,7 +215,13 @@ int sq_rows4_mv(const uint8_t *w, int64_t ldr, int64_t n, int64_t gk, const int6
                 void *y, int bf16) {
     if (gk <= 0 || (!off && t != 1)) return -1;
     const int64_t one[2] = {0, nnz};
-    if (!off) off = one;
+    rows4_sum(w, ldr, n, gk, idx, val, off ? off : one, t, s, z, bias, y, bf16);
+    return 0;
+}
+
+static void rows4_sum(const uint8_t *w, int64_t ldr, int64_t n, int64_t gk, const int64_t *idx, const float *val,
+                      const int64_t *off, int64_t t, const float *s, const float *z, const float *bias, void *y,
+                      int bf16) {
     const int64_t width = block_width(n, t, omp_get_max_threads());
     const int64_t nb = (n + width - 1) / width;
 #pragma omp parallel for schedule(static)
@@ -229,5 +246,99 @@ int sq_rows4_mv(const uint8_t *w, int64_t ldr, int64_t n, int64_t gk, const int6
         char *yo = (char *)y + (tok * n + c0) * (bf16 ? 2 : 4);
         finish(acc, wd, NULL, bias ? bias + c0 : NULL, yo, bf16);
     }
+}
+
+
+/* -- from an unmasked activation ------------------------------------------------------------- */
+
+/* The entries the sums above read, found in the activation itself: for each token of x [t, k]
+ * (fp32, or bf16 when bf16; ldx elements a row) the inputs whose score, |x| or |x| * wscale
+ * (WINA; wscale NULL: TEAL), is above thr, as (column, fp32 value) in column order, tokens one
+ * after another (off [t + 1]). Scores are rounded to x's dtype before the comparison and thr must
+ * be a value of that dtype, so the kept set is exactly what torch's hardshrink(x, thr) or
+ * where(|x| * s > thr, x, 0) keeps in that dtype (the masks of runtime/act_sparse.py). idx and val
+ * have room for t * k entries. Returns the entry count. */
+int64_t sq_select(const void *x, int bf16, int64_t t, int64_t k, int64_t ldx, float thr, const float *wscale,
+                  int64_t *idx, float *val, int64_t *off) {
+    const vec th = SET1(thr);
+    int64_t nnz = 0;
+    off[0] = 0;
+    for (int64_t tok = 0; tok < t; tok++) {
+        const float *xf = (const float *)x + tok * ldx;
+        const uint16_t *xb = (const uint16_t *)x + tok * ldx;
+        int64_t i = 0;
+        for (; i + VL <= k; i += VL) {
+            vec s = ABS(bf16 ? BF16(xb + i) : LOADX(xf + i));
+            if (wscale) s = bf16 ? round_bf16(MUL(s, LOADX(wscale + i))) : MUL(s, LOADX(wscale + i));
+            for (unsigned m = GT(s, th); m; m &= m - 1) {  /* few lanes pass: visit those only */
+                const int64_t c = i + __builtin_ctz(m);
+                idx[nnz] = c;
+                val[nnz++] = bf16 ? wscalar((const char *)xb, c, W_BF16) : xf[c];
+            }
+        }
+        for (; i < k; i++) {
+            const float f = bf16 ? wscalar((const char *)xb, i, W_BF16) : xf[i];
+            float s = __builtin_fabsf(f);
+            if (wscale) {
+                s *= wscale[i];
+                if (bf16) {
+                    union { float f; uint32_t u; } v = {.f = s};
+                    v.u = (v.u + 0x7fff + ((v.u >> 16) & 1)) & 0xffff0000u;
+                    s = v.f;
+                }
+            }
+            idx[nnz] = i;
+            val[nnz] = f;
+            nnz += s > thr;
+        }
+        off[tok + 1] = nnz;
+    }
+    return nnz;
+}
+
+/* Where a site call keeps its entries: per calling thread, grown to the largest call, never freed
+ * (t * k entries: 12 bytes an input). */
+static __thread char *scratch;
+static __thread int64_t scratch_bytes;
+
+static int entries_room(int64_t t, int64_t k, int64_t **idx, float **val, int64_t **off) {
+    const int64_t need = t * k * 12 + (t + 1) * 8;
+    if (need > scratch_bytes) {
+        char *p = realloc(scratch, need);
+        if (!p) return -1;
+        scratch = p;
+        scratch_bytes = need;
+    }
+    *idx = (int64_t *)scratch;
+    *off = *idx + t * k;
+    *val = (float *)(*off + t + 1);
     return 0;
+}
+
+/* One input-sparse linear from its unmasked input: sq_select, then sq_rows_mv's sums, or nothing
+ * when the call keeps more than max_nnz entries (the caller's plan says the dense kernel wins
+ * there). Returns the entry count, -2 over max_nnz, -1 for a bad kind or no memory. */
+int64_t sq_site_mv(const void *x, int xbf16, int64_t t, int64_t k, int64_t ldx, float thr, const float *wscale,
+                   int64_t max_nnz, const void *w, int kind, int64_t ldr, int64_t n, const float *scale,
+                   const float *bias, void *y, int bf16) {
+    int64_t *idx, *off;
+    float *val;
+    if (kind < W_FP32 || kind > W_INT8 || entries_room(t, k, &idx, &val, &off)) return -1;
+    const int64_t nnz = sq_select(x, xbf16, t, k, ldx, thr, wscale, idx, val, off);
+    if (nnz > max_nnz) return -2;
+    rows_sum(w, kind, ldr, n, idx, val, off, t, scale, bias, y, bf16);
+    return nnz;
+}
+
+/* The same over int4 codes (sq_rows4_mv's layout and arguments). */
+int64_t sq_site4_mv(const void *x, int xbf16, int64_t t, int64_t k, int64_t ldx, float thr, const float *wscale,
+                    int64_t max_nnz, const uint8_t *w, int64_t ldr, int64_t n, int64_t gk, const float *s,
+                    const float *z, const float *bias, void *y, int bf16) {
+    int64_t *idx, *off;
+    float *val;
+    if (gk <= 0 || entries_room(t, k, &idx, &val, &off)) return -1;
+    const int64_t nnz = sq_select(x, xbf16, t, k, ldx, thr, wscale, idx, val, off);
+    if (nnz > max_nnz) return -2;
+    rows4_sum(w, ldr, n, gk, idx, val, off, t, s, z, bias, y, bf16);
+    return nnz;
 }

@@ -33,6 +33,15 @@ static inline void INTERLEAVE(__m512 e, __m512 o, float *out) {
 #define ADD(a, b) _mm512_add_ps(a, b)
 #define SET1(v) _mm512_set1_ps(v)
 #define STORE(p, v) _mm512_storeu_ps(p, v)
+#define ABS(v) _mm512_abs_ps(v)
+#define GT(a, b) ((unsigned)_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ)) /* lane i's a > b as bit i */
+/* v rounded to the nearest bf16 (ties to even), kept in fp32 lanes */
+static inline __m512 round_bf16(__m512 v) {
+    __m512i b = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    b = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    return _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32((int)0xffff0000u)));
+}
 /* sixteen floats -> bf16, rounded to nearest even (AVX-512F has no bf16 convert of its own) */
 static inline void store_bf16(uint16_t *p, __m512 v) {
     __m512i b = _mm512_castps_si512(v);
@@ -70,6 +79,14 @@ static inline float HSUM(__m256 v) {
 #define ADD(a, b) _mm256_add_ps(a, b)
 #define SET1(v) _mm256_set1_ps(v)
 #define STORE(p, v) _mm256_storeu_ps(p, v)
+#define ABS(v) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v)
+#define GT(a, b) ((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ)))
+static inline __m256 round_bf16(__m256 v) {
+    __m256i b = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    b = _mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    return _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32((int)0xffff0000u)));
+}
 static inline void store_bf16(uint16_t *p, __m256 v) {
     __m256i b = _mm256_castps_si256(v);
     __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));

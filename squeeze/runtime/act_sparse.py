@@ -139,6 +139,26 @@ class ActSparsifier(nn.Module):
                 self.rotation.t().to(dtype).contiguous() if self.rotation.numel() else None)
         return floats + tensors
 
+    def native_select(self, dtype: torch.dtype) -> tuple[float, torch.Tensor | None] | None:
+        """(threshold, score scale) as :class:`~squeeze.kernels.cpu_native.SiteRows` takes them for
+        inputs of ``dtype``, for the set :meth:`forward` keeps: the threshold as a value of dtype
+        (the mask compares in x's dtype) and the WINA scale's dtype values in fp32 (None for
+        TEAL); threshold 0 and no scale where the mask keeps x as it is (mode zero, 0% sparsity:
+        its non-zeros). None where the mask is no threshold (topk, calibration) or no kernel takes
+        dtype."""
+        if self.mode == "topk" or self.calibrate_to is not None or dtype not in (torch.float32, torch.bfloat16):
+            return None
+        sparsity, threshold = self._floats()
+        cached = self._cache[2].get(("select", dtype))
+        if cached is None:
+            if self.mode == "zero" or sparsity <= 0.0:
+                cached = (0.0, None)
+            else:
+                cached = (float(torch.tensor(threshold, dtype=dtype)),
+                          self.scale.to(dtype).float().contiguous() if self.scale.numel() else None)
+            self._cache[2][("select", dtype)] = cached
+        return cached
+
     def expected_active(self) -> float | None:
         """The fraction of inputs a token keeps (1 - sparsity), None when not known (mode zero)."""
         return None if self.mode == "zero" else 1.0 - self._floats()[0]
@@ -293,6 +313,7 @@ class _SiteForward:
         self.dense = type(module).forward.__get__(module)
         self._path = path
         self._plans: dict = {}
+        self._sites: dict = {}
         self._rows = rows_kind(module)
         self._rotate = None  # the dense path's input map: the site's rotate, or False (found on first call)
 
@@ -324,12 +345,15 @@ class _SiteForward:
         sp = m.__dict__.get("_squeeze_sparsifier")
         if sp is None:
             return self.dense(x)
-        x = sp.forward(x)
         d = x.shape[-1]
         tokens = x.numel() // max(d, 1)
         if (self._rows is None or not sp.sparse_decode or tokens > DECODE_TOKENS or tokens == 0
                 or torch.is_grad_enabled() or x.device.type != "cpu"):
-            return self.dense(x)
+            return self.dense(sp.forward(x))
+        y = self._native(m, sp, x, tokens, d)
+        if y is not None:
+            return y
+        x = sp.forward(x)
         if self._rows == "quant":
             return self._quant_rows(m, sp, x, tokens, d)
         plan = self._plan(sp, tokens, m.weight.dtype)
@@ -338,6 +362,36 @@ class _SiteForward:
         y = input_sparse_linear_cpu(x.reshape(tokens, d), _transposed_weight(m), m.bias, dense=self.dense, plan=plan,
                                     entries=sp.entries(x))
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _native(self, m: nn.Module, sp: ActSparsifier, x: torch.Tensor, tokens: int, d: int) -> torch.Tensor | None:
+        """The mask, the search of its non-zeros and the rows in one C call
+        (:class:`~squeeze.kernels.cpu_native.SiteRows`), from the unmasked input, where the mask is
+        a threshold and our kernels take the weight: at TEAL's sparsities the ~10 torch calls
+        around a bag (mask, search, casts, offsets) cost more than the bag (~1B at 90%, 1 thread:
+        ~125 us a linear, ~19 ms a decode step, more than all its rows). None: the torch path
+        below (no such kernel, the plan chose dense, or this call kept more inputs than the rows
+        pay for)."""
+        select = sp.native_select(x.dtype)
+        site = None if select is None else self._site_rows(m, sp, tokens, x.dtype)
+        if site is None:
+            return None
+        rows, max_entries = site
+        out = torch.empty(*x.shape[:-1], rows.n, dtype=x.dtype)
+        if not rows(sp.rotate(x).reshape(tokens, d), select[0], select[1], max_entries, out.view(tokens, rows.n)):
+            return None
+        return out
+
+    def _site_rows(self, m: nn.Module, sp: ActSparsifier, tokens: int, dtype: torch.dtype) -> tuple | None:
+        """(SiteRows of m's weight, most entries a call may keep for its rows to pay), or None;
+        cached per (tokens, dtype, site state) and rebuilt when the weight changes."""
+        weight = (m.weight.data_ptr(), m.weight._version) if self._rows == "dense" else id(m.rows)
+        key = (tokens, dtype, sp._gen, id(sp))
+        got = self._sites.get(key)
+        if got is None or got[0] != weight:
+            if len(self._sites) > 64:
+                self._sites.clear()
+            got = self._sites[key] = (weight, _site_rows(m, self._rows, sp, tokens, self._plan(sp, tokens, dtype)))
+        return got[1]
 
     def _quant_rows(self, m: nn.Module, sp: ActSparsifier, x: torch.Tensor, tokens: int, d: int) -> torch.Tensor:
         """Quantized weights: the codes of the non-zero inputs only, when the site keeps few
@@ -374,6 +428,29 @@ class _SiteForward:
                     plan = None
             cache[key] = plan
         return cache[key]
+
+
+def _site_rows(m: nn.Module, kind: str, sp: ActSparsifier, tokens: int, plan) -> tuple | None:
+    """(:class:`~squeeze.kernels.cpu_native.SiteRows`, most kept entries) for consumer m on
+    ``tokens``-token calls, or None where none applies: a dense weight's rows while the bag plan
+    says they pay (its ``bag_rows``); a quantized one's codes while :func:`quant_rows_pay` says so
+    for the site's calibrated sparsity (any count then, as its torch path), or, for a site whose
+    level only the data knows, up to the largest kept fraction that pays."""
+    from squeeze.kernels import cpu_native, quant_site_rows
+
+    if cpu_native.library() is None:
+        return None
+    d = _shape_dtype(m)[0][1]
+    if kind == "dense":
+        w = _transposed_weight(m)
+        if plan is None or w.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        bias = None if m.bias is None else m.bias.detach().float().contiguous()
+        return cpu_native.SiteRows(w, None, bias), int(plan.bag_rows * d)
+    if m.rows is None:
+        return None
+    got = quant_site_rows(m.rows[1], m.bias, tokens, sp.expected_active())
+    return None if got is None else (got[0], int(got[1] * tokens * d))
 
 
 def masked_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -143,6 +143,123 @@ def test_rows_mv_refuses_what_it_cannot_read(bad):
         cpu_native.rows_mv(w, col, val, offsets, out, scale, bias)
 
 
+def _site_case(t, k, dtype, weighted, seed=0):
+    """x [t, K] of ``dtype`` with many entries at the threshold and one step of the dtype either side
+    of it (in score, for WINA), the threshold (not a value of the dtype), the score scale or None."""
+    g = torch.Generator().manual_seed(seed)
+    thr = 0.7021  # rounds up to a bf16 value: a score equal to it is dropped, though above 0.7021
+    scale = torch.rand(k, generator=g) + 0.5 if weighted else None
+    x = torch.randn(t, k, generator=g)
+    edge = torch.tensor(thr).to(dtype)
+    near = torch.stack([edge, torch.nextafter(edge, torch.tensor(9.0, dtype=dtype)),
+                        torch.nextafter(edge, torch.tensor(0.0, dtype=dtype))]).float()
+    pick = torch.rand(t, k, generator=g) < 0.3
+    at = near[torch.randint(0, 3, (t, k), generator=g)] * torch.where(torch.rand(t, k, generator=g) < 0.5, -1, 1)
+    if weighted:  # the score |x| * s lands near the threshold
+        at = at / scale
+    return torch.where(pick, at, x).to(dtype), thr, scale
+
+
+def _torch_kept(x, thr, scale):
+    from squeeze.algorithms.actsparse import mask_threshold
+
+    y = mask_threshold(x, thr, scale)
+    tok, col = (y != 0).nonzero(as_tuple=True)
+    return tok, col, y[tok, col].float()
+
+
+def _select_args(x, thr, scale):
+    """select's threshold and scale for the set torch's mask of x's dtype keeps"""
+    return float(torch.tensor(thr, dtype=x.dtype)), None if scale is None else scale.to(x.dtype).float()
+
+
+_X_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _select_matches(t, k, dtype, weighted):
+    """Whether select keeps the columns and values ``mask_threshold`` keeps, in its order, with the
+    per-token offsets, on :func:`_site_case`'s input (and that the case keeps some, not all)."""
+    x, thr, scale = _site_case(t, k, dtype, weighted)
+    tok, col, val = _torch_kept(x, thr, scale)
+    offsets, idx, got = cpu_native.select(x, *_select_args(x, thr, scale))
+    want = torch.zeros(t + 1, dtype=torch.int64)
+    want[1:] = torch.bincount(tok, minlength=t).cumsum(0)
+    return (torch.equal(idx, col) and torch.equal(got, val) and 0 < col.numel() < t * k
+            and ((offsets is None and t == 1) or torch.equal(offsets, want)))
+
+
+@needs_native
+@pytest.mark.parametrize("t, k", [(1, 64), (3, 2061), (2, 7)])
+@pytest.mark.parametrize("dtype", _X_DTYPES, ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["teal", "wina"])
+def test_select_keeps_exactly_what_torchs_mask_keeps(t, k, dtype, weighted):
+    """Entries at the threshold and one step of the dtype either side of it (in score for WINA), a
+    threshold that is not a value of the dtype: the same columns and values as
+    ``mask_threshold`` (the sites' mask) in the same order, with K through the vector loop and
+    its scalar tail."""
+    assert _select_matches(t, k, dtype, weighted)
+
+
+_SITE_WEIGHTS = (torch.float32, torch.bfloat16, torch.int8, "int4")
+
+
+def _site_rows(kind, k, n, seed=1):
+    """(SiteRows, its row sums from given entries): for int4 random nibble bytes, groups of 32."""
+    g = torch.Generator().manual_seed(seed)
+    bias = torch.randn(n, generator=g)
+    if kind == "int4":
+        rows = torch.randint(0, 256, (k, n // 2 + 4), generator=g, dtype=torch.uint8)
+        groups = -(-k // 32)
+        scale, zero = torch.rand(groups, n, generator=g) * 0.1, torch.randn(groups, n, generator=g) * 0.01
+        return (cpu_native.SiteRows(rows, scale, bias, n=n, group=32, zero=zero),
+                lambda idx, val, off, out: cpu_native.rows4_mv(rows, n, 32, idx, val, off, out, scale, zero, bias))
+    w, _, _, _, _, scale, _ = _rows_case(1, k, n, kind, seed)
+    return cpu_native.SiteRows(w, scale, bias), lambda idx, val, off, out: cpu_native.rows_mv(w, idx, val, off, out,
+                                                                                              scale, bias)
+
+
+@needs_native
+@pytest.mark.parametrize("t, k, n", [(1, 300, 64), (3, 2061, 40), (8, 64, 4100)])
+@pytest.mark.parametrize("kind", _SITE_WEIGHTS, ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["teal", "wina"])
+def test_site_rows_is_select_then_the_row_sums_bit_for_bit(t, k, n, kind, weighted):
+    """One C call from the unmasked input == select, then rows_mv / rows4_mv on its entries, bit
+    for bit, in fp32 and bf16 out; over ``max_entries`` it says no and leaves out untouched."""
+    x, thr, scale = _site_case(t, k, torch.bfloat16, weighted)
+    args = _select_args(x, thr, scale)
+    site, sums = _site_rows(kind, k, n)
+    offsets, idx, val = cpu_native.select(x, *args)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        out = torch.full((t, n), 7.0, dtype=out_dtype)
+        assert site(x, *args, idx.numel(), out)
+        assert torch.equal(out, sums(idx, val, offsets, torch.empty(t, n, dtype=out_dtype)))
+        out.fill_(7.0)
+        assert not site(x, *args, idx.numel() - 1, out) and bool((out == 7.0).all())
+
+
+@needs_native
+@pytest.mark.parametrize("bad", ["x dtype", "x width", "out shape", "scale", "weight"])
+def test_site_rows_refuses_what_it_cannot_read(bad):
+    x, thr, scale = _site_case(1, 64, torch.bfloat16, True)
+    w, out = torch.randn(64, 32), torch.empty(1, 32)
+    if bad == "weight":
+        with pytest.raises(ValueError, match="SiteRows"):
+            cpu_native.SiteRows(w.half())
+        return
+    site = cpu_native.SiteRows(w)
+    scale = scale.float()
+    if bad == "x dtype":
+        x = x.half()
+    elif bad == "x width":
+        x = x[:, :63]
+    elif bad == "out shape":
+        out = out[:, :31]
+    else:
+        scale = scale[:5]
+    with pytest.raises(ValueError, match="SiteRows"):
+        site(x, thr, scale, 64, out)
+
+
 @needs_native
 @pytest.mark.parametrize("n, k", [(41, 172), (8, 16), (3, 2048), (1, 7)])
 def test_int8_decode_is_torchs_product_bit_for_bit(n, k):
@@ -172,12 +289,13 @@ def test_the_avx2_build_on_an_avx512_cpu_meets_the_same_bound_and_bits(tmp_path)
             "print(m.isa(), all(w <= 0 and same for w, same in map(lambda s: t._check(*s), t._SHAPES)),\n"
             "      t._decodes_exactly(41, 172),\n"
             "      all(w <= 0 and same for d in t._WEIGHTS\n"
-            "          for w, same in (t._check_rows(*s, d) for s in t._ROWS_SHAPES)))")
+            "          for w, same in (t._check_rows(*s, d) for s in t._ROWS_SHAPES)),\n"
+            "      all(t._select_matches(*s) for s in ((3, 2061, d, w) for d in t._X_DTYPES for w in (0, 1))))")
     env = {**os.environ, "SQUEEZE_CACHE": str(tmp_path), "SQUEEZE_NATIVE": "avx2"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
                           cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["avx2", "True", "True", "True"]
+    assert done.stdout.split() == ["avx2"] + ["True"] * 4
 
 
 @needs_native
